@@ -1,0 +1,236 @@
+"""``rksmolvlm convert``: checkpoint → bundle, step by step, staged and committed atomically."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..boards import BoardProfile, load_profile
+from ..bundle import staged_bundle
+from ..errors import AccuracyError, TargetError
+from .progress import Progress
+from .source import Checkpoint, open_checkpoint
+
+__all__ = ["ConvertOptions", "ConvertResult", "convert", "PARTS"]
+
+PARTS = ("vision",)
+VISION_FILE, ONNX_FILE, TOKENIZER_FILE, REPORT_FILE = "vision.rknn", "vision.onnx", "tokenizer.json", "report.json"
+BUILD_LOG_FILE = "vision-build.log"
+
+
+@dataclass
+class ConvertOptions:
+    model: str
+    output: Path
+    target: str = "rk3588"
+    parts: tuple[str, ...] = PARTS
+    vision_dtype: str = "fp16"
+    quant_algorithm: str = "normal"
+    calibration: Path | None = None
+    calibration_tiles: int = 24
+    evaluation_tiles: int = 6
+    min_cosine: float = 0.99
+    accept_low_accuracy: bool = False
+    host_preview: bool = False
+    force: bool = False
+    revision: str | None = None
+
+
+@dataclass
+class ConvertResult:
+    bundle: Path
+    manifest: dict
+    report: dict
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        files = self.manifest["files"]
+        width = max(len(n) for n in files)
+        lines = [f"bundle: {self.bundle}"]
+        lines += [f"  {name:<{width}}  {_human(rec['size']):>9}" for name, rec in files.items()]
+        vision = self.report.get("vision")
+        if vision:
+            sim = vision["simulator_vs_torch"]
+            lines.append(f"vision ({vision['dtype']}, {vision['target']}): simulator cosine {sim['cosine']:.6f} "
+                         f"(worst tile {sim['min_tile_cosine']:.6f}), max-abs {sim['max_abs']:.3g}; "
+                         f"ONNX max-abs {vision['onnx_vs_torch']['max_abs']:.2g}; "
+                         f"CPU fallback ops: {len(vision['cpu_fallback_ops'])}")
+        lines.append("times: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items()))
+        return "\n".join(lines)
+
+
+def _human(size: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(size)
+
+
+def _validate(options: ConvertOptions) -> BoardProfile:
+    """Refuse bad combinations before any heavy work."""
+    profile = load_profile(options.target)
+    unknown = [p for p in options.parts if p not in PARTS]
+    if unknown or not options.parts:
+        raise TargetError(f"unknown --parts {','.join(unknown) or '(none)'}: choose from {','.join(PARTS)}")
+    if options.vision_dtype not in profile.vision_dtypes:
+        raise TargetError(f"--vision-dtype {options.vision_dtype!r} is not available on {profile.name}: "
+                          f"choose one of {', '.join(profile.vision_dtypes)}")
+    from .vision_rknn import QUANT_ALGORITHMS, rknn_toolkit_version
+
+    if options.quant_algorithm not in QUANT_ALGORITHMS:
+        raise TargetError(f"--quant-algorithm {options.quant_algorithm!r} is unknown: choose one of "
+                          f"{', '.join(QUANT_ALGORITHMS)}")
+    if not 0.0 < options.min_cosine <= 1.0:
+        raise TargetError(f"--min-cosine {options.min_cosine} must be in (0, 1]")
+    if options.calibration_tiles < 1 or options.evaluation_tiles < 1:
+        raise TargetError("--calibration-tiles and --evaluation-tiles must be at least 1")
+    if "vision" in options.parts:
+        rknn_toolkit_version()
+    return profile
+
+
+def _versions() -> dict:
+    out = {}
+    for name in ("rknn-toolkit2", "torch", "transformers", "onnx", "onnxruntime"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def convert(options: ConvertOptions, progress: Progress | None = None) -> ConvertResult:
+    profile = _validate(options)
+    steps = 2 + (4 if "vision" in options.parts else 0)
+    progress = progress or Progress(steps)
+    progress.total = progress.total or steps
+    with progress.step("reading the checkpoint"):
+        checkpoint = open_checkpoint(options.model, revision=options.revision)
+        progress.note(checkpoint.describe())
+    report: dict = {"rksmolvlm": __version__, "model": checkpoint.model_id}
+    versions = _versions()
+    with staged_bundle(options.output, overwrite=options.force) as stage, \
+            tempfile.TemporaryDirectory(prefix="rksmolvlm-work-") as work_dir:
+        work = Path(work_dir)
+        vision_section = None
+        if "vision" in options.parts:
+            vision_section, report["vision"] = _convert_vision(checkpoint, profile, options, stage.path, work,
+                                                               progress)
+        with progress.step("writing the bundle manifest"):
+            shutil.copy2(checkpoint.path / TOKENIZER_FILE, stage.path / TOKENIZER_FILE)
+            (stage.path / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            stage.manifest = _manifest(checkpoint, profile, options, versions, vision_section)
+    return ConvertResult(stage.path, stage.manifest, report, dict(progress.timings))
+
+
+def _convert_vision(checkpoint: Checkpoint, profile: BoardProfile, options: ConvertOptions, bundle: Path,
+                    work: Path, progress: Progress) -> tuple[dict, dict]:
+    from ..calibration.vision_set import build_tile_sets, collect_images, shipped_images_dir, write_rknn_dataset
+    from ..runtime.preprocess import normalize
+    from .metrics import cosine, max_abs, per_row_cosine_min
+    from .vision_rknn import build_vision_rknn
+    from .vision_tower import check_onnx, export_onnx, load_vision_tower, torch_features
+
+    with progress.step("tiling calibration images"):
+        source = Path(options.calibration) if options.calibration else shipped_images_dir()
+        images = collect_images(source)
+        sets = build_tile_sets(images, checkpoint.image, options.calibration_tiles, options.evaluation_tiles)
+        progress.note(f"{len(sets.calibration)} calibration tiles from {len(sets.calibration_images)} images, "
+                      f"{len(sets.evaluation)} held-out tiles from {len(sets.evaluation_images)} images ({source})")
+    with progress.step("exporting the vision tower to ONNX"):
+        tower, _ = load_vision_tower(checkpoint)
+        onnx_path = (bundle if options.host_preview else work) / ONNX_FILE
+        export_seconds = export_onnx(tower, onnx_path, checkpoint.vision.tile_size)
+        eval_float = normalize(sets.evaluation, checkpoint.image)
+        onnx_check = check_onnx(onnx_path, tower, eval_float)
+        reference = torch_features(tower, eval_float)
+        del tower
+        progress.note(f"onnxruntime vs torch: max-abs {onnx_check.max_abs:.2g}, cosine {onnx_check.cosine:.8f}")
+    dataset = None
+    if options.vision_dtype == "int8":
+        dataset = write_rknn_dataset(sets.calibration, work / "calibration")
+    with progress.step(f"building {VISION_FILE} ({options.vision_dtype}, {profile.name}) with rknn-toolkit2"):
+        build = build_vision_rknn(onnx_path, bundle / VISION_FILE, profile, options.vision_dtype,
+                                  log_path=bundle / BUILD_LOG_FILE, dataset=dataset,
+                                  algorithm=options.quant_algorithm, evaluation_tiles=sets.evaluation)
+    with progress.step("checking the RKNN model in the simulator"):
+        sim = build.simulated.reshape(reference.shape)
+        sim_cos, sim_min, sim_abs = cosine(sim, reference), per_row_cosine_min(sim, reference), max_abs(sim, reference)
+        progress.note(f"simulator vs torch on {len(sim)} held-out tiles: cosine {sim_cos:.6f} "
+                      f"(worst tile {sim_min:.6f}), max-abs {sim_abs:.3g}")
+        for layer in build.cpu_fallback:
+            progress.note(f"WARNING: {layer.op} ({layer.name}) runs on the CPU, not the NPU")
+    report = {
+        "dtype": options.vision_dtype, "target": profile.name,
+        "quantization": {"dtype": "w8a8", "algorithm": options.quant_algorithm,
+                         "calibration_tiles": int(len(sets.calibration)),
+                         "calibration_images": sets.calibration_images} if dataset else None,
+        "evaluation_images": sets.evaluation_images,
+        "onnx_vs_torch": {"tiles": onnx_check.tiles, "max_abs": onnx_check.max_abs, "cosine": onnx_check.cosine},
+        "simulator_vs_torch": {"tiles": int(len(sim)), "cosine": sim_cos, "min_tile_cosine": sim_min,
+                               "max_abs": sim_abs},
+        "min_cosine": options.min_cosine,
+        "accepted_below_floor": False,
+        "cpu_fallback_ops": [{"op": l.op, "name": l.name} for l in build.cpu_fallback],
+        "layers": len(build.layers),
+        "static_cycles": build.static_cycles,
+        "seconds": {"onnx_export": export_seconds, "rknn_build_and_simulate": build.seconds},
+    }
+    if sim_min < options.min_cosine:
+        message = (f"the {options.vision_dtype} vision model scores cosine {sim_min:.5f} on its worst held-out tile, "
+                   f"below the floor {options.min_cosine}")
+        if not options.accept_low_accuracy:
+            raise AccuracyError(message + ": try --vision-dtype fp16, --quant-algorithm mmse, a calibration set "
+                                "closer to your images (--calibration DIR), or pass --accept-low-accuracy to keep it")
+        progress.note("WARNING: " + message + " (accepted with --accept-low-accuracy)")
+        report["accepted_below_floor"] = True
+    section = {
+        "file": VISION_FILE, "dtype": options.vision_dtype,
+        "quantization": report["quantization"],
+        "input": {"name": "pixel_values", "layout": "NHWC", "dtype": "uint8",
+                  "shape": [1, checkpoint.vision.tile_size, checkpoint.vision.tile_size, 3],
+                  "normalization": "baked in: (x - 127.5) / 127.5"},
+        "output": {"name": "image_features", "dtype": "float32",
+                   "shape": [1, checkpoint.vision.image_seq_len, checkpoint.text.hidden_size]},
+        "onnx": ONNX_FILE if options.host_preview else None,
+        "accuracy": {"simulator_cosine": sim_cos, "min_tile_cosine": sim_min},
+    }
+    return section, report
+
+
+def _manifest(checkpoint: Checkpoint, profile: BoardProfile, options: ConvertOptions, versions: dict,
+              vision: dict | None) -> dict:
+    return {
+        "source": {"model_id": checkpoint.model_id, "revision": checkpoint.revision,
+                   "weights": {name: {"sha256": sha} for name, sha in checkpoint.weights.items()}},
+        "model": {"family": checkpoint.family, "architecture": checkpoint.architecture,
+                  "size": checkpoint.size_label,
+                  "vision": {"tile_size": checkpoint.vision.tile_size, "patch_size": checkpoint.vision.patch_size,
+                             "hidden_size": checkpoint.vision.hidden_size, "layers": checkpoint.vision.num_layers,
+                             "heads": checkpoint.vision.num_heads, "scale_factor": checkpoint.vision.scale_factor,
+                             "image_seq_len": checkpoint.vision.image_seq_len},
+                  "text": {"hidden_size": checkpoint.text.hidden_size, "layers": checkpoint.text.num_layers,
+                           "heads": checkpoint.text.num_heads, "kv_heads": checkpoint.text.num_kv_heads,
+                           "vocab_size": checkpoint.text.vocab_size,
+                           "max_position_embeddings": checkpoint.text.max_position_embeddings,
+                           "tie_word_embeddings": checkpoint.text.tie_word_embeddings}},
+        "target": {"platform": profile.name, "npu_cores": profile.npu_cores},
+        "toolkits": {**versions, "rkllm-toolkit": None, "python": platform.python_version()},
+        "min_runtime": {"rksmolvlm": __version__, "librknnrt": versions.get("rknn-toolkit2"), "librkllmrt": None},
+        "parts": list(options.parts),
+        "vision": vision,
+        "llm": None,
+        "processor": {**checkpoint.image.to_dict(), "image_seq_len": checkpoint.vision.image_seq_len},
+        "tokens": checkpoint.tokens.to_dict(),
+        "chat_template": checkpoint.chat_template,
+        "tokenizer": TOKENIZER_FILE,
+    }
