@@ -59,8 +59,9 @@ def _even_pick(count: int, want: int) -> list[int]:
 
 def build_tile_sets(images: list[Path], settings: ImageSettings, calibration_tiles: int = 24,
                     evaluation_tiles: int = 6) -> TileSets:
-    """Tile every image; pick ``calibration_tiles`` evenly from the calibration images (global
-    images first, then the split tiles) and ``evaluation_tiles`` from the held-out ones."""
+    """Tile the images; pick ``calibration_tiles`` evenly from the calibration images (global
+    images first, then the split tiles) and ``evaluation_tiles`` from the held-out ones.
+    ``calibration_tiles=0`` skips the calibration images (fp16 builds)."""
     if len(images) < 2:
         raise CalibrationError("a calibration set needs at least 2 images (one is held out for the accuracy "
                                "check): add images to the folder")
@@ -68,6 +69,8 @@ def build_tile_sets(images: list[Path], settings: ImageSettings, calibration_til
     calibration = [p for p in images if p not in held_out]
 
     def tiles_of(paths: list[Path], want: int) -> np.ndarray:
+        if want <= 0:  # fp16 needs no calibration: do not tile what is not used
+            return np.empty((0, settings.tile_size, settings.tile_size, 3), dtype=np.uint8)
         globals_, splits = [], []
         for path in paths:
             try:

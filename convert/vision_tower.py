@@ -113,15 +113,15 @@ class OnnxCheck:
     cosine: float
 
 
-def check_onnx(onnx_path: Path, tower: VisionTower, tiles: np.ndarray) -> OnnxCheck:
-    """Compare onnxruntime with torch tile by tile (the ONNX input is fixed to one batch size)."""
+def check_onnx(onnx_path: Path, tiles: np.ndarray, reference: np.ndarray) -> OnnxCheck:
+    """Compare onnxruntime with the torch ``reference`` features of ``tiles``, tile by tile (the
+    ONNX input is fixed to one batch size)."""
     import onnxruntime as ort
 
     from .metrics import cosine, max_abs
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     batch = session.get_inputs()[0].shape[0]
-    reference = torch_features(tower, tiles)
     got = [session.run(None, {INPUT_NAME: tiles[i:i + batch]})[0] for i in range(0, len(tiles), batch)]
     got = np.concatenate(got, axis=0)
     return OnnxCheck(tiles=len(tiles), max_abs=max_abs(got, reference), cosine=cosine(got, reference))

@@ -31,7 +31,8 @@ def _add_convert_args(p: argparse.ArgumentParser, with_model: bool = True) -> No
     p.add_argument("--quant-algorithm", default="normal", help="int8 algorithm: normal, mmse, kl_divergence")
     p.add_argument("--calibration", type=Path, help="folder of your own calibration images (default: shipped set)")
     p.add_argument("--calibration-tiles", type=int, default=24, help="tiles used to calibrate int8 (default 24)")
-    p.add_argument("--evaluation-tiles", type=int, default=6, help="held-out tiles for the accuracy check")
+    p.add_argument("--evaluation-tiles", type=int, default=3,
+                   help="held-out tiles run in the simulator for the accuracy check (default 3)")
     p.add_argument("--min-cosine", type=float, default=0.99,
                    help="accuracy floor: worst held-out tile cosine vs torch (default 0.99)")
     p.add_argument("--accept-low-accuracy", action="store_true", help="keep a model below --min-cosine")

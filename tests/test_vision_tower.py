@@ -40,7 +40,7 @@ def test_onnx_matches_torch(towers, name, tmp_path):
     dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     assert dims == [1, 3, t, t]
     tiles = np.random.RandomState(2).uniform(-1, 1, (4, 3, t, t)).astype(np.float32)
-    result = check_onnx(path, tower, tiles)
+    result = check_onnx(path, tiles, torch_features(tower, tiles))
     assert result.tiles == 4
     assert result.max_abs <= 1e-4
     assert result.cosine > 0.999999
