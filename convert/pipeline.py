@@ -21,7 +21,7 @@ from .source import Checkpoint, open_checkpoint
 
 __all__ = ["ConvertOptions", "ConvertResult", "convert", "PARTS"]
 
-PARTS = ("vision",)
+PARTS = ("vision", "llm")
 VISION_FILE, ONNX_FILE, TOKENIZER_FILE, REPORT_FILE = "vision.rknn", "vision.onnx", "tokenizer.json", "report.json"
 BUILD_LOG_FILE = "vision-build.log"
 
@@ -42,6 +42,14 @@ class ConvertOptions:
     host_preview: bool = False
     force: bool = False
     revision: str | None = None
+    llm_dtype: str | None = None
+    llm_algorithm: str = "normal"
+    llm_npu_cores: int | None = None
+    max_context: int | None = None
+    llm_optimization: int = 1
+    llm_dataset_format: str | None = None
+    llm_host_only: bool = False
+    llm_prompts: Path | None = None
 
 
 @dataclass
@@ -63,6 +71,13 @@ class ConvertResult:
                          f"(worst tile {sim['min_tile_cosine']:.6f}), max-abs {sim['max_abs']:.3g}; "
                          f"ONNX max-abs {vision['onnx_vs_torch']['max_abs']:.2g}; "
                          f"CPU fallback ops: {len(vision['cpu_fallback_ops'])}")
+        llm = self.report.get("llm")
+        if llm:
+            board = (f"llm.rkllm ({llm['recipe']['dtype']}, rkllm-toolkit {llm['toolkit_version']}, "
+                     f"{llm['calibration']['format']} calibration: {llm['calibration']['samples']} samples, "
+                     f"{llm['calibration']['tokens']} tokens)") if llm.get("toolkit_version") else \
+                "no board decoder (--llm-host-only): host preview only"
+            lines.append(f"decoder: {board}; decoder logits vs checkpoint max-abs {llm['decoder_max_abs']:.2g}")
         lines.append("times: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items()))
         return "\n".join(lines)
 
@@ -95,6 +110,17 @@ def _validate(options: ConvertOptions) -> BoardProfile:
         raise TargetError("--calibration-tiles and --evaluation-tiles must be at least 1")
     if "vision" in options.parts:
         rknn_toolkit_version()
+    if "llm" in options.parts:
+        from .llm_recipe import make_recipe
+        from .llm_rkllm import DATASET_FORMATS, require_toolkit
+
+        make_recipe(profile, options.llm_dtype, options.llm_algorithm, options.llm_npu_cores,
+                    options.max_context or 4096, options.llm_optimization)
+        if options.llm_dataset_format not in (None, *DATASET_FORMATS):
+            raise TargetError(f"--llm-dataset-format {options.llm_dataset_format!r} is unknown: choose one of "
+                              f"{', '.join(DATASET_FORMATS)}")
+        if not options.llm_host_only:
+            require_toolkit()
     return profile
 
 
@@ -110,7 +136,7 @@ def _versions() -> dict:
 
 def convert(options: ConvertOptions, progress: Progress | None = None) -> ConvertResult:
     profile = _validate(options)
-    steps = 2 + (4 if "vision" in options.parts else 0)
+    steps = 2 + (4 if "vision" in options.parts else 0) + (3 if "llm" in options.parts else 0)
     progress = progress or Progress(steps)
     progress.total = progress.total or steps
     with progress.step("reading the checkpoint"):
@@ -118,27 +144,67 @@ def convert(options: ConvertOptions, progress: Progress | None = None) -> Conver
         progress.note(checkpoint.describe())
     report: dict = {"rksmolvlm": __version__, "model": checkpoint.model_id}
     versions = _versions()
+    recipe = None
+    if "llm" in options.parts:  # the model's own context bounds the recipe: still before heavy work
+        from .llm_recipe import CONTEXT_ALIGN, make_recipe
+
+        trained = checkpoint.text.max_position_embeddings
+        context = options.max_context or min(4096, trained - trained % CONTEXT_ALIGN)
+        recipe = make_recipe(profile, options.llm_dtype, options.llm_algorithm, options.llm_npu_cores, context,
+                             options.llm_optimization, model_context=trained)
+    towers = TowerCache(checkpoint)
     with staged_bundle(options.output, overwrite=options.force) as stage, \
             tempfile.TemporaryDirectory(prefix="rksmolvlm-work-") as work_dir:
         work = Path(work_dir)
-        vision_section = None
+        vision_section = llm_section = None
         if "vision" in options.parts:
             vision_section, report["vision"] = _convert_vision(checkpoint, profile, options, stage.path, work,
-                                                               progress)
+                                                               progress, towers)
+        if "llm" in options.parts:
+            from .llm_part import convert_llm
+
+            llm_section, report["llm"] = convert_llm(checkpoint, recipe, options, stage.path, work, progress, towers)
+        towers.release()
         with progress.step("writing the bundle manifest"):
             shutil.copy2(checkpoint.path / TOKENIZER_FILE, stage.path / TOKENIZER_FILE)
             (stage.path / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-            stage.manifest = _manifest(checkpoint, profile, options, versions, vision_section)
+            stage.manifest = _manifest(checkpoint, profile, options, versions, vision_section, llm_section)
     return ConvertResult(stage.path, stage.manifest, report, dict(progress.timings))
 
 
+class TowerCache:
+    """Loads the checkpoint's tower + connector once for every step that needs image features."""
+
+    def __init__(self, checkpoint: Checkpoint):
+        self.checkpoint = checkpoint
+        self._tower = None
+
+    @property
+    def tower(self):
+        if self._tower is None:
+            from .vision_tower import load_vision_tower
+
+            self._tower, _ = load_vision_tower(self.checkpoint)
+        return self._tower
+
+    def features(self, tiles_u8: np.ndarray) -> np.ndarray:
+        """uint8 NHWC tiles → (tiles, image_seq_len, text_hidden) float32 features."""
+        from ..runtime.preprocess import normalize
+        from .vision_tower import torch_features
+
+        return torch_features(self.tower, normalize(tiles_u8, self.checkpoint.image))
+
+    def release(self) -> None:
+        self._tower = None
+
+
 def _convert_vision(checkpoint: Checkpoint, profile: BoardProfile, options: ConvertOptions, bundle: Path,
-                    work: Path, progress: Progress) -> tuple[dict, dict]:
+                    work: Path, progress: Progress, towers: TowerCache) -> tuple[dict, dict]:
     from ..calibration.vision_set import build_tile_sets, collect_images, shipped_images_dir, write_rknn_dataset
     from ..runtime.preprocess import normalize
     from .metrics import cosine, max_abs, per_row_cosine_min
     from .vision_rknn import build_vision_rknn
-    from .vision_tower import check_onnx, export_onnx, load_vision_tower, torch_features
+    from .vision_tower import check_onnx, export_onnx, torch_features
 
     with progress.step("tiling calibration images"):
         source = Path(options.calibration) if options.calibration else shipped_images_dir()
@@ -149,12 +215,11 @@ def _convert_vision(checkpoint: Checkpoint, profile: BoardProfile, options: Conv
             progress.note(f"{len(sets.calibration)} calibration tiles from {len(sets.calibration_images)} images")
         progress.note(f"{len(sets.evaluation)} held-out tiles from {len(sets.evaluation_images)} images ({source})")
     with progress.step("exporting the vision tower to ONNX"):
-        tower, model = load_vision_tower(checkpoint)
         onnx_path = (bundle if options.host_preview else work) / ONNX_FILE
-        export_seconds = export_onnx(tower, onnx_path, checkpoint.vision.tile_size)
+        export_seconds = export_onnx(towers.tower, onnx_path, checkpoint.vision.tile_size)
         eval_float = normalize(sets.evaluation, checkpoint.image)
-        reference = torch_features(tower, eval_float)
-        del tower, model  # free the VLM before the toolkit's own peak
+        reference = torch_features(towers.tower, eval_float)
+        towers.release()  # free the VLM before the toolkit's own memory peak
         onnx_check = check_onnx(onnx_path, eval_float, reference)
         progress.note(f"onnxruntime vs torch: max-abs {onnx_check.max_abs:.2g}, cosine {onnx_check.cosine:.8f}")
     dataset = None
@@ -185,7 +250,8 @@ def _convert_vision(checkpoint: Checkpoint, profile: BoardProfile, options: Conv
         "cpu_fallback_ops": [{"op": l.op, "name": l.name} for l in build.cpu_fallback],
         "layers": len(build.layers),
         "static_cycles": build.static_cycles,
-        "seconds": {"onnx_export": export_seconds, "rknn_build_and_simulate": build.seconds},
+        "seconds": {"onnx_export": export_seconds, "rknn_build": build.seconds,
+                    "simulator": build.simulate_seconds},
     }
     if sim_min < options.min_cosine:
         message = (f"the {options.vision_dtype} vision model scores cosine {sim_min:.5f} on its worst held-out tile, "
@@ -210,7 +276,8 @@ def _convert_vision(checkpoint: Checkpoint, profile: BoardProfile, options: Conv
 
 
 def _manifest(checkpoint: Checkpoint, profile: BoardProfile, options: ConvertOptions, versions: dict,
-              vision: dict | None) -> dict:
+              vision: dict | None, llm: dict | None) -> dict:
+    toolkit = llm.get("toolkit_version") if llm else None
     return {
         "source": {"model_id": checkpoint.model_id, "revision": checkpoint.revision,
                    "weights": {name: {"sha256": sha} for name, sha in checkpoint.weights.items()}},
@@ -226,11 +293,12 @@ def _manifest(checkpoint: Checkpoint, profile: BoardProfile, options: ConvertOpt
                            "max_position_embeddings": checkpoint.text.max_position_embeddings,
                            "tie_word_embeddings": checkpoint.text.tie_word_embeddings}},
         "target": {"platform": profile.name, "npu_cores": profile.npu_cores},
-        "toolkits": {**versions, "rkllm-toolkit": None, "python": platform.python_version()},
-        "min_runtime": {"rksmolvlm": __version__, "librknnrt": versions.get("rknn-toolkit2"), "librkllmrt": None},
+        "toolkits": {**versions, "rkllm-toolkit": toolkit, "python": platform.python_version()},
+        "min_runtime": {"rksmolvlm": __version__, "librknnrt": versions.get("rknn-toolkit2"),
+                        "librkllmrt": toolkit},
         "parts": list(options.parts),
         "vision": vision,
-        "llm": None,
+        "llm": llm,
         "processor": {**checkpoint.image.to_dict(), "image_seq_len": checkpoint.vision.image_seq_len},
         "tokens": checkpoint.tokens.to_dict(),
         "chat_template": checkpoint.chat_template,

@@ -50,6 +50,7 @@ class RknnBuild:
     seconds: float
     layers: list[LayerInfo] = field(default_factory=list)
     simulated: np.ndarray | None = None  # simulator outputs for the evaluation tiles
+    simulate_seconds: float = 0.0
 
     @property
     def cpu_fallback(self) -> list[LayerInfo]:
@@ -157,15 +158,17 @@ def build_vision_rknn(onnx_path: Path, out_path: Path, profile: BoardProfile, dt
                               dataset=str(dataset) if dataset is not None else None), "build", log_path)
             _check(rknn.export_rknn(str(out_path)), "export_rknn", log_path)
             simulated = None
+            sim_start = time.perf_counter()
             if evaluation_tiles is not None and len(evaluation_tiles):
                 _check(rknn.init_runtime(), "init_runtime (simulator)", log_path)
                 simulated = np.concatenate(
                     [rknn.inference(inputs=[tile[None]], data_format="nhwc")[0] for tile in evaluation_tiles])
+            sim_seconds = time.perf_counter() - sim_start
         finally:
             rknn.release()
     layers = parse_layer_table(log_path.read_text(encoding="utf-8", errors="replace"))
     return RknnBuild(out_path, dtype, profile.rknn_target, algorithm if dtype == "int8" else None,
-                     time.perf_counter() - start, layers, simulated)
+                     time.perf_counter() - start - sim_seconds, layers, simulated, sim_seconds)
 
 
 def _check(code, step: str, log_path: Path) -> None:

@@ -93,7 +93,10 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
                 image = Image.open(path)
         except ImageError:
             raise
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        except Image.DecompressionBombError as exc:
+            raise ImageError(f"image refused as a decompression bomb ({exc}): its pixel count is over the limit of "
+                             f"{max_pixels:,}; downscale it first") from exc
+        except (OSError, ValueError) as exc:
             raise ImageError(f"cannot decode the image ({exc}): use a PNG, JPEG, WebP, BMP, GIF or TIFF file") from exc
     width, height = image.size
     if width * height > max_pixels:

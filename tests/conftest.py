@@ -54,3 +54,50 @@ def rng_image(width: int, height: int, mode: str = "RGB", seed: int = 0):
                      (x + y) * 127 / max(width + height - 2, 1), rng.randint(0, 256, (height, width))], -1)
     noisy = (base * 0.8 + rng.randint(0, 50, base.shape)).clip(0, 255).astype(np.uint8)
     return Image.fromarray(noisy, "RGBA").convert(mode)
+
+
+DOUBLES = ROOT / "tests" / "doubles"
+
+
+def _purge_rkllm():
+    import sys
+
+    for name in [m for m in sys.modules if m == "rkllm" or m.startswith("rkllm.")]:
+        del sys.modules[name]
+
+
+@pytest.fixture
+def rkllm_double(monkeypatch):
+    """Install the rkllm-toolkit contract double at a given version; returns its RKLLM class
+    (whose ``calls`` list records every call)."""
+    import sys
+
+    def install(version: str = "1.3.0"):
+        _purge_rkllm()
+        monkeypatch.setenv("RKLLM_DOUBLE_VERSION", version)
+        monkeypatch.setattr(sys, "path", [str(DOUBLES), *sys.path])
+        from rkllm.api import RKLLM
+
+        RKLLM.calls = []
+        return RKLLM
+
+    yield install
+    _purge_rkllm()
+
+
+@pytest.fixture
+def no_rkllm(monkeypatch):
+    """Make ``import rkllm`` fail, whatever is installed."""
+    import builtins
+
+    _purge_rkllm()
+    real_import = builtins.__import__
+
+    def guarded(name, *args, **kwargs):
+        if name == "rkllm" or name.startswith("rkllm."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", guarded)
+    yield
+    _purge_rkllm()

@@ -1,4 +1,4 @@
-"""`rksmolvlm convert` end to end with the real rknn-toolkit2, on both model classes: fp16 and
+"""`rksmolvlm convert --parts vision` end to end with the real rknn-toolkit2, on both model classes: fp16 and
 int8 bundles whose manifest matches the files, and bad input that leaves nothing behind."""
 
 import json
@@ -16,7 +16,7 @@ from rksmolvlm.hashing import sha256_file
 
 
 def _convert(*args):
-    return main(["convert", *map(str, args), "-q"])
+    return main(["convert", *map(str, args), "--parts", "vision", "-q"])
 
 
 @pytest.mark.parametrize("name,dtype", [("idefics3-256m", "fp16"), ("idefics3-2b", "int8"),
@@ -120,7 +120,8 @@ def test_interrupted_build_leaves_nothing(tiny_checkpoints, calibration_dir, tmp
     out = tmp_path / "b"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "rksmolvlm", "convert", str(tiny_checkpoints["idefics3-256m"]),
-                             "-o", str(out), "--vision-dtype", "int8", "--calibration", str(calibration_dir)],
+                             "-o", str(out), "--vision-dtype", "int8", "--calibration", str(calibration_dir),
+                             "--parts", "vision"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 120
     while time.time() < deadline:

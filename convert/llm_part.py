@@ -1,0 +1,93 @@
+"""The decoder part of a conversion: standalone decoder, embedding table, calibration set in the
+installed toolkit's format, and ``llm.rkllm`` (or a host-preview-only bundle with --llm-host-only)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ..runtime.embed import EmbeddingTable
+from ..runtime.prompt import PromptBuilder, PromptTokens
+from .llm_recipe import LlmRecipe
+from .progress import Progress
+from .source import Checkpoint
+
+__all__ = ["convert_llm", "LLM_FILE", "EMBED_FILE", "DECODER_DIR"]
+
+LLM_FILE, EMBED_FILE, DECODER_DIR = "llm.rkllm", "embed_tokens.npy", "decoder"
+
+
+def prompt_builder(checkpoint: Checkpoint) -> PromptBuilder:
+    t = checkpoint.tokens
+    tokens = PromptTokens(t.image, t.image_id, t.fake_image, t.global_image, checkpoint.vision.image_seq_len)
+    return PromptBuilder(checkpoint.path / "tokenizer.json", checkpoint.chat_template, tokens)
+
+
+def _decoder_max_abs(checkpoint: Checkpoint, decoder_dir: Path) -> float:
+    """Logits of the extracted decoder vs the VLM's text path for the same random inputs_embeds."""
+    import torch
+    import transformers as tf
+
+    cls = tf.Idefics3ForConditionalGeneration if checkpoint.family == "idefics3" else \
+        tf.SmolVLMForConditionalGeneration
+    torch.manual_seed(0)
+    embeds = torch.randn(1, 16, checkpoint.text.hidden_size) * 0.05
+    with torch.no_grad():
+        vlm = cls.from_pretrained(str(checkpoint.path), dtype=torch.float32).eval()
+        reference = vlm(inputs_embeds=embeds).logits
+        del vlm
+        llm = tf.LlamaForCausalLM.from_pretrained(str(decoder_dir), dtype=torch.float32).eval()
+        got = llm(inputs_embeds=embeds).logits
+    return float((got - reference).abs().max())
+
+
+def convert_llm(checkpoint: Checkpoint, recipe: LlmRecipe, options, bundle: Path, work: Path,
+                progress: Progress, towers) -> tuple[dict, dict]:
+    from ..calibration.decoder_set import load_samples, render_samples, write_dataset
+    from ..calibration.vision_set import shipped_images_dir
+    from .decoder import extract_decoder, write_embedding_table
+    from .llm_rkllm import build_rkllm, dataset_format_for, require_toolkit
+
+    with progress.step("extracting the decoder and the embedding table"):
+        decoder_dir = (bundle if options.host_preview else work) / DECODER_DIR
+        exported = extract_decoder(checkpoint, decoder_dir)
+        shape = write_embedding_table(checkpoint, bundle / EMBED_FILE)
+        max_abs = _decoder_max_abs(checkpoint, decoder_dir)
+        progress.note(f"LlamaForCausalLM with {exported.tensors} tensors (tied: {exported.tied}); logits vs the "
+                      f"VLM's text path max-abs {max_abs:.2g}; embeddings {shape[0]}×{shape[1]} float16")
+    info = None if options.llm_host_only else require_toolkit()
+    fmt = options.llm_dataset_format or (dataset_format_for(info) if info else "multimodal")
+    with progress.step(f"rendering the decoder calibration set ({fmt} format)"):
+        samples = load_samples(options.llm_prompts)
+        images = Path(options.calibration) if options.llm_prompts and options.calibration else shipped_images_dir()
+        embedded = fmt != "text"
+        rendered = render_samples(samples, images, prompt_builder(checkpoint), checkpoint.image,
+                                  checkpoint.tokens.end_of_utterance,
+                                  table=EmbeddingTable(bundle / EMBED_FILE) if embedded else None,
+                                  features=towers.features if embedded else None, max_tokens=recipe.max_context)
+        towers.release()
+        dataset = write_dataset(rendered, fmt, work / "llm-calibration")
+        tokens = sum(len(r.ids) for r in rendered)
+        image_tokens = sum(int(np.sum(np.asarray(r.ids) == checkpoint.tokens.image_id)) for r in rendered)
+        progress.note(f"{len(rendered)} of {len(samples)} samples, {tokens} tokens ({image_tokens} image tokens)")
+    calibration = {"format": fmt, "samples": len(rendered), "skipped_over_context": len(samples) - len(rendered),
+                   "tokens": tokens, "image_tokens": image_tokens}
+    report = {"recipe": recipe.to_dict(), "decoder_max_abs": max_abs, "calibration": calibration,
+              "toolkit_version": info.version if info else None}
+    section = {"file": None, "board_decoder": "missing: converted with --llm-host-only (no rkllm-toolkit)",
+               "recipe": recipe.to_dict(), "max_context": recipe.max_context, "toolkit_version": None,
+               "embed_tokens": {"file": EMBED_FILE, "dtype": "float16", "shape": list(shape)},
+               "decoder_dir": DECODER_DIR if options.host_preview else None}
+    if info is not None:
+        with progress.step(f"building {LLM_FILE} ({recipe.dtype}, {recipe.target}) with rkllm-toolkit {info.version}"):
+            build = build_rkllm(decoder_dir, bundle / LLM_FILE, recipe, dataset, info)
+        report["seconds"] = build.seconds
+        section.update(file=LLM_FILE, board_decoder="present", toolkit_version=info.version)
+    else:
+        progress.done += 1
+        progress.note("no rkllm-toolkit: the bundle has no board decoder (llm.rkllm); the host preview still runs")
+    if not options.host_preview:
+        shutil.rmtree(decoder_dir, ignore_errors=True)
+    return section, report

@@ -1,0 +1,152 @@
+"""Host-preview engines: onnxruntime on ``vision.onnx`` and torch on the extracted decoder.
+
+They run the board's pipeline on x86 without an NPU. torch and onnxruntime are imported only when
+these engines are built, never on the board path.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ..errors import BundleError
+from .engines import GenerationConfig, PerfStats
+from .preprocess import ImageSettings, normalize
+
+__all__ = ["OnnxVisionEncoder", "TorchLlmEngine"]
+
+
+class OnnxVisionEncoder:
+    """The bundle's ``vision.onnx`` (normalized float NCHW input) in onnxruntime."""
+
+    def __init__(self, onnx_path: Path, settings: ImageSettings, threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise BundleError("the host preview needs onnxruntime: pip install 'rksmolvlm[host]'") from exc
+        if not onnx_path.is_file():
+            raise BundleError(f"{onnx_path} is missing: convert with --host-preview to run the host preview")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.batch = int(self.session.get_inputs()[0].shape[0])
+        self.settings = settings
+
+    def encode(self, tiles: np.ndarray) -> np.ndarray:
+        x = normalize(tiles, self.settings)
+        outs = [self.session.run(None, {self.input_name: x[i:i + self.batch]})[0] for i in range(0, len(x), self.batch)]
+        return np.concatenate(outs, axis=0).astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        self.session = None
+
+
+class TorchLlmEngine:
+    """The extracted LlamaForCausalLM with a KV cache kept across turns."""
+
+    def __init__(self, decoder_dir: Path, threads: int | None = None):
+        try:
+            import torch
+            import transformers
+        except ImportError as exc:
+            raise BundleError("the host preview needs torch and transformers: pip install 'rksmolvlm[host]'") from exc
+        if not (decoder_dir / "config.json").is_file():
+            raise BundleError(f"{decoder_dir} is missing: convert with --host-preview to run the host preview")
+        if threads:
+            torch.set_num_threads(threads)
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+        self.torch = torch
+        self.model = transformers.LlamaForCausalLM.from_pretrained(str(decoder_dir), dtype=torch.float32).eval()
+        self._cache = None
+        self._cached = 0
+        self._abort = threading.Event()
+
+    def embedding_table(self) -> np.ndarray:
+        """Full-precision token embeddings (the host preview matches transformers exactly)."""
+        return self.model.get_input_embeddings().weight.detach().numpy()
+
+    @property
+    def history_tokens(self) -> int:
+        return self._cached
+
+    def clear_history(self) -> None:
+        self._cache, self._cached = None, 0
+
+    def abort(self) -> None:
+        self._abort.set()
+
+    def close(self) -> None:
+        self.clear_history()
+        self.model = None
+
+    def _forward(self, embeds):
+        from transformers import DynamicCache
+
+        torch = self.torch
+        if self._cache is None:
+            self._cache = DynamicCache()
+        n = embeds.shape[1]
+        positions = torch.arange(self._cached, self._cached + n)[None]
+        out = self.model(inputs_embeds=embeds, past_key_values=self._cache, use_cache=True,
+                         position_ids=positions, cache_position=positions[0])
+        self._cached += n
+        return out.logits[0, -1]
+
+    def _pick(self, logits, config: GenerationConfig, generator, previous: list[int]) -> int:
+        torch = self.torch
+        logits = logits.float().clone()
+        if config.repeat_penalty != 1.0 and previous:
+            index = torch.tensor(sorted(set(previous)))
+            values = logits[index]
+            logits[index] = torch.where(values > 0, values / config.repeat_penalty, values * config.repeat_penalty)
+        if config.greedy:
+            return int(torch.argmax(logits))
+        logits = logits / config.temperature
+        if config.top_k:
+            kth = torch.topk(logits, min(config.top_k, logits.numel())).values[-1]
+            logits[logits < kth] = -float("inf")
+        probs = torch.softmax(logits, dim=-1)
+        if config.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < config.top_p
+            mask = torch.zeros_like(probs, dtype=torch.bool)
+            mask[order[keep]] = True
+            probs = torch.where(mask, probs, torch.zeros_like(probs))
+            probs = probs / probs.sum()
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+    def generate(self, embeddings: np.ndarray, config: GenerationConfig, keep_history: bool,
+                 stats: PerfStats) -> Iterator[int]:
+        torch = self.torch
+        self._abort.clear()
+        if not keep_history:
+            self.clear_history()
+        generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
+        embed = self.model.get_input_embeddings()
+        produced: list[int] = []
+        with torch.no_grad():
+            start = time.perf_counter()
+            logits = self._forward(torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))[None])
+            stats.prefill_tokens += len(embeddings)
+            stats.prefill_ms += (time.perf_counter() - start) * 1000
+            start = time.perf_counter()
+            while len(produced) < config.max_new_tokens and not self._abort.is_set():
+                token = self._pick(logits, config, generator, produced)
+                produced.append(token)
+                stats.generate_tokens += 1
+                stats.generate_ms = (time.perf_counter() - start) * 1000
+                yield token
+                if token in config.stop_ids or len(produced) >= config.max_new_tokens:
+                    break
+                logits = self._forward(embed(torch.tensor([[token]])))
+        # The last token was yielded but never fed: put it in the cache so history is complete.
+        if produced and not self._abort.is_set():
+            with torch.no_grad():
+                self._forward(embed(torch.tensor([[produced[-1]]])))
