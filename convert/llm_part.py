@@ -21,7 +21,8 @@ LLM_FILE, EMBED_FILE, DECODER_DIR = "llm.rkllm", "embed_tokens.npy", "decoder"
 
 def prompt_builder(checkpoint: Checkpoint) -> PromptBuilder:
     t = checkpoint.tokens
-    tokens = PromptTokens(t.image, t.image_id, t.fake_image, t.global_image, checkpoint.vision.image_seq_len)
+    tokens = PromptTokens(t.image, t.image_id, t.fake_image, t.global_image, checkpoint.vision.image_seq_len,
+                          t.end_of_utterance)
     return PromptBuilder(checkpoint.path / "tokenizer.json", checkpoint.chat_template, tokens)
 
 
@@ -58,7 +59,18 @@ def convert_llm(checkpoint: Checkpoint, recipe: LlmRecipe, options, bundle: Path
         progress.note(f"LlamaForCausalLM with {exported.tensors} tensors (tied: {exported.tied}); logits vs the "
                       f"VLM's text path max-abs {max_abs:.2g}; embeddings {shape[0]}×{shape[1]} float16")
     info = None if options.llm_host_only else require_toolkit()
-    fmt = options.llm_dataset_format or (dataset_format_for(info) if info else "multimodal")
+    section = {"file": None, "board_decoder": "missing: converted with --llm-host-only (no rkllm-toolkit)",
+               "recipe": recipe.to_dict(), "max_context": recipe.max_context, "toolkit_version": None,
+               "embed_tokens": {"file": EMBED_FILE, "dtype": "float16", "shape": list(shape)},
+               "decoder_dir": DECODER_DIR if options.host_preview else None}
+    report = {"recipe": recipe.to_dict(), "decoder_max_abs": max_abs, "calibration": None, "toolkit_version": None}
+    if info is None:  # nothing would consume a calibration set
+        progress.done += 2
+        progress.note("no rkllm-toolkit: the bundle has no board decoder (llm.rkllm); the host preview still runs")
+        if not options.host_preview:
+            shutil.rmtree(decoder_dir, ignore_errors=True)
+        return section, report
+    fmt = options.llm_dataset_format or dataset_format_for(info)
     with progress.step(f"rendering the decoder calibration set ({fmt} format)"):
         samples = load_samples(options.llm_prompts)
         images = Path(options.calibration) if options.llm_prompts and options.calibration else shipped_images_dir()
@@ -72,22 +84,12 @@ def convert_llm(checkpoint: Checkpoint, recipe: LlmRecipe, options, bundle: Path
         tokens = sum(len(r.ids) for r in rendered)
         image_tokens = sum(int(np.sum(np.asarray(r.ids) == checkpoint.tokens.image_id)) for r in rendered)
         progress.note(f"{len(rendered)} of {len(samples)} samples, {tokens} tokens ({image_tokens} image tokens)")
-    calibration = {"format": fmt, "samples": len(rendered), "skipped_over_context": len(samples) - len(rendered),
-                   "tokens": tokens, "image_tokens": image_tokens}
-    report = {"recipe": recipe.to_dict(), "decoder_max_abs": max_abs, "calibration": calibration,
-              "toolkit_version": info.version if info else None}
-    section = {"file": None, "board_decoder": "missing: converted with --llm-host-only (no rkllm-toolkit)",
-               "recipe": recipe.to_dict(), "max_context": recipe.max_context, "toolkit_version": None,
-               "embed_tokens": {"file": EMBED_FILE, "dtype": "float16", "shape": list(shape)},
-               "decoder_dir": DECODER_DIR if options.host_preview else None}
-    if info is not None:
-        with progress.step(f"building {LLM_FILE} ({recipe.dtype}, {recipe.target}) with rkllm-toolkit {info.version}"):
-            build = build_rkllm(decoder_dir, bundle / LLM_FILE, recipe, dataset, info)
-        report["seconds"] = build.seconds
-        section.update(file=LLM_FILE, board_decoder="present", toolkit_version=info.version)
-    else:
-        progress.done += 1
-        progress.note("no rkllm-toolkit: the bundle has no board decoder (llm.rkllm); the host preview still runs")
+    report["calibration"] = {"format": fmt, "samples": len(rendered), "tokens": tokens, "image_tokens": image_tokens,
+                             "skipped_over_context": len(samples) - len(rendered)}
+    with progress.step(f"building {LLM_FILE} ({recipe.dtype}, {recipe.target}) with rkllm-toolkit {info.version}"):
+        build = build_rkllm(decoder_dir, bundle / LLM_FILE, recipe, dataset, info)
+    report.update(seconds=build.seconds, toolkit_version=info.version)
+    section.update(file=LLM_FILE, board_decoder="present", toolkit_version=info.version)
     if not options.host_preview:
         shutil.rmtree(decoder_dir, ignore_errors=True)
     return section, report

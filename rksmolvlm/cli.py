@@ -140,7 +140,33 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         checkpoint = build_tiny_checkpoint(args.model, Path(tmp) / f"tiny-{args.model}")
         if not args.quiet:
             print(f"demo: built a tiny random {args.model} checkpoint at {checkpoint}", file=sys.stderr)
-        return _run_convert(args, str(checkpoint))
+        code = _run_convert(args, str(checkpoint))
+    if code or "llm" not in args.parts:
+        return code
+    return _demo_answer(args.output)
+
+
+def _demo_answer(bundle_dir: Path) -> int:
+    """Answer one question about a shipped image with the host preview of the demo bundle."""
+    from .calibration.vision_set import shipped_images_dir
+    from .runtime.engines import GenerationConfig
+    from .runtime.loader import RuntimeBundle
+    from .runtime.pipeline import Pipeline
+
+    image = shipped_images_dir() / "photo_coffee_cup_table.jpg"
+    bundle = RuntimeBundle.open(bundle_dir)
+    pipeline = Pipeline(bundle, *bundle.make_engines("host"))
+    question = "What is on the table?"
+    generation = pipeline.generate(
+        [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}],
+        GenerationConfig(max_new_tokens=16)).consume()
+    s = generation.stats
+    print(f"\nhost preview: {image.name} + {question!r}\n"
+          f"answer ({len(generation.token_ids)} tokens, random weights so it is noise): {generation.text!r}\n"
+          f"token ids: {generation.token_ids}\n"
+          f"{s.vision_tiles} tiles in {s.vision_ms:.0f} ms, prefill {s.prefill_tokens} tokens in {s.prefill_ms:.0f} ms, "
+          f"first token after {s.first_token_ms:.0f} ms")
+    return 0
 
 
 def _open_pipeline(args: argparse.Namespace):

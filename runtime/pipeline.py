@@ -1,10 +1,12 @@
 """The pipeline: chat messages with images → streamed answer. It only wires the parts:
 preprocessing, prompt rendering, the image-feature cache, the embedding splice and the two engines.
 
-Multi-turn: the engine keeps its KV cache; the pipeline remembers the (unexpanded) prompt text and
-images the cache holds, and for a new turn sends only the new suffix — the previous answer's end,
-the new user message and any new images. When the conversation does not extend what the cache holds
-(edited history, other images, a different chat), it starts over from an empty cache.
+Multi-turn: the engine keeps its KV cache, which holds the previous prompt and the model's own
+generated tokens. When a request repeats the previous messages, then the assistant answer this
+pipeline generated, then new messages, only the new part is rendered, tokenized, encoded and
+prefilled: the template text after the answer (its end-of-utterance, the new user turn, the
+generation prompt) and the new images. Anything else (edited history, other images, another chat)
+starts over from an empty cache.
 """
 
 from __future__ import annotations
@@ -75,8 +77,9 @@ class Generation:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
-    prompt_tokens: int = 0
-    reused_tokens: int = 0
+    prompt_tokens: int = 0  # the whole context before generation (reused + prefilled)
+    reused_tokens: int = 0  # of which already in the engine's KV cache
+    prefill_ids: list[int] = field(default_factory=list)  # the ids prefilled for this turn
     stats: PerfStats = field(default_factory=PerfStats)
 
     def __iter__(self) -> Iterator[str]:
@@ -103,35 +106,37 @@ class Pipeline:
         self.table = table
         self._features: OrderedDict[str, tuple[np.ndarray, int, int]] = OrderedDict()  # key → features, rows, cols
         self._cache_size = image_cache_size
-        self._history_text: str | None = None
-        self._history_images: list[str] = []
+        self._history: _History | None = None
         self._lock = threading.Lock()
 
     # -- parts --------------------------------------------------------------------------------
     def _encode_images(self, images: list[_Image], stats: PerfStats) -> np.ndarray | None:
         if not images:
             return None
-        out = []
+        out, local = [], {}
         for image in images:
-            if image.tiles is None:
+            features = local.get(image.key)
+            if features is None and image.key in self._features:
                 self._features.move_to_end(image.key)
+                features = self._features[image.key][0]
+            if features is not None:  # cached earlier, or earlier in this same request
                 stats.vision_cached_images += 1
-                out.append(self._features[image.key][0])
-                continue
-            start = time.perf_counter()
-            features = self.vision.encode(image.tiles)
-            stats.vision_ms += (time.perf_counter() - start) * 1000
-            stats.vision_tiles += len(image.tiles)
-            self._features[image.key] = (features, image.rows, image.cols)
-            if len(self._features) > self._cache_size:
-                self._features.popitem(last=False)
+            else:
+                start = time.perf_counter()
+                features = self.vision.encode(image.tiles)
+                stats.vision_ms += (time.perf_counter() - start) * 1000
+                stats.vision_tiles += len(image.tiles)
+                self._features[image.key] = (features, image.rows, image.cols)
+                if len(self._features) > self._cache_size:
+                    self._features.popitem(last=False)
+            local[image.key] = features
             out.append(features)
         return np.concatenate(out, axis=0)
 
     def reset(self) -> None:
         """Forget the conversation (the image-feature cache stays)."""
         self.llm.clear_history()
-        self._history_text, self._history_images = None, []
+        self._history = None
 
     def abort(self) -> None:
         self.llm.abort()
@@ -148,38 +153,63 @@ class Pipeline:
         generation._stream = self._run(messages, config, keep_history, generation)
         return generation
 
+    def _continuation(self, messages, signature) -> tuple[str, int] | None:
+        """(text to prefill, number of images already in the cache) when ``messages`` continue the
+        cached conversation with the answer this pipeline generated; None otherwise."""
+        h = self._history
+        n = len(h.signature)
+        if (self.llm.history_tokens == 0 or len(signature) < n + 2 or signature[:n] != h.signature
+                or signature[n][0] != "assistant"):
+            return None
+        answer = "".join(value for kind, value in signature[n][1] if kind == "text")
+        if answer.strip() != h.answer.strip() or any(kind == "image" for kind, _ in signature[n][1]):
+            return None
+        marked = [dict(m) for m in messages]
+        marked[n] = {"role": "assistant", "content": [{"type": "text", "text": _ANSWER_MARK}]}
+        before, _, after = self.bundle.prompts.render(marked).partition(_ANSWER_MARK)
+        if not before.startswith(h.prompt_text):
+            return None
+        eou = self.bundle.prompts.tokens.end_of_utterance
+        if h.stopped and after.startswith(eou):  # the stop token is already in the cache
+            after = after[len(eou):]
+        return after, h.images
+
     def _prepare(self, messages, keep_history: bool, stats: PerfStats):
         prompts = self.bundle.prompts
-        full_text = prompts.render(messages)
         images = []
         for source in image_parts(messages):
             images.append(_Image(hashlib.sha256(_image_bytes(source)).hexdigest(), source))
-        keys = [i.key for i in images]
-        reuse = (keep_history and self._history_text is not None and full_text.startswith(self._history_text)
-                 and keys[:len(self._history_images)] == self._history_images
-                 and self.llm.history_tokens > 0)
-        suffix = full_text[len(self._history_text):] if reuse else full_text
-        new_images = images[len(self._history_images):] if reuse else images
+        keys = iter([i.key for i in images])
+        signature = _signature(messages, keys)
+        found = self._continuation(messages, signature) if keep_history and self._history else None
+        reuse = found is not None
+        full_text = prompts.render(messages)
+        suffix, held_images = found if reuse else (full_text, 0)
+        new_images = images[held_images:]
+        seen: dict[str, _Image] = {}
         for image in new_images:
             if image.key in self._features:  # cached: no decoding, no tiling, no vision pass
                 _, image.rows, image.cols = self._features[image.key]
+            elif image.key in seen:  # the same image twice in one request
+                image.rows, image.cols = seen[image.key].rows, seen[image.key].cols
             else:
+                seen[image.key] = image
                 tiled = tile_image(load_image(image.source, self.max_pixels), self.bundle.settings)
                 image.tiles, image.rows, image.cols = tiled.tiles, tiled.rows, tiled.cols
         text = prompts.expand(suffix, [(i.rows, i.cols) for i in new_images])
         ids = prompts.encode(text)
-        return reuse, full_text, keys, new_images, ids
+        return reuse, full_text, signature, new_images, ids
 
     def _run(self, messages, config: GenerationConfig, keep_history: bool, result: Generation) -> Iterator[str]:
         with self._lock:
             start = time.perf_counter()
             stats = result.stats
-            reuse, full_text, keys, new_images, ids = self._prepare(messages, keep_history, stats)
+            reuse, full_text, signature, new_images, ids = self._prepare(messages, keep_history, stats)
             held = self.llm.history_tokens if reuse else 0
             if held + len(ids) + config.max_new_tokens > self.bundle.max_context:
                 if reuse:  # the history is what does not fit: start over with the whole conversation
                     self.reset()
-                    reuse, full_text, keys, new_images, ids = self._prepare(messages, False, stats)
+                    reuse, full_text, signature, new_images, ids = self._prepare(messages, False, stats)
                     held = 0
                 if len(ids) + config.max_new_tokens > self.bundle.max_context:
                     raise ContextError(
@@ -189,9 +219,11 @@ class Pipeline:
             features = self._encode_images(new_images, stats)
             embeddings = splice(self.table.lookup(ids), ids, self.bundle.image_id, features)
             result.prompt_tokens = held + len(ids)
+            result.prefill_ids = ids
             result.reused_tokens = held
             decoder = _IncrementalDecoder(self.bundle.prompts)
-            self._history_text = None  # invalid until this turn completes
+            held_images = (self._history.images if reuse else 0) + len(new_images)
+            self._history = None  # invalid until this turn completes
             try:
                 for token in self.llm.generate(embeddings, config, keep_history=reuse, stats=stats):
                     if not result.token_ids:
@@ -218,8 +250,37 @@ class Pipeline:
             if result.finish_reason == "abort":
                 self.reset()
             else:
-                self._history_text = full_text + self.bundle.prompts.decode(result.token_ids, skip_special_tokens=False)
-                self._history_images = keys
+                self._history = _History(signature, full_text, result.text, result.finish_reason == "stop",
+                                         held_images)
+
+_ANSWER_MARK = "\x00rksmolvlm-answer\x00"
+
+
+@dataclass
+class _History:
+    """What the engine's KV cache holds: the conversation up to the last request, rendered as
+    ``prompt_text``, plus the model's ``answer`` (ended by a stop token when ``stopped``)."""
+
+    signature: list
+    prompt_text: str
+    answer: str
+    stopped: bool
+    images: int
+
+
+def _signature(messages, keys) -> list:
+    """Messages reduced to what identifies them: roles, texts, and image content hashes."""
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            items = [("text", content)]
+        else:
+            items = [("text", str(p.get("text", ""))) if p.get("type") == "text" else ("image", next(keys))
+                     for p in content or []]
+        out.append((message.get("role"), items))
+    return out
+
 
 class _IncrementalDecoder:
     """Token ids → text deltas, holding back incomplete UTF-8 sequences."""

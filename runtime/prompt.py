@@ -25,12 +25,13 @@ class PromptTokens:
     fake_image: str
     global_image: str
     image_seq_len: int
+    end_of_utterance: str = "<end_of_utterance>"
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "PromptTokens":
         t = manifest["tokens"]
         return cls(t["image"], int(t["image_id"]), t["fake_image"], t["global_image"],
-                   int(manifest["processor"]["image_seq_len"]))
+                   int(manifest["processor"]["image_seq_len"]), t["end_of_utterance"])
 
 
 def expand_image(rows: int, cols: int, tokens: PromptTokens) -> str:

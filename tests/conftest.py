@@ -101,3 +101,18 @@ def no_rkllm(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", guarded)
     yield
     _purge_rkllm()
+
+
+@pytest.fixture(scope="session")
+def preview_bundles(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
+    """Host-preview bundles (vision.onnx + decoder/) of the three tiny checkpoints, built once."""
+    from rksmolvlm.cli import main
+
+    root = tmp_path_factory.mktemp("preview-bundles")
+    out = {}
+    for name, path in tiny_checkpoints.items():
+        out[name] = root / name
+        code = main(["convert", str(path), "-o", str(out[name]), "--host-preview", "--llm-host-only",
+                     "--llm-dataset-format", "text", "-q"])
+        assert code == 0
+    return out
