@@ -75,6 +75,23 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--json", action="store_true", help="print text, token ids and timings as JSON")
     chat = verbs.add_parser("chat", help="interactive chat with streaming (/image PATH, /reset, /quit)")
     _add_runtime_args(chat)
+    doctor = verbs.add_parser("doctor", help="check this board (SoC, NPU driver, runtimes, permissions, memory)")
+    doctor.add_argument("bundle", nargs="?", type=Path, help="also check this bundle against the board")
+    doctor.add_argument("--root", default="/", help=argparse.SUPPRESS)
+    doctor.add_argument("--json", action="store_true")
+    serve = verbs.add_parser("serve", help="OpenAI-compatible HTTP server (run by systemd on the board)")
+    from .runtime.server import add_serve_arguments
+
+    add_serve_arguments(serve)
+    bench = verbs.add_parser("bench", help="measure vision, TTFT, prefill and decode speed of a bundle")
+    bench.add_argument("bundle", type=Path)
+    bench.add_argument("--engine", default="auto", choices=["auto", "host", "npu"])
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--warmup", type=int, default=1)
+    bench.add_argument("--prompt-tokens", type=int, default=128)
+    bench.add_argument("--new-tokens", type=int, default=32)
+    bench.add_argument("--library", help="path of librkllmrt.so (default: $RKLLM_LIBRARY, /usr/lib, /usr/local/lib)")
+    bench.add_argument("--json", action="store_true")
     return parser
 
 
@@ -88,6 +105,7 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
+    p.add_argument("--library", help="path of librkllmrt.so (default: $RKLLM_LIBRARY, /usr/lib, /usr/local/lib)")
 
 
 def _options(args: argparse.Namespace, model: str):
@@ -175,12 +193,12 @@ def _open_pipeline(args: argparse.Namespace):
     from .runtime.pipeline import Pipeline
 
     bundle = RuntimeBundle.open(args.bundle, verify=not args.no_verify)
-    vision, llm = bundle.make_engines(args.engine)
     try:
         config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     except ValueError as exc:
         raise RkSmolVLMError(f"invalid generation option: {exc}") from exc
+    vision, llm = bundle.make_engines(args.engine, library=args.library, config=config)
     return Pipeline(bundle, vision, llm), config
 
 
@@ -251,6 +269,39 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from .bundle import read_manifest
+    from .runtime.doctor import run_doctor
+
+    manifest = read_manifest(args.bundle) if args.bundle else None
+    size = sum(r["size"] for r in manifest["files"].values()) if manifest else 0
+    findings = run_doctor(manifest, args.root, bundle_size_bytes=size)
+    if args.json:
+        print(json.dumps([f.__dict__ for f in findings], indent=2))
+    else:
+        marks = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL", "info": "info"}
+        for f in findings:
+            print(f"[{marks[f.status]}] {f.check}: {f.message}" + (f"\n       fix: {f.fix}" if f.fix else ""))
+    return 1 if any(f.status == "fail" for f in findings) else 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .runtime.bench import format_table, run_bench
+    from .runtime.loader import RuntimeBundle, on_rockchip_board
+
+    engine = args.engine if args.engine != "auto" else ("npu" if on_rockchip_board() else "host")
+    result = run_bench(RuntimeBundle.open(args.bundle), engine, repeats=args.repeats, warmup=args.warmup,
+                       prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, library=args.library)
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .runtime.server import serve_command
+
+    return serve_command(args)
+
+
 def _terminate(signum, frame):  # SIGTERM → the same clean-up path as Ctrl-C
     raise KeyboardInterrupt
 
@@ -258,7 +309,8 @@ def _terminate(signum, frame):  # SIGTERM → the same clean-up path as Ctrl-C
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
-    handlers = {"convert": _cmd_convert, "demo": _cmd_demo, "ask": _cmd_ask, "chat": _cmd_chat}
+    handlers = {"convert": _cmd_convert, "demo": _cmd_demo, "ask": _cmd_ask, "chat": _cmd_chat,
+                "doctor": _cmd_doctor, "bench": _cmd_bench, "serve": _cmd_serve}
     try:
         return handlers[args.verb](args)
     except RkSmolVLMError as exc:

@@ -67,6 +67,7 @@ class TorchLlmEngine:
         self._cache = None
         self._cached = 0
         self._abort = threading.Event()
+        self.last_finish: str | None = None
 
     def embedding_table(self) -> np.ndarray:
         """Full-precision token embeddings (the host preview matches transformers exactly)."""
@@ -126,6 +127,7 @@ class TorchLlmEngine:
                  stats: PerfStats) -> Iterator[int]:
         torch = self.torch
         self._abort.clear()
+        self.last_finish = None
         if not keep_history:
             self.clear_history()
         generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
@@ -146,6 +148,8 @@ class TorchLlmEngine:
                 if token in config.stop_ids or len(produced) >= config.max_new_tokens:
                     break
                 logits = self._forward(embed(torch.tensor([[token]])))
+        self.last_finish = "abort" if self._abort.is_set() else (
+            "stop" if produced and produced[-1] in config.stop_ids else "length")
         # The last token was yielded but never fed: put it in the cache so history is complete.
         if produced and not self._abort.is_set():
             with torch.no_grad():

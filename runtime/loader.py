@@ -58,7 +58,8 @@ class RuntimeBundle:
     def embedding_table(self) -> EmbeddingTable:
         return EmbeddingTable(self.file(self.manifest["llm"]["embed_tokens"]["file"]))
 
-    def make_engines(self, engine: str = "auto", threads: int | None = None):
+    def make_engines(self, engine: str = "auto", threads: int | None = None, library: str | None = None,
+                     cores: list[int] | None = None, config=None):
         """(vision encoder, LLM engine) for ``engine``: host (onnxruntime + torch), npu (RKNNLite +
         librkllmrt), or auto (npu on a Rockchip board, host elsewhere)."""
         if engine not in ENGINES:
@@ -66,8 +67,9 @@ class RuntimeBundle:
         if engine == "auto":
             engine = "npu" if on_rockchip_board() else "host"
         if engine == "npu":
-            raise BundleError("the NPU engines (RKNNLite, librkllmrt) are not in this version yet: use "
-                              "--engine host on a bundle converted with --host-preview")
+            from .npu_engines import make_npu_engines
+
+            return make_npu_engines(self, library=library, cores=cores, config=config)
         from .host_engines import OnnxVisionEncoder, TorchLlmEngine
 
         vision = self.manifest["vision"]

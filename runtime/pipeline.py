@@ -245,8 +245,8 @@ class Pipeline:
                 result.finish_reason = "stop"
             elif len(result.token_ids) >= config.max_new_tokens:
                 result.finish_reason = "length"
-            else:
-                result.finish_reason = "abort"
+            else:  # the engine knows whether it ended on its own (e.g. librkllmrt's own end token)
+                result.finish_reason = getattr(self.llm, "last_finish", None) or "abort"
             if result.finish_reason == "abort":
                 self.reset()
             else:

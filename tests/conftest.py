@@ -116,3 +116,19 @@ def preview_bundles(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
                      "--llm-dataset-format", "text", "-q"])
         assert code == 0
     return out
+
+
+@pytest.fixture
+def rknnlite_double(monkeypatch):
+    """The rknn-toolkit-lite2 contract double on sys.path; returns its RKNNLite class."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "rknnlite" or m.startswith("rknnlite.")]:
+        del sys.modules[name]
+    monkeypatch.setattr(sys, "path", [str(DOUBLES), *sys.path])
+    from rknnlite.api import RKNNLite
+
+    RKNNLite.instances = []
+    yield RKNNLite
+    for name in [m for m in sys.modules if m == "rknnlite" or m.startswith("rknnlite.")]:
+        del sys.modules[name]

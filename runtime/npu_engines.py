@@ -1,0 +1,348 @@
+"""The board engines: the vision tower on RKNNLite (one instance and one worker per NPU core, so a
+split image's tiles run in parallel) and the decoder on librkllmrt through ctypes (embedding input,
+streamed through the result callback, abortable, KV cache kept across turns)."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ..boards import BoardProfile, load_profile
+from ..errors import BundleError, RkSmolVLMError, ToolkitMissingError
+from . import rkllm_abi as abi_mod
+from .engines import GenerationConfig, PerfStats
+
+__all__ = ["RknnLiteVisionEncoder", "RkllmEngine", "find_rkllm_library", "make_npu_engines", "LIBRARY_DIRS",
+           "EngineError"]
+
+LIBRARY_DIRS = ("/usr/lib", "/usr/local/lib", "/usr/lib/aarch64-linux-gnu")
+LIBRARY_ENV = "RKLLM_LIBRARY"
+ABI_ENV = "RKSMOLVLM_RKLLM_ABI"
+
+
+class EngineError(RkSmolVLMError):
+    """An NPU runtime call failed."""
+
+
+# -- vision ------------------------------------------------------------------------------------
+class RknnLiteVisionEncoder:
+    """``vision.rknn`` on RKNNLite: one runtime per NPU core (core masks from the board profile),
+    one worker thread per runtime; tiles are spread over them and come back in tile order."""
+
+    def __init__(self, rknn_path: Path, core_masks: Sequence[int]):
+        try:
+            from rknnlite.api import RKNNLite
+        except ImportError as exc:
+            raise ToolkitMissingError("rknn-toolkit-lite2 is not installed: pip install 'rksmolvlm[board]' "
+                                      "(or pip install rknn-toolkit-lite2) on the board") from exc
+        if not rknn_path.is_file():
+            raise BundleError(f"{rknn_path} is missing: the bundle has no vision model")
+        if not core_masks:
+            raise BundleError("no NPU cores selected: pass at least one core")
+        self.runtimes = []
+        try:
+            for mask in core_masks:
+                runtime = RKNNLite()
+                self.runtimes.append(runtime)  # released by close() even if its set-up fails
+                if runtime.load_rknn(str(rknn_path)) != 0:
+                    raise EngineError(f"RKNNLite could not load {rknn_path}: the file is damaged or was built "
+                                      "by an rknn-toolkit2 newer than this rknn-toolkit-lite2")
+                if runtime.init_runtime(core_mask=mask) != 0:
+                    raise EngineError(
+                        f"RKNNLite init_runtime(core_mask={mask}) failed: check that librknnrt.so is installed "
+                        "(/usr/lib/librknnrt.so from the board image or rknn-toolkit2's rknpu2 runtime), that the "
+                        "bundle's target matches this SoC, and that you may open the NPU device")
+        except BaseException:
+            self.close()
+            raise
+        self.core_masks = tuple(core_masks)
+        self._locks = [threading.Lock() for _ in self.runtimes]
+        self._pool = ThreadPoolExecutor(max_workers=len(self.runtimes), thread_name_prefix="rknn-core")
+
+    def _run_share(self, index: int, tiles: np.ndarray, positions: list[int], out: list) -> None:
+        runtime = self.runtimes[index]
+        with self._locks[index]:
+            for position in positions:
+                result = runtime.inference(inputs=[np.ascontiguousarray(tiles[position:position + 1])],
+                                           data_format="nhwc")
+                if result is None:
+                    raise EngineError(f"RKNNLite inference failed on NPU core mask {self.core_masks[index]}")
+                out[position] = np.asarray(result[0], dtype=np.float32)[0]
+
+    def encode(self, tiles: np.ndarray) -> np.ndarray:
+        tiles = np.asarray(tiles)
+        if tiles.dtype != np.uint8 or tiles.ndim != 4 or tiles.shape[-1] != 3:
+            raise ValueError("tiles must be uint8 (N, T, T, 3)")
+        out: list = [None] * len(tiles)
+        shares = [list(range(i, len(tiles), len(self.runtimes))) for i in range(len(self.runtimes))]
+        futures = [self._pool.submit(self._run_share, i, tiles, share, out) for i, share in enumerate(shares) if share]
+        for future in futures:
+            future.result()
+        return np.stack(out)
+
+    def close(self) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=True)
+        for runtime in self.runtimes:
+            runtime.release()
+        self.runtimes = []
+
+
+# -- decoder -----------------------------------------------------------------------------------
+def find_rkllm_library(explicit: str | os.PathLike | None = None) -> Path:
+    """librkllmrt.so: the explicit path, then $RKLLM_LIBRARY, then /usr/lib, /usr/local/lib."""
+    candidates = [Path(explicit)] if explicit else []
+    if os.environ.get(LIBRARY_ENV):
+        candidates.append(Path(os.environ[LIBRARY_ENV]))
+    candidates += [Path(d) / "librkllmrt.so" for d in LIBRARY_DIRS]
+    for path in candidates:
+        if path.is_file():
+            return path
+    found = ctypes.util.find_library("rkllmrt")
+    if found and Path(found).is_file():
+        return Path(found)
+    looked = ", ".join(str(p) for p in candidates)
+    raise ToolkitMissingError(
+        f"librkllmrt.so not found (looked at {looked}): copy rkllm-runtime/Linux/librkllm_api/aarch64/librkllmrt.so "
+        f"from Rockchip's rknn-llm release (the version the bundle was built for) to /usr/lib, or set {LIBRARY_ENV}")
+
+
+class RkllmEngine:
+    """The decoder in librkllmrt, fed with our embeddings (RKLLM_INPUT_EMBED)."""
+
+    def __init__(self, model_path: Path, library: Path, abi: str, max_context: int,
+                 config: GenerationConfig | None = None, base_domain_id: int = 1,
+                 enabled_cpus_mask: int = 0, enabled_cpus_num: int = 0):
+        if abi not in abi_mod.ABIS:
+            raise BundleError(f"unsupported librkllmrt ABI {abi!r}: rksmolvlm drives runtime 1.2.1–1.2.x and 1.3.x")
+        self.abi = abi_mod.ABIS[abi]
+        self.abi.check_sizes()
+        if not model_path.is_file():
+            raise BundleError(f"{model_path} is missing: convert the bundle with rkllm-toolkit (no --llm-host-only)")
+        try:
+            self.lib = ctypes.CDLL(str(library))
+        except OSError as exc:
+            raise ToolkitMissingError(f"cannot load {library} ({exc}): it must be the aarch64 librkllmrt.so from "
+                                      "Rockchip's rknn-llm release") from exc
+        probed = abi_mod.probe_default_param(self.lib)
+        if probed is not None and probed != abi:
+            raise BundleError(
+                f"{library} has the librkllmrt {probed} layout but the bundle was built for {abi} (runtime and "
+                "toolkit versions differ; 1.2.x and 1.3.x are not ABI-compatible): install the librkllmrt.so that "
+                "matches the bundle's rkllm-toolkit version, or convert again with the matching toolkit")
+        self._declare()
+        config = config or GenerationConfig()
+        param = self.lib.rkllm_createDefaultParam()
+        param.model_path = str(model_path).encode()
+        param.max_context_len = max_context
+        param.max_new_tokens = config.max_new_tokens
+        self._apply_sampling(param, config)
+        param.skip_special_token = True
+        param.is_async = False
+        param.extend_param.base_domain_id = base_domain_id  # advised when the tower shares the NPU
+        if enabled_cpus_num:  # else keep the runtime's default CPU set
+            param.extend_param.enabled_cpus_mask = enabled_cpus_mask
+            param.extend_param.enabled_cpus_num = enabled_cpus_num
+        self._init_sampling = config
+        self._callback = abi_mod.ResultCallback(self._on_result)
+        self.handle = ctypes.c_void_p()
+        if self.abi.init_takes_struct:
+            self._callbacks = abi_mod.Callback13(result_callback=self._callback)
+            code = self.lib.rkllm_init(ctypes.byref(self.handle), ctypes.byref(param), ctypes.byref(self._callbacks))
+        else:
+            code = self.lib.rkllm_init(ctypes.byref(self.handle), ctypes.byref(param), self._callback)
+        if code != 0:
+            raise EngineError(f"rkllm_init returned {code} for {model_path}: check the runtime's messages above "
+                              "(NPU driver ≥ 0.9.8, model built for this SoC, enough memory)")
+        self.max_context = max_context
+        self._queue: queue.Queue = queue.Queue()
+        self._history = 0
+        self._running = threading.Lock()
+        self._abort_requested = False
+        self.last_finish: str | None = None
+
+    def _declare(self) -> None:
+        L, A = self.lib, self.abi
+        L.rkllm_createDefaultParam.argtypes, L.rkllm_createDefaultParam.restype = [], A.param
+        init_cb = ctypes.POINTER(abi_mod.Callback13) if A.init_takes_struct else abi_mod.ResultCallback
+        L.rkllm_init.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(A.param), init_cb]
+        L.rkllm_run.argtypes = [ctypes.c_void_p, ctypes.POINTER(A.input), ctypes.POINTER(A.infer), ctypes.c_void_p]
+        L.rkllm_abort.argtypes = [ctypes.c_void_p]
+        L.rkllm_clear_kv_cache.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int),
+                                           ctypes.POINTER(ctypes.c_int)]
+        L.rkllm_destroy.argtypes = [ctypes.c_void_p]
+        for name in ("rkllm_init", "rkllm_run", "rkllm_abort", "rkllm_clear_kv_cache", "rkllm_destroy"):
+            getattr(L, name).restype = ctypes.c_int
+
+    @staticmethod
+    def _apply_sampling(target, config: GenerationConfig) -> None:
+        greedy = config.greedy
+        target.top_k = 1 if greedy else (config.top_k or 0)
+        target.top_p = 1.0 if greedy else config.top_p
+        target.temperature = 1.0 if greedy else config.temperature
+        target.repeat_penalty = config.repeat_penalty
+        target.frequency_penalty = 0.0
+        target.presence_penalty = 0.0
+        target.mirostat = 0
+
+    # The runtime calls this from its own thread.
+    def _on_result(self, result, userdata, state) -> int:
+        try:
+            r = result.contents
+            if state in (abi_mod.RUN_NORMAL, abi_mod.RUN_WAITING):
+                self._queue.put(("token", int(r.token_id)))
+            elif state == abi_mod.RUN_FINISH:
+                p = r.perf
+                self._queue.put(("finish", {"prefill_time_ms": p.prefill_time_ms, "prefill_tokens": p.prefill_tokens,
+                                            "generate_time_ms": p.generate_time_ms,
+                                            "generate_tokens": p.generate_tokens,
+                                            "memory_usage_mb": p.memory_usage_mb}))
+            elif state == abi_mod.RUN_ERROR:
+                self._queue.put(("error", None))
+        except Exception as exc:  # never let an exception cross the C boundary
+            self._queue.put(("error", repr(exc)))
+        return 0
+
+    @property
+    def history_tokens(self) -> int:
+        return self._history
+
+    def clear_history(self) -> None:
+        code = self.lib.rkllm_clear_kv_cache(self.handle, 0, None, None)
+        if code != 0:
+            raise EngineError(f"rkllm_clear_kv_cache returned {code}")
+        self._history = 0
+
+    def abort(self) -> None:
+        self._abort_requested = True
+        self.lib.rkllm_abort(self.handle)
+
+    def close(self) -> None:
+        if getattr(self, "handle", None) and self.handle.value:
+            self.lib.rkllm_destroy(self.handle)
+            self.handle = ctypes.c_void_p()
+
+    def generate(self, embeddings: np.ndarray, config: GenerationConfig, keep_history: bool,
+                 stats: PerfStats) -> Iterator[int]:
+        if not self._running.acquire(blocking=False):
+            raise EngineError("the decoder is busy with another request")
+        try:
+            yield from self._generate(embeddings, config, keep_history, stats)
+        finally:
+            self._running.release()
+
+    def _generate(self, embeddings, config, keep_history, stats) -> Iterator[int]:
+        A = self.abi
+        embeds = np.ascontiguousarray(embeddings, dtype=np.float32)
+        if not keep_history and self._history:
+            self.clear_history()  # start over, but keep this turn for a possible next one
+        if len(embeds) + self._history + config.max_new_tokens > self.max_context:
+            raise EngineError(f"{self._history} cached + {len(embeds)} new tokens + max_new_tokens "
+                              f"{config.max_new_tokens} exceed the decoder context of {self.max_context}")
+        inp = A.input()
+        inp.role = b"user"
+        inp.enable_thinking = False
+        inp.input_type = abi_mod.INPUT_EMBED
+        inp.embed_input.embed = embeds.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        inp.embed_input.n_tokens = len(embeds)
+        infer = A.infer()
+        infer.mode = abi_mod.INFER_GENERATE
+        infer.keep_history = 1  # the runtime keeps this turn; a fresh start cleared the cache above
+        if A.has_sampling:
+            sampling = abi_mod.SamplingParam(mirostat_tau=5.0, mirostat_eta=0.1)
+            self._apply_sampling(sampling, config)
+            infer.sampling_params = ctypes.pointer(sampling)
+            infer.max_new_tokens = config.max_new_tokens
+        elif (config.greedy, config.temperature, config.top_k, config.top_p) != (
+                self._init_sampling.greedy, self._init_sampling.temperature, self._init_sampling.top_k,
+                self._init_sampling.top_p) or config.max_new_tokens > self._init_sampling.max_new_tokens:
+            raise EngineError("librkllmrt 1.2.x takes sampling settings and max_new_tokens only at start-up: "
+                              "restart with these settings, or use runtime 1.3")
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._abort_requested = False
+        outcome: dict = {}
+
+        def run() -> None:
+            outcome["code"] = self.lib.rkllm_run(self.handle, ctypes.byref(inp), ctypes.byref(infer), None)
+            self._queue.put(("returned", None))
+
+        worker = threading.Thread(target=run, name="rkllm-run", daemon=True)
+        start = time.perf_counter()
+        worker.start()
+        produced, aborted, error, finished = 0, False, None, False
+        try:
+            while True:
+                kind, value = self._queue.get()
+                if kind == "token":
+                    if produced == 0:
+                        stats.prefill_ms += (time.perf_counter() - start) * 1000
+                        first = time.perf_counter()
+                    produced += 1
+                    stats.generate_tokens += 1
+                    stats.generate_ms = (time.perf_counter() - first) * 1000
+                    yield value
+                    if value in config.stop_ids or produced >= config.max_new_tokens:
+                        if value in config.stop_ids and produced < config.max_new_tokens:
+                            finished = True
+                        self.lib.rkllm_abort(self.handle)  # the runtime may not stop on our stop ids
+                        aborted = not finished and produced < config.max_new_tokens
+                elif kind == "finish":
+                    finished = True
+                    stats.engine.update(value)
+                elif kind == "error":
+                    error = value or "the runtime reported RKLLM_RUN_ERROR"
+                elif kind == "returned":
+                    break
+        except GeneratorExit:  # the consumer went away (client disconnect): stop the NPU
+            self.lib.rkllm_abort(self.handle)
+            aborted = True
+            worker.join()
+            raise
+        finally:
+            worker.join()
+        stats.prefill_tokens += len(embeds)
+        if error or outcome.get("code", 0) != 0:
+            self._history = 0
+            raise EngineError(f"rkllm_run failed ({error or 'return code ' + str(outcome.get('code'))}): the KV "
+                              "cache was dropped; check the runtime's messages")
+        self._history += len(embeds) + produced
+        if self._abort_requested or aborted:
+            self.last_finish = "abort"
+        else:
+            self.last_finish = "length" if produced >= config.max_new_tokens else "stop" if finished else "abort"
+
+
+def make_npu_engines(bundle, library: str | None = None, cores: Sequence[int] | None = None,
+                     config: GenerationConfig | None = None):
+    """(RknnLiteVisionEncoder, RkllmEngine) for a bundle on its board."""
+    manifest = bundle.manifest
+    profile: BoardProfile = load_profile(manifest["target"]["platform"])
+    llm = manifest["llm"]
+    if not llm.get("file"):
+        raise BundleError(f"{bundle.path} has no board decoder (llm.rkllm; converted with --llm-host-only): convert "
+                          "it again on a host with rkllm-toolkit installed")
+    version = llm.get("toolkit_version")
+    abi = os.environ.get(ABI_ENV) or (abi_mod.abi_for_version(version).name if abi_mod.abi_for_version(version) else None)
+    if abi is None:
+        raise BundleError(f"the bundle was built with rkllm-toolkit {version!r}, whose runtime ABI rksmolvlm does not "
+                          f"know: set {ABI_ENV}=1.2 or 1.3 if you are sure")
+    masks = [profile.core_masks[i] for i in cores] if cores is not None else list(profile.core_masks)
+    vision = RknnLiteVisionEncoder(bundle.file(manifest["vision"]["file"]), masks)
+    try:
+        engine = RkllmEngine(bundle.file(llm["file"]), find_rkllm_library(library), abi, bundle.max_context,
+                             config=config, base_domain_id=1)
+    except BaseException:
+        vision.close()
+        raise
+    return vision, engine
