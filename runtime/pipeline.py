@@ -108,6 +108,7 @@ class Pipeline:
         self._cache_size = image_cache_size
         self._history: _History | None = None
         self._lock = threading.Lock()
+        self._abort = threading.Event()  # set by abort(); checked between stages, not only while decoding
 
     # -- parts --------------------------------------------------------------------------------
     def _encode_images(self, images: list[_Image], stats: PerfStats) -> np.ndarray | None:
@@ -115,6 +116,8 @@ class Pipeline:
             return None
         out, local = [], {}
         for image in images:
+            if self._abort.is_set():
+                return None
             features = local.get(image.key)
             if features is None and image.key in self._features:
                 self._features.move_to_end(image.key)
@@ -139,6 +142,9 @@ class Pipeline:
         self._history = None
 
     def abort(self) -> None:
+        """Stop the running request as soon as possible: between images, before the prefill, or
+        during decoding (callable from another thread)."""
+        self._abort.set()
         self.llm.abort()
 
     # -- requests -----------------------------------------------------------------------------
@@ -202,6 +208,7 @@ class Pipeline:
 
     def _run(self, messages, config: GenerationConfig, keep_history: bool, result: Generation) -> Iterator[str]:
         with self._lock:
+            self._abort.clear()
             start = time.perf_counter()
             stats = result.stats
             reuse, full_text, signature, new_images, ids = self._prepare(messages, keep_history, stats)
@@ -217,6 +224,10 @@ class Pipeline:
                         f"over the context of {self.bundle.max_context}; send fewer or smaller images, a shorter "
                         "conversation or a smaller max_new_tokens")
             features = self._encode_images(new_images, stats)
+            if self._abort.is_set():  # aborted while images were decoded or encoded: no prefill
+                result.finish_reason = "abort"
+                self.reset()
+                return
             embeddings = splice(self.table.lookup(ids), ids, self.bundle.image_id, features)
             result.prompt_tokens = held + len(ids)
             result.prefill_ids = ids
@@ -226,6 +237,8 @@ class Pipeline:
             self._history = None  # invalid until this turn completes
             try:
                 for token in self.llm.generate(embeddings, config, keep_history=reuse, stats=stats):
+                    if self._abort.is_set():  # an abort that raced the engine's start
+                        self.llm.abort()
                     if not result.token_ids:
                         stats.first_token_ms = (time.perf_counter() - start) * 1000
                     result.token_ids.append(token)

@@ -179,3 +179,25 @@ def test_board_path_runs_without_torch_or_transformers(preview_bundles, tmp_path
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("OK ") and proc.stdout.strip().endswith("[]")
+
+
+def test_abort_during_the_vision_pass_skips_the_prefill(preview_bundles):
+    bundle = RuntimeBundle.open(preview_bundles["idefics3-256m"])
+    vision, llm = bundle.make_engines("host")
+    pipeline = Pipeline(bundle, vision, llm)
+    encode = vision.encode
+
+    def slow_encode(tiles):  # the first image's encoding is where the abort lands
+        pipeline.abort()
+        return encode(tiles)
+
+    vision.encode = slow_encode
+    messages = [{"role": "user", "content": [{"type": "image", "image": rng_image(100, 100, seed=41)},
+                                             {"type": "image", "image": rng_image(120, 100, seed=42)},
+                                             {"type": "text", "text": "Both?"}]}]
+    g = pipeline.generate(messages, GenerationConfig(max_new_tokens=5)).consume()
+    assert g.finish_reason == "abort" and g.token_ids == [] and g.stats.prefill_tokens == 0
+    assert g.stats.vision_tiles == 0 or g.stats.vision_tiles < 2 * 13
+    vision.encode = encode
+    again = pipeline.generate(messages, GenerationConfig(max_new_tokens=5)).consume()  # the next request runs
+    assert again.finish_reason == "length" and len(again.token_ids) == 5
