@@ -1,0 +1,29 @@
+"""``rksmolvlm serve``: an OpenAI-compatible HTTP server over the pipeline, run by systemd on the board.
+
+One room per responsibility:
+
+- ``requests``: ApiError, ChatRequest, ServedModel, RequestReader — every request is checked (body
+  size, JSON, parameters, image type, bytes and pixel count, read from the header, never decoded)
+  before it may queue, and refused with an OpenAI-style error body naming the limit.
+- ``service``: ModelService, the worker thread that owns the pipeline (and so the NPU) and runs one
+  request at a time from a bounded queue (full: 429 with Retry-After); Answer, Job, open_pipeline.
+- ``metrics``: Metrics, rendered as Prometheus text.
+- ``notify``: SystemdNotifier, sd_notify READY / WATCHDOG / STOPPING over ``$NOTIFY_SOCKET``.
+- ``http``: create_app, the Starlette endpoints, server-sent events, the access log.
+- ``process``: uvicorn (foreground or BackgroundServer), logging, and the command: add_serve_arguments,
+  resolve_config, build_app, serve_command.
+"""
+
+from __future__ import annotations
+
+from .http import create_app
+from .metrics import Metrics
+from .notify import SystemdNotifier
+from .process import BackgroundServer, add_serve_arguments, build_app, resolve_config, serve_command
+from .requests import ApiError, RequestReader, ServedModel
+from .service import ModelService, open_pipeline
+
+__all__ = [
+    "add_serve_arguments", "serve_command", "build_app", "create_app", "open_pipeline", "ModelService", "ServedModel",
+    "RequestReader", "ApiError", "Metrics", "SystemdNotifier", "BackgroundServer", "resolve_config",
+]
