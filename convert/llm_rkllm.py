@@ -52,8 +52,8 @@ def _wheel_hint() -> str:
 def toolkit_info() -> ToolkitInfo | None:
     """The installed toolkit's version, or None when ``rkllm.api`` cannot be imported."""
     try:
-        import rkllm  # noqa: F401
-        from rkllm.api import RKLLM  # noqa: F401
+        import rkllm
+        import rkllm.api  # noqa: F401  (the toolkit is usable only if its API imports)
     except ImportError:
         return None
     from importlib.metadata import PackageNotFoundError, version
@@ -63,8 +63,6 @@ def toolkit_info() -> ToolkitInfo | None:
             return ToolkitInfo(version(dist))
         except PackageNotFoundError:
             continue
-    import rkllm
-
     return ToolkitInfo(str(getattr(rkllm, "__version__", "unknown")))
 
 

@@ -7,7 +7,6 @@ import sys
 import textwrap
 import threading
 
-import numpy as np
 import pytest
 
 from conftest import ROOT, rng_image

@@ -2,7 +2,6 @@
 and greedy tokens equal ``model.generate`` for one image, several images, text only, and a
 multi-turn chat with a new image in turn two (prefilling only the new turn)."""
 
-import numpy as np
 import pytest
 import torch
 import transformers as tf
