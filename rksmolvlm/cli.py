@@ -220,6 +220,8 @@ def _cmd_ask(args: argparse.Namespace) -> int:
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
+    from .runtime.prompt import assistant_content
+
     pipeline, config = _open_pipeline(args)
     messages: list[dict] = []
     pending: list[dict] = []
@@ -263,10 +265,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
             messages.pop()
             continue
         print()
-        # The template writes "Assistant: " + content: drop the one space the model generated after
-        # "Assistant:" so the rendered history extends the KV cache exactly.
-        answer = generation.text[1:] if generation.text.startswith(" ") else generation.text
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        messages.append({"role": "assistant",
+                         "content": [{"type": "text", "text": assistant_content(generation.text)}]})
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:

@@ -333,7 +333,8 @@ def make_npu_engines(bundle, library: str | None = None, cores: Sequence[int] | 
         raise BundleError(f"{bundle.path} has no board decoder (llm.rkllm; converted with --llm-host-only): convert "
                           "it again on a host with rkllm-toolkit installed")
     version = llm.get("toolkit_version")
-    abi = os.environ.get(ABI_ENV) or (abi_mod.abi_for_version(version).name if abi_mod.abi_for_version(version) else None)
+    known = abi_mod.abi_for_version(version)
+    abi = os.environ.get(ABI_ENV) or (known.name if known else None)
     if abi is None:
         raise BundleError(f"the bundle was built with rkllm-toolkit {version!r}, whose runtime ABI rksmolvlm does not "
                           f"know: set {ABI_ENV}=1.2 or 1.3 if you are sure")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["PromptTokens", "PromptBuilder", "normalize_messages", "expand_image"]
+__all__ = ["PromptTokens", "PromptBuilder", "normalize_messages", "expand_image", "assistant_content"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,13 @@ def expand_image(rows: int, cols: int, tokens: PromptTokens) -> str:
         parts.extend(f"{tokens.fake_image}<row_{r + 1}_col_{c + 1}>{run}" for c in range(cols))
         parts.append("\n")
     return "".join(parts) + "\n" + global_block
+
+
+def assistant_content(generated: str) -> str:
+    """A generated answer as an assistant message's content: the template writes "Assistant: " +
+    content while the model generates after "Assistant:", so its one leading space is dropped and
+    the rendered history reads as what the model produced."""
+    return generated[1:] if generated.startswith(" ") else generated
 
 
 def normalize_messages(messages: Sequence[dict]) -> list[dict]:

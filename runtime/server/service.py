@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from ...errors import ImageError, RkSmolVLMError
+from ..prompt import assistant_content
 from ..server_config import ServerConfig
 from .requests import ApiError, ChatRequest, ServedModel
 
@@ -102,7 +103,7 @@ class _AnswerText:
 
     @staticmethod
     def _clean(text: str) -> str:
-        return text[1:] if text.startswith(" ") else text
+        return assistant_content(text)
 
     def _emit(self, end: int) -> str:
         out = self._clean(self.raw[:end])
