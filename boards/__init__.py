@@ -9,7 +9,7 @@ import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 
-from ..errors import TargetError
+from rksmolvlm.errors import TargetError
 
 __all__ = ["BoardProfile", "load_profile", "profile_names"]
 

@@ -23,10 +23,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..errors import CalibrationError
-from ..runtime.embed import EmbeddingTable, splice
-from ..runtime.preprocess import ImageSettings, preprocess
-from ..runtime.prompt import PromptBuilder
+from rksmolvlm.errors import CalibrationError
+from rksmolvlm.runtime.embed import EmbeddingTable, splice
+from rksmolvlm.runtime.preprocess import ImageSettings, preprocess
+from rksmolvlm.runtime.prompt import PromptBuilder
 
 __all__ = ["DecoderSample", "RenderedSample", "load_samples", "shipped_prompts_file", "render_samples",
            "write_dataset"]

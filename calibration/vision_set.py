@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CalibrationError, ImageError
-from ..runtime.preprocess import ImageSettings, preprocess
+from rksmolvlm.errors import CalibrationError, ImageError
+from rksmolvlm.runtime.preprocess import ImageSettings, preprocess
 
 __all__ = ["IMAGE_SUFFIXES", "TileSets", "shipped_images_dir", "collect_images", "build_tile_sets",
            "write_rknn_dataset"]

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CheckpointError
-from .source import Checkpoint
+from rksmolvlm.errors import CheckpointError
+from rksmolvlm.convert.source import Checkpoint
 
 __all__ = ["DecoderExport", "extract_decoder", "write_embedding_table", "TEXT_PREFIXES"]
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..runtime.embed import EmbeddingTable
-from ..runtime.prompt import PromptBuilder, PromptTokens
-from .llm_recipe import LlmRecipe
-from .progress import Progress
-from .source import Checkpoint
+from rksmolvlm.runtime.embed import EmbeddingTable
+from rksmolvlm.runtime.prompt import PromptBuilder, PromptTokens
+from rksmolvlm.convert.llm_recipe import LlmRecipe
+from rksmolvlm.convert.progress import Progress
+from rksmolvlm.convert.source import Checkpoint
 
 __all__ = ["convert_llm", "LLM_FILE", "EMBED_FILE", "DECODER_DIR"]
 
@@ -46,10 +46,10 @@ def _decoder_max_abs(checkpoint: Checkpoint, decoder_dir: Path) -> float:
 
 def convert_llm(checkpoint: Checkpoint, recipe: LlmRecipe, options, bundle: Path, work: Path,
                 progress: Progress, towers) -> tuple[dict, dict]:
-    from ..calibration.decoder_set import load_samples, render_samples, write_dataset
-    from ..calibration.vision_set import shipped_images_dir
-    from .decoder import extract_decoder, write_embedding_table
-    from .llm_rkllm import build_rkllm, dataset_format_for, require_toolkit
+    from rksmolvlm.calibration.decoder_set import load_samples, render_samples, write_dataset
+    from rksmolvlm.calibration.vision_set import shipped_images_dir
+    from rksmolvlm.convert.decoder import extract_decoder, write_embedding_table
+    from rksmolvlm.convert.llm_rkllm import build_rkllm, dataset_format_for, require_toolkit
 
     with progress.step("extracting the decoder and the embedding table"):
         decoder_dir = (bundle if options.host_preview else work) / DECODER_DIR

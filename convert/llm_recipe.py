@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..boards import BoardProfile
-from ..errors import TargetError
+from rksmolvlm.boards import BoardProfile
+from rksmolvlm.errors import TargetError
 
 __all__ = ["LlmRecipe", "make_recipe", "ALGORITHMS", "MAX_CONTEXT_LIMIT", "CONTEXT_ALIGN"]
 

@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ToolkitFailedError, ToolkitMissingError
-from .llm_recipe import LlmRecipe
+from rksmolvlm.errors import ToolkitFailedError, ToolkitMissingError
+from rksmolvlm.convert.llm_recipe import LlmRecipe
 
 __all__ = ["ToolkitInfo", "require_toolkit", "toolkit_info", "dataset_format_for", "build_rkllm", "RkllmBuild",
            "DATASET_FORMATS", "RELEASES_URL"]

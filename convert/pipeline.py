@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
-from ..boards import BoardProfile, load_profile
-from ..bundle import staged_bundle
-from ..errors import AccuracyError, TargetError
-from .progress import Progress
-from .source import Checkpoint, open_checkpoint
+from rksmolvlm import __version__
+from rksmolvlm.boards import BoardProfile, load_profile
+from rksmolvlm.bundle import staged_bundle
+from rksmolvlm.errors import AccuracyError, TargetError
+from rksmolvlm.convert.progress import Progress
+from rksmolvlm.convert.source import Checkpoint, open_checkpoint
 
 __all__ = ["ConvertOptions", "ConvertResult", "convert", "PARTS"]
 
@@ -99,7 +99,7 @@ def _validate(options: ConvertOptions) -> BoardProfile:
     if options.vision_dtype not in profile.vision_dtypes:
         raise TargetError(f"--vision-dtype {options.vision_dtype!r} is not available on {profile.name}: "
                           f"choose one of {', '.join(profile.vision_dtypes)}")
-    from .vision_rknn import QUANT_ALGORITHMS, rknn_toolkit_version
+    from rksmolvlm.convert.vision_rknn import QUANT_ALGORITHMS, rknn_toolkit_version
 
     if options.quant_algorithm not in QUANT_ALGORITHMS:
         raise TargetError(f"--quant-algorithm {options.quant_algorithm!r} is unknown: choose one of "
@@ -111,8 +111,8 @@ def _validate(options: ConvertOptions) -> BoardProfile:
     if "vision" in options.parts:
         rknn_toolkit_version()
     if "llm" in options.parts:
-        from .llm_recipe import make_recipe
-        from .llm_rkllm import DATASET_FORMATS, require_toolkit
+        from rksmolvlm.convert.llm_recipe import make_recipe
+        from rksmolvlm.convert.llm_rkllm import DATASET_FORMATS, require_toolkit
 
         make_recipe(profile, options.llm_dtype, options.llm_algorithm, options.llm_npu_cores,
                     options.max_context or 4096, options.llm_optimization)
@@ -146,7 +146,7 @@ def convert(options: ConvertOptions, progress: Progress | None = None) -> Conver
     versions = _versions()
     recipe = None
     if "llm" in options.parts:  # the model's own context bounds the recipe: still before heavy work
-        from .llm_recipe import CONTEXT_ALIGN, make_recipe
+        from rksmolvlm.convert.llm_recipe import CONTEXT_ALIGN, make_recipe
 
         trained = checkpoint.text.max_position_embeddings
         context = options.max_context or min(4096, trained - trained % CONTEXT_ALIGN)
@@ -161,7 +161,7 @@ def convert(options: ConvertOptions, progress: Progress | None = None) -> Conver
             vision_section, report["vision"] = _convert_vision(checkpoint, profile, options, stage.path, work,
                                                                progress, towers)
         if "llm" in options.parts:
-            from .llm_part import convert_llm
+            from rksmolvlm.convert.llm_part import convert_llm
 
             llm_section, report["llm"] = convert_llm(checkpoint, recipe, options, stage.path, work, progress, towers)
         towers.release()
@@ -182,15 +182,15 @@ class TowerCache:
     @property
     def tower(self):
         if self._tower is None:
-            from .vision_tower import load_vision_tower
+            from rksmolvlm.convert.vision_tower import load_vision_tower
 
             self._tower, _ = load_vision_tower(self.checkpoint)
         return self._tower
 
     def features(self, tiles_u8: np.ndarray) -> np.ndarray:
         """uint8 NHWC tiles → (tiles, image_seq_len, text_hidden) float32 features."""
-        from ..runtime.preprocess import normalize
-        from .vision_tower import torch_features
+        from rksmolvlm.runtime.preprocess import normalize
+        from rksmolvlm.convert.vision_tower import torch_features
 
         return torch_features(self.tower, normalize(tiles_u8, self.checkpoint.image))
 
@@ -200,11 +200,11 @@ class TowerCache:
 
 def _convert_vision(checkpoint: Checkpoint, profile: BoardProfile, options: ConvertOptions, bundle: Path,
                     work: Path, progress: Progress, towers: TowerCache) -> tuple[dict, dict]:
-    from ..calibration.vision_set import build_tile_sets, collect_images, shipped_images_dir, write_rknn_dataset
-    from ..runtime.preprocess import normalize
-    from .metrics import cosine, max_abs, per_row_cosine_min
-    from .vision_rknn import build_vision_rknn
-    from .vision_tower import check_onnx, export_onnx, torch_features
+    from rksmolvlm.calibration.vision_set import build_tile_sets, collect_images, shipped_images_dir, write_rknn_dataset
+    from rksmolvlm.runtime.preprocess import normalize
+    from rksmolvlm.convert.metrics import cosine, max_abs, per_row_cosine_min
+    from rksmolvlm.convert.vision_rknn import build_vision_rknn
+    from rksmolvlm.convert.vision_tower import check_onnx, export_onnx, torch_features
 
     with progress.step("tiling calibration images"):
         source = Path(options.calibration) if options.calibration else shipped_images_dir()

@@ -9,9 +9,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import CheckpointError
-from ..hashing import sha256_file
-from ..runtime.preprocess import ImageSettings
+from rksmolvlm.errors import CheckpointError
+from rksmolvlm.hashing import sha256_file
+from rksmolvlm.runtime.preprocess import ImageSettings
 
 __all__ = [
     "Checkpoint", "VisionGeometry", "TextGeometry", "SpecialTokens",

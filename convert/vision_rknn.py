@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..boards import BoardProfile
-from ..errors import TargetError, ToolkitFailedError, ToolkitMissingError
+from rksmolvlm.boards import BoardProfile
+from rksmolvlm.errors import TargetError, ToolkitFailedError, ToolkitMissingError
 
 __all__ = ["LayerInfo", "RknnBuild", "build_vision_rknn", "parse_layer_table", "rknn_toolkit_version",
            "VISION_DTYPES", "QUANT_ALGORITHMS"]

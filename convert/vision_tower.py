@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .source import Checkpoint
+from rksmolvlm.convert.source import Checkpoint
 
 __all__ = ["VisionTower", "load_vision_tower", "export_onnx", "OnnxCheck", "check_onnx", "torch_features"]
 
@@ -118,7 +118,7 @@ def check_onnx(onnx_path: Path, tiles: np.ndarray, reference: np.ndarray) -> Onn
     ONNX input is fixed to one batch size)."""
     import onnxruntime as ort
 
-    from .metrics import cosine, max_abs
+    from rksmolvlm.convert.metrics import cosine, max_abs
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     batch = session.get_inputs()[0].shape[0]

@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from . import __version__
-from .errors import BundleError
+from rksmolvlm import __version__
+from rksmolvlm.errors import BundleError
 
 __all__ = ["SCHEMA_VERSION", "MANIFEST", "REQUIRED_KEYS", "staged_bundle", "read_manifest",
            "verify_files", "file_record", "staging_dirs"]
@@ -31,7 +31,7 @@ REQUIRED_KEYS = ("schema_version", "created_by", "source", "model", "target", "t
 
 
 def file_record(path: Path) -> dict:
-    from .hashing import sha256_file
+    from rksmolvlm.hashing import sha256_file
 
     return {"size": path.stat().st_size, "sha256": sha256_file(path)}
 
@@ -135,7 +135,7 @@ def read_manifest(bundle: str | os.PathLike, verify: bool = True) -> dict:
 
 def verify_files(root: Path, manifest: dict) -> None:
     """Raise BundleError naming every file that is missing or whose size/sha256 differ."""
-    from .hashing import sha256_file
+    from rksmolvlm.hashing import sha256_file
 
     problems = []
     for name, record in manifest["files"].items():

@@ -13,8 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import __version__
-from .errors import RkSmolVLMError
+from rksmolvlm import __version__
+from rksmolvlm.errors import RkSmolVLMError
 
 __all__ = ["main", "build_parser"]
 
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--root", default="/", help=argparse.SUPPRESS)
     doctor.add_argument("--json", action="store_true")
     serve = verbs.add_parser("serve", help="OpenAI-compatible HTTP server (run by systemd on the board)")
-    from .runtime.server import add_serve_arguments
+    from rksmolvlm.runtime.server import add_serve_arguments
 
     add_serve_arguments(serve)
     bench = verbs.add_parser("bench", help="measure vision, TTFT, prefill and decode speed of a bundle")
@@ -109,7 +109,7 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 
 def _options(args: argparse.Namespace, model: str):
-    from .convert.pipeline import ConvertOptions
+    from rksmolvlm.convert.pipeline import ConvertOptions
 
     return ConvertOptions(
         model=model, output=args.output, target=args.target,
@@ -124,8 +124,8 @@ def _options(args: argparse.Namespace, model: str):
 
 
 def _run_convert(args: argparse.Namespace, model: str) -> int:
-    from .convert.pipeline import convert
-    from .convert.progress import Progress
+    from rksmolvlm.convert.pipeline import convert
+    from rksmolvlm.convert.progress import Progress
 
     options = _options(args, model)
     result = convert(options, Progress(0, quiet=args.quiet))
@@ -142,11 +142,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .convert.tiny_checkpoint import TINY_SPECS, build_tiny_checkpoint
+    from rksmolvlm.convert.tiny_checkpoint import TINY_SPECS, build_tiny_checkpoint
 
     if args.model not in TINY_SPECS:
         raise RkSmolVLMError(f"unknown demo model {args.model!r}: choose one of {', '.join(sorted(TINY_SPECS))}")
-    from .convert.llm_rkllm import toolkit_info
+    from rksmolvlm.convert.llm_rkllm import toolkit_info
 
     if "llm" in args.parts and not args.llm_host_only and toolkit_info() is None:
         args.llm_host_only = True
@@ -166,10 +166,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _demo_answer(bundle_dir: Path) -> int:
     """Answer one question about a shipped image with the host preview of the demo bundle."""
-    from .calibration.vision_set import shipped_images_dir
-    from .runtime.engines import GenerationConfig
-    from .runtime.loader import RuntimeBundle
-    from .runtime.pipeline import Pipeline
+    from rksmolvlm.calibration.vision_set import shipped_images_dir
+    from rksmolvlm.runtime.engines import GenerationConfig
+    from rksmolvlm.runtime.loader import RuntimeBundle
+    from rksmolvlm.runtime.pipeline import Pipeline
 
     image = shipped_images_dir() / "photo_coffee_cup_table.jpg"
     bundle = RuntimeBundle.open(bundle_dir)
@@ -188,9 +188,9 @@ def _demo_answer(bundle_dir: Path) -> int:
 
 
 def _open_pipeline(args: argparse.Namespace):
-    from .runtime.engines import GenerationConfig
-    from .runtime.loader import RuntimeBundle
-    from .runtime.pipeline import Pipeline
+    from rksmolvlm.runtime.engines import GenerationConfig
+    from rksmolvlm.runtime.loader import RuntimeBundle
+    from rksmolvlm.runtime.pipeline import Pipeline
 
     bundle = RuntimeBundle.open(args.bundle, verify=not args.no_verify)
     try:
@@ -220,7 +220,7 @@ def _cmd_ask(args: argparse.Namespace) -> int:
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    from .runtime.prompt import assistant_content
+    from rksmolvlm.runtime.prompt import assistant_content
 
     pipeline, config = _open_pipeline(args)
     messages: list[dict] = []
@@ -270,8 +270,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
-    from .bundle import read_manifest
-    from .runtime.doctor import run_doctor
+    from rksmolvlm.bundle import read_manifest
+    from rksmolvlm.runtime.doctor import run_doctor
 
     manifest = read_manifest(args.bundle) if args.bundle else None
     size = sum(r["size"] for r in manifest["files"].values()) if manifest else 0
@@ -286,8 +286,8 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .runtime.bench import format_table, run_bench
-    from .runtime.loader import RuntimeBundle, on_rockchip_board
+    from rksmolvlm.runtime.bench import format_table, run_bench
+    from rksmolvlm.runtime.loader import RuntimeBundle, on_rockchip_board
 
     engine = args.engine if args.engine != "auto" else ("npu" if on_rockchip_board() else "host")
     result = run_bench(RuntimeBundle.open(args.bundle), engine, repeats=args.repeats, warmup=args.warmup,
@@ -297,7 +297,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .runtime.server import serve_command
+    from rksmolvlm.runtime.server import serve_command
 
     return serve_command(args)
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .engines import GenerationConfig
-from .loader import RuntimeBundle
-from .pipeline import Pipeline
+from rksmolvlm.runtime.engines import GenerationConfig
+from rksmolvlm.runtime.loader import RuntimeBundle
+from rksmolvlm.runtime.pipeline import Pipeline
 
 __all__ = ["run_bench", "clock_report", "format_table"]
 
@@ -52,7 +52,7 @@ def _split_image(bundle: RuntimeBundle):
 
 def run_bench(bundle: RuntimeBundle, engine: str = "host", repeats: int = 3, warmup: int = 1,
               prompt_tokens: int = 128, new_tokens: int = 32, library: str | None = None) -> dict:
-    from .preprocess import tile_image
+    from rksmolvlm.runtime.preprocess import tile_image
 
     vision, llm = bundle.make_engines(engine, library=library,
                                       config=GenerationConfig(max_new_tokens=max(new_tokens, 256)))
@@ -62,11 +62,11 @@ def run_bench(bundle: RuntimeBundle, engine: str = "host", repeats: int = 3, war
         tiles = tile_image(_split_image(bundle), bundle.settings).tiles
         one = tiles[:1]
         if engine == "npu":  # one NPU core
-            from .npu_engines import RknnLiteVisionEncoder
+            from rksmolvlm.runtime.npu_engines import RknnLiteVisionEncoder
 
             single = RknnLiteVisionEncoder(bundle.file(bundle.manifest["vision"]["file"]), [1])
         else:  # one CPU thread
-            from .host_engines import OnnxVisionEncoder
+            from rksmolvlm.runtime.host_engines import OnnxVisionEncoder
 
             single = OnnxVisionEncoder(bundle.file(bundle.manifest["vision"]["onnx"]), bundle.settings, threads=1)
         times_one, times_all = [], []

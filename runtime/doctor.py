@@ -11,8 +11,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..boards import load_profile, profile_names
-from .npu_engines import LIBRARY_DIRS
+from rksmolvlm.boards import load_profile, profile_names
+from rksmolvlm.runtime.npu_engines import LIBRARY_DIRS
 
 __all__ = ["Finding", "run_doctor", "parse_version"]
 

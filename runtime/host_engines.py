@@ -13,9 +13,9 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import BundleError
-from .engines import GenerationConfig, PerfStats
-from .preprocess import ImageSettings, normalize
+from rksmolvlm.errors import BundleError
+from rksmolvlm.runtime.engines import GenerationConfig, PerfStats
+from rksmolvlm.runtime.preprocess import ImageSettings, normalize
 
 __all__ = ["OnnxVisionEncoder", "TorchLlmEngine"]
 

@@ -7,11 +7,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..bundle import read_manifest
-from ..errors import BundleError
-from .embed import EmbeddingTable
-from .preprocess import ImageSettings
-from .prompt import PromptBuilder, PromptTokens
+from rksmolvlm.bundle import read_manifest
+from rksmolvlm.errors import BundleError
+from rksmolvlm.runtime.embed import EmbeddingTable
+from rksmolvlm.runtime.preprocess import ImageSettings
+from rksmolvlm.runtime.prompt import PromptBuilder, PromptTokens
 
 __all__ = ["RuntimeBundle", "on_rockchip_board", "ENGINES"]
 
@@ -67,10 +67,10 @@ class RuntimeBundle:
         if engine == "auto":
             engine = "npu" if on_rockchip_board() else "host"
         if engine == "npu":
-            from .npu_engines import make_npu_engines
+            from rksmolvlm.runtime.npu_engines import make_npu_engines
 
             return make_npu_engines(self, library=library, cores=cores, config=config)
-        from .host_engines import OnnxVisionEncoder, TorchLlmEngine
+        from rksmolvlm.runtime.host_engines import OnnxVisionEncoder, TorchLlmEngine
 
         vision = self.manifest["vision"]
         llm = self.manifest["llm"]

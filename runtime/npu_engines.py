@@ -16,10 +16,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..boards import BoardProfile, load_profile
-from ..errors import BundleError, RkSmolVLMError, ToolkitMissingError
-from . import rkllm_abi as abi_mod
-from .engines import GenerationConfig, PerfStats
+from rksmolvlm.boards import BoardProfile, load_profile
+from rksmolvlm.errors import BundleError, RkSmolVLMError, ToolkitMissingError
+from rksmolvlm.runtime import rkllm_abi as abi_mod
+from rksmolvlm.runtime.engines import GenerationConfig, PerfStats
 
 __all__ = ["RknnLiteVisionEncoder", "RkllmEngine", "find_rkllm_library", "make_npu_engines", "LIBRARY_DIRS",
            "EngineError"]

@@ -22,11 +22,11 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..errors import RkSmolVLMError
-from .embed import EmbeddingTable, splice
-from .engines import GenerationConfig, LlmEngine, PerfStats, VisionEncoder
-from .loader import RuntimeBundle
-from .preprocess import DEFAULT_MAX_PIXELS, load_image, tile_image
+from rksmolvlm.errors import RkSmolVLMError
+from rksmolvlm.runtime.embed import EmbeddingTable, splice
+from rksmolvlm.runtime.engines import GenerationConfig, LlmEngine, PerfStats, VisionEncoder
+from rksmolvlm.runtime.loader import RuntimeBundle
+from rksmolvlm.runtime.preprocess import DEFAULT_MAX_PIXELS, load_image, tile_image
 
 __all__ = ["Pipeline", "Generation", "ContextError", "image_parts"]
 

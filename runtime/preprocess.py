@@ -22,7 +22,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..errors import ImageError
+from rksmolvlm.errors import ImageError
 
 __all__ = [
     "ImageSettings", "TiledImage", "ImageSource", "DEFAULT_MAX_PIXELS",

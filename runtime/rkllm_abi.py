@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes as C
 from dataclasses import dataclass
 
-from ..errors import BundleError
+from rksmolvlm.errors import BundleError
 
 __all__ = ["Abi", "ABIS", "abi_for_version", "LLMCallState", "INPUT_EMBED", "INFER_GENERATE",
            "probe_default_param"]

@@ -18,7 +18,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import RkSmolVLMError
+from rksmolvlm.errors import RkSmolVLMError
 
 __all__ = [
     "ServerConfig", "ServerSection", "Limits", "ImageSources", "ConfigError",

@@ -16,12 +16,12 @@ One room per responsibility:
 
 from __future__ import annotations
 
-from .http import create_app
-from .metrics import Metrics
-from .notify import SystemdNotifier
-from .process import BackgroundServer, add_serve_arguments, build_app, resolve_config, serve_command
-from .requests import ApiError, RequestReader, ServedModel
-from .service import ModelService, open_pipeline
+from rksmolvlm.runtime.server.http import create_app
+from rksmolvlm.runtime.server.metrics import Metrics
+from rksmolvlm.runtime.server.notify import SystemdNotifier
+from rksmolvlm.runtime.server.process import BackgroundServer, add_serve_arguments, build_app, resolve_config, serve_command
+from rksmolvlm.runtime.server.requests import ApiError, RequestReader, ServedModel
+from rksmolvlm.runtime.server.service import ModelService, open_pipeline
 
 __all__ = [
     "add_serve_arguments", "serve_command", "build_app", "create_app", "open_pipeline", "ModelService", "ServedModel",

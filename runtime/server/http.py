@@ -17,12 +17,12 @@ import time
 import uuid
 from typing import AsyncIterator, Callable
 
-from ... import __version__
-from ..server_config import ServerConfig
-from .metrics import _rss_bytes
-from .notify import SystemdNotifier
-from .requests import ApiError, ChatRequest, RequestReader
-from .service import Answer, Job, ModelService
+from rksmolvlm import __version__
+from rksmolvlm.runtime.server_config import ServerConfig
+from rksmolvlm.runtime.server.metrics import _rss_bytes
+from rksmolvlm.runtime.server.notify import SystemdNotifier
+from rksmolvlm.runtime.server.requests import ApiError, ChatRequest, RequestReader
+from rksmolvlm.runtime.server.service import Answer, Job, ModelService
 
 __all__ = ["create_app"]
 

@@ -20,15 +20,15 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from ... import __version__
-from ...errors import RkSmolVLMError
-from ..server_config import (CONFIG_ENV, DEFAULT_CONFIG_PATH, ConfigError, ServerConfig, load_config, read_api_key,
+from rksmolvlm import __version__
+from rksmolvlm.errors import RkSmolVLMError
+from rksmolvlm.runtime.server_config import (CONFIG_ENV, DEFAULT_CONFIG_PATH, ConfigError, ServerConfig, load_config, read_api_key,
                              with_overrides)
-from .http import create_app
-from .metrics import Metrics
-from .notify import SystemdNotifier
-from .requests import ServedModel
-from .service import ModelService, open_pipeline
+from rksmolvlm.runtime.server.http import create_app
+from rksmolvlm.runtime.server.metrics import Metrics
+from rksmolvlm.runtime.server.notify import SystemdNotifier
+from rksmolvlm.runtime.server.requests import ServedModel
+from rksmolvlm.runtime.server.service import ModelService, open_pipeline
 
 __all__ = ["BackgroundServer", "add_serve_arguments", "resolve_config", "build_app", "serve_command"]
 
@@ -243,7 +243,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[ServerConfig, str]:
 
 
 def _resolved_engine(engine: str) -> str:
-    from ..loader import on_rockchip_board
+    from rksmolvlm.runtime.loader import on_rockchip_board
 
     return ("npu" if on_rockchip_board() else "host") if engine == "auto" else engine
 
@@ -251,7 +251,7 @@ def _resolved_engine(engine: str) -> str:
 def _check_cores(config: ServerConfig, bundle) -> None:
     if config.npu_cores is None:
         return
-    from ...boards import load_profile
+    from rksmolvlm.boards import load_profile
 
     platform = bundle.manifest.get("target", {}).get("platform", "rk3588")
     cores = load_profile(platform).npu_cores
@@ -276,7 +276,7 @@ def build_app(config: ServerConfig, *, load: Callable[[object], object] | None =
     if config.bundle is None:
         raise ConfigError("no bundle to serve: pass BUNDLE, or set bundle = \"/var/lib/rksmolvlm/bundle\" in "
                           f"{DEFAULT_CONFIG_PATH}")
-    from ..loader import RuntimeBundle
+    from rksmolvlm.runtime.loader import RuntimeBundle
 
     bundle = RuntimeBundle.open(config.bundle, verify=config.verify_bundle)
     engine = _resolved_engine(config.engine)

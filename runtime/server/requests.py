@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ... import __version__
-from ...errors import RkSmolVLMError
-from ..server_config import ServerConfig
+from rksmolvlm import __version__
+from rksmolvlm.errors import RkSmolVLMError
+from rksmolvlm.runtime.server_config import ServerConfig
 
 if TYPE_CHECKING:  # the module is imported for `rksmolvlm --help`: numpy and friends load on use
-    from ..engines import GenerationConfig
+    from rksmolvlm.runtime.engines import GenerationConfig
 
 __all__ = ["ApiError", "ChatRequest", "ServedModel", "RequestReader", "IMAGE_TYPES"]
 
@@ -176,7 +176,7 @@ class RequestReader:
                            "response_format")
 
     def _generation(self, payload: dict) -> GenerationConfig:
-        from ..engines import GenerationConfig
+        from rksmolvlm.runtime.engines import GenerationConfig
 
         limits = self.limits
         name = "max_completion_tokens" if payload.get("max_completion_tokens") is not None else "max_tokens"

@@ -13,14 +13,14 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from ...errors import ImageError, RkSmolVLMError
-from ..prompt import assistant_content
-from ..server_config import ServerConfig
-from .requests import ApiError, ChatRequest, ServedModel
+from rksmolvlm.errors import ImageError, RkSmolVLMError
+from rksmolvlm.runtime.prompt import assistant_content
+from rksmolvlm.runtime.server_config import ServerConfig
+from rksmolvlm.runtime.server.requests import ApiError, ChatRequest, ServedModel
 
 if TYPE_CHECKING:
-    from ..engines import PerfStats
-    from .metrics import Metrics
+    from rksmolvlm.runtime.engines import PerfStats
+    from rksmolvlm.runtime.server.metrics import Metrics
 
 __all__ = ["Answer", "Job", "ModelService", "open_pipeline"]
 
@@ -258,7 +258,7 @@ class ModelService:
                     "capacity": self.queue_size}
 
     def _run(self, job: Job) -> None:
-        from ..pipeline import ContextError
+        from rksmolvlm.runtime.pipeline import ContextError
 
         request = job.request
         job.started = self._progress = time.monotonic()
@@ -329,10 +329,10 @@ class ModelService:
 
 def open_pipeline(bundle, config: ServerConfig, engine: str):
     """The pipeline the server runs: the bundle's engines with the configured cores, library and limits."""
-    from ..pipeline import Pipeline
+    from rksmolvlm.runtime.pipeline import Pipeline
 
     cores = list(config.npu_cores) if config.npu_cores is not None else None
-    from ..engines import GenerationConfig
+    from rksmolvlm.runtime.engines import GenerationConfig
 
     # librkllmrt 1.2.x takes max_new_tokens at start-up only: make room for the largest request.
     startup = GenerationConfig(max_new_tokens=max(1, min(config.limits.max_tokens, bundle.max_context - 1)))
