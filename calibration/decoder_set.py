@@ -24,9 +24,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from rksmolvlm.errors import CalibrationError
-from rksmolvlm.runtime.embed import EmbeddingTable, splice
-from rksmolvlm.runtime.preprocess import ImageSettings, preprocess
-from rksmolvlm.runtime.prompt import PromptBuilder
+from rksmolvlm.processing.assembler import Assembler, Layout, Prompt, TextChunk
+from rksmolvlm.processing.content import Message, conversation, image_parts
+from rksmolvlm.processing.embed import EmbeddingTable
+from rksmolvlm.processing.image import ImageSettings, preprocess
 
 __all__ = ["DecoderSample", "RenderedSample", "load_samples", "shipped_prompts_file", "render_samples",
            "write_dataset"]
@@ -41,9 +42,12 @@ class DecoderSample:
     messages: list[dict]
     answer: str
 
+    def conversation(self, images_dir: Path) -> list[Message]:
+        """The chat as typed messages, image names resolved under ``images_dir``."""
+        return conversation(self.messages, resolve=lambda name: images_dir / name)
+
     def image_names(self) -> list[str]:
-        return [part["image"] for m in self.messages if isinstance(m.get("content"), list)
-                for part in m["content"] if part.get("type") == "image"]
+        return [Path(part.source).name for part in image_parts(self.conversation(Path()))]
 
 
 @dataclass
@@ -73,30 +77,38 @@ def load_samples(path: Path | None = None) -> list[DecoderSample]:
     return samples
 
 
-def render_samples(samples: Sequence[DecoderSample], images_dir: Path, prompts: PromptBuilder,
-                   settings: ImageSettings, end_of_utterance: str, table: EmbeddingTable | None = None,
+def render_samples(samples: Sequence[DecoderSample], images_dir: Path, assembler: Assembler,
+                   settings: ImageSettings, table: EmbeddingTable | None = None,
                    features: FeatureFn | None = None, max_tokens: int | None = None) -> list[RenderedSample]:
-    """Render every sample; with ``table`` and ``features`` also build its decoder input embeddings.
-    Samples longer than ``max_tokens`` are skipped (they could never run on the board either)."""
+    """Render every sample with the runtime's assembler; with ``table`` and ``features`` also build
+    its decoder input embeddings. Samples longer than ``max_tokens`` are skipped (they could never
+    run on the board either)."""
     out = []
+    eou = assembler.tokens.end_of_utterance
     for sample in samples:
+        messages = sample.conversation(images_dir)
         tiled = []
-        for name in sample.image_names():
-            path = images_dir / name
+        for part in image_parts(messages):
             try:
-                tiled.append(preprocess(path, settings))
+                tiled.append(preprocess(part.source, settings))
             except Exception as exc:
-                raise CalibrationError(f"calibration sample {sample.id!r}: image {path} cannot be used ({exc})") from exc
-        text = prompts.expand(prompts.render(sample.messages), [(t.rows, t.cols) for t in tiled])
-        prompt_ids = prompts.encode(text)
-        ids = prompt_ids + prompts.encode(sample.answer + end_of_utterance)
+                raise CalibrationError(f"calibration sample {sample.id!r}: image {part.source} cannot be used "
+                                       f"({exc})") from exc
+        prompt = assembler.assemble(messages, [Layout(t.rows, t.cols) for t in tiled])
+        # the answer as the model writes it: after "Assistant:", then its end of utterance
+        answer_ids = assembler.tokenizer.encode_trusted(sample.answer + eou)
+        ids = prompt.ids + answer_ids
         if max_tokens is not None and len(ids) > max_tokens:
             continue
         embeddings = None
-        if table is not None:
-            image_features = features(np.concatenate([t.tiles for t in tiled])) if tiled else None
-            embeddings = splice(table.lookup(ids), ids, prompts.tokens.image_id, image_features)
-        out.append(RenderedSample(sample.id, text, sample.answer, ids, len(prompt_ids), embeddings))
+        if table is not None:  # one tower pass for all tiles, split back per image
+            computed = features(np.concatenate([t.tiles for t in tiled])) if tiled else None
+            bounds = np.cumsum([0] + [len(t.tiles) for t in tiled])
+            per_image = [computed[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+            whole = Prompt([*prompt.chunks, TextChunk(tuple(answer_ids))], prompt.text)
+            embeddings = assembler.embed(whole, table, per_image)
+        out.append(RenderedSample(sample.id, assembler.expanded_text(prompt), sample.answer, ids, len(prompt.ids),
+                                  embeddings))
     if not out:
         raise CalibrationError("no decoder calibration sample fits the context: raise --max-context")
     return out

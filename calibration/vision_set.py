@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from rksmolvlm.errors import CalibrationError, ImageError
-from rksmolvlm.runtime.preprocess import ImageSettings, preprocess
+from rksmolvlm.processing.image import ImageSettings, preprocess
 
 __all__ = ["IMAGE_SUFFIXES", "TileSets", "shipped_images_dir", "collect_images", "build_tile_sets",
            "write_rknn_dataset"]

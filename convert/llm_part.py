@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from rksmolvlm.runtime.embed import EmbeddingTable
-from rksmolvlm.runtime.prompt import PromptBuilder, PromptTokens
+from rksmolvlm.processing.embed import EmbeddingTable
+from rksmolvlm.processing.assembler import Assembler
+from rksmolvlm.processing.prompt import ChatTemplate, PromptTokens, TextTokenizer
 from rksmolvlm.convert.llm_recipe import LlmRecipe
 from rksmolvlm.convert.progress import Progress
 from rksmolvlm.convert.source import Checkpoint
@@ -19,11 +20,13 @@ __all__ = ["convert_llm", "LLM_FILE", "EMBED_FILE", "DECODER_DIR"]
 LLM_FILE, EMBED_FILE, DECODER_DIR = "llm.rkllm", "embed_tokens.npy", "decoder"
 
 
-def prompt_builder(checkpoint: Checkpoint) -> PromptBuilder:
+def checkpoint_assembler(checkpoint: Checkpoint) -> Assembler:
+    """The runtime's assembler, built from the checkpoint's own files (as the bundle will carry them)."""
     t = checkpoint.tokens
     tokens = PromptTokens(t.image, t.image_id, t.fake_image, t.global_image, checkpoint.vision.image_seq_len,
                           t.end_of_utterance)
-    return PromptBuilder(checkpoint.path / "tokenizer.json", checkpoint.chat_template, tokens)
+    tokenizer = TextTokenizer(checkpoint.path / "tokenizer.json")
+    return Assembler(ChatTemplate(checkpoint.chat_template), tokenizer, tokens)
 
 
 def _decoder_max_abs(checkpoint: Checkpoint, decoder_dir: Path) -> float:
@@ -75,8 +78,7 @@ def convert_llm(checkpoint: Checkpoint, recipe: LlmRecipe, options, bundle: Path
         samples = load_samples(options.llm_prompts)
         images = Path(options.calibration) if options.llm_prompts and options.calibration else shipped_images_dir()
         embedded = fmt != "text"
-        rendered = render_samples(samples, images, prompt_builder(checkpoint), checkpoint.image,
-                                  checkpoint.tokens.end_of_utterance,
+        rendered = render_samples(samples, images, checkpoint_assembler(checkpoint), checkpoint.image,
                                   table=EmbeddingTable(bundle / EMBED_FILE) if embedded else None,
                                   features=towers.features if embedded else None, max_tokens=recipe.max_context)
         towers.release()

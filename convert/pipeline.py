@@ -189,7 +189,7 @@ class TowerCache:
 
     def features(self, tiles_u8: np.ndarray) -> np.ndarray:
         """uint8 NHWC tiles → (tiles, image_seq_len, text_hidden) float32 features."""
-        from rksmolvlm.runtime.preprocess import normalize
+        from rksmolvlm.processing.image import normalize
         from rksmolvlm.convert.vision_tower import torch_features
 
         return torch_features(self.tower, normalize(tiles_u8, self.checkpoint.image))
@@ -201,7 +201,7 @@ class TowerCache:
 def _convert_vision(checkpoint: Checkpoint, profile: BoardProfile, options: ConvertOptions, bundle: Path,
                     work: Path, progress: Progress, towers: TowerCache) -> tuple[dict, dict]:
     from rksmolvlm.calibration.vision_set import build_tile_sets, collect_images, shipped_images_dir, write_rknn_dataset
-    from rksmolvlm.runtime.preprocess import normalize
+    from rksmolvlm.processing.image import normalize
     from rksmolvlm.convert.metrics import cosine, max_abs, per_row_cosine_min
     from rksmolvlm.convert.vision_rknn import build_vision_rknn
     from rksmolvlm.convert.vision_tower import check_onnx, export_onnx, torch_features

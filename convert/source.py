@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rksmolvlm.errors import CheckpointError
 from rksmolvlm.hashing import sha256_file
-from rksmolvlm.runtime.preprocess import ImageSettings
+from rksmolvlm.processing.image import ImageSettings
 
 __all__ = [
     "Checkpoint", "VisionGeometry", "TextGeometry", "SpecialTokens",

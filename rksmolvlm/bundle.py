@@ -15,19 +15,18 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from rksmolvlm import __version__
 from rksmolvlm.errors import BundleError
+from rksmolvlm.manifest import MANIFEST, SCHEMA_VERSION
 
-__all__ = ["SCHEMA_VERSION", "MANIFEST", "REQUIRED_KEYS", "staged_bundle", "read_manifest",
-           "verify_files", "file_record", "staging_dirs"]
+if TYPE_CHECKING:
+    from rksmolvlm.manifest import Manifest
 
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
+__all__ = ["SCHEMA_VERSION", "MANIFEST", "staged_bundle", "read_manifest", "file_record", "staging_dirs"]
+
 _STAGING_PREFIX = ".rksmolvlm-staging-"
-REQUIRED_KEYS = ("schema_version", "created_by", "source", "model", "target", "toolkits", "min_runtime",
-                 "vision", "processor", "tokens", "chat_template", "files")
 
 
 def file_record(path: Path) -> dict:
@@ -77,9 +76,12 @@ class StagedBundle:
         manifest = {"schema_version": SCHEMA_VERSION, "created_by": f"rksmolvlm {__version__}",
                     "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     **self.manifest, "files": files}
-        missing = [k for k in REQUIRED_KEYS if k not in manifest]
-        if missing:
-            raise BundleError(f"internal: manifest lacks {', '.join(missing)}")
+        from rksmolvlm.manifest import Manifest
+
+        try:  # the writer and the only reader must agree
+            Manifest.from_dict(manifest, self.path)
+        except BundleError as exc:
+            raise BundleError(f"internal: the manifest written does not read back: {exc}") from exc
         tmp = self.path / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
         os.replace(tmp, self.path / MANIFEST)
@@ -110,42 +112,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def read_manifest(bundle: str | os.PathLike, verify: bool = True) -> dict:
-    """Load and check ``manifest.json``; with ``verify`` also check every file's size and sha256."""
-    root = Path(bundle)
-    path = root / MANIFEST
-    if not path.is_file():
-        raise BundleError(f"{root} is not a bundle (no {MANIFEST}): convert a checkpoint first with "
-                          "'rksmolvlm convert MODEL -o BUNDLE'")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path} is not valid JSON ({exc}): the bundle is damaged, convert it again") from exc
-    version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise BundleError(f"{root} has bundle schema {version!r}, this rksmolvlm reads schema {SCHEMA_VERSION}: "
-                          "convert the checkpoint again with this version, or install the matching rksmolvlm")
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
-    if missing:
-        raise BundleError(f"{path} lacks {', '.join(missing)}: the bundle is damaged, convert it again")
+def read_manifest(bundle: str | os.PathLike, verify: bool = True) -> "Manifest":
+    """The bundle's typed manifest (every key checked); with ``verify`` also every file's size and sha256."""
+    from rksmolvlm.manifest import Manifest
+
+    manifest = Manifest.read(bundle)
     if verify:
-        verify_files(root, manifest)
+        manifest.verify_files()
     return manifest
-
-
-def verify_files(root: Path, manifest: dict) -> None:
-    """Raise BundleError naming every file that is missing or whose size/sha256 differ."""
-    from rksmolvlm.hashing import sha256_file
-
-    problems = []
-    for name, record in manifest["files"].items():
-        p = root / name
-        if not p.is_file():
-            problems.append(f"{name} is missing")
-        elif p.stat().st_size != record["size"]:
-            problems.append(f"{name} has {p.stat().st_size} bytes, manifest says {record['size']}")
-        elif sha256_file(p) != record["sha256"]:
-            problems.append(f"{name} sha256 differs from the manifest")
-    if problems:
-        raise BundleError(f"bundle {root} failed verification: {'; '.join(problems)}. "
-                          "Copy the bundle again (e.g. rsync -a) or convert it again")

@@ -220,7 +220,7 @@ def _cmd_ask(args: argparse.Namespace) -> int:
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    from rksmolvlm.runtime.prompt import assistant_content
+    from rksmolvlm.processing.prompt import assistant_content
 
     pipeline, config = _open_pipeline(args)
     messages: list[dict] = []

@@ -52,7 +52,7 @@ def _split_image(bundle: RuntimeBundle):
 
 def run_bench(bundle: RuntimeBundle, engine: str = "host", repeats: int = 3, warmup: int = 1,
               prompt_tokens: int = 128, new_tokens: int = 32, library: str | None = None) -> dict:
-    from rksmolvlm.runtime.preprocess import tile_image
+    from rksmolvlm.processing.image import tile_image
 
     vision, llm = bundle.make_engines(engine, library=library,
                                       config=GenerationConfig(max_new_tokens=max(new_tokens, 256)))

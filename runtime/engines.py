@@ -9,11 +9,20 @@ thread and reports what it measured. NPU engines (RKNNLite, librkllmrt) and host
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Protocol, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-__all__ = ["VisionEncoder", "LlmEngine", "GenerationConfig", "PerfStats"]
+from rksmolvlm.errors import BundleError
+
+if TYPE_CHECKING:
+    from rksmolvlm.runtime.loader import RuntimeBundle
+
+__all__ = ["VisionEncoder", "LlmEngine", "GenerationConfig", "PerfStats", "EngineOptions", "ENGINES",
+           "resolve_engine", "open_engines", "on_rockchip_board"]
+
+ENGINES = ("auto", "host", "npu")
 
 
 @dataclass(frozen=True)
@@ -26,7 +35,8 @@ class GenerationConfig:
     top_p: float = 1.0
     repeat_penalty: float = 1.0
     seed: int | None = None
-    stop_ids: tuple[int, ...] = ()
+    stop_ids: tuple[int, ...] = ()  # the runner fills in the bundle's end ids
+    stop: tuple[str, ...] = ()  # stop strings: the text stream cuts the answer before the first one
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -96,4 +106,57 @@ class LlmEngine(Protocol):
         """Tokens held in the KV cache."""
         ...
 
+    def embedding_table(self) -> np.ndarray | None:
+        """The engine's own token embeddings when it has better ones than the bundle's float16
+        table (the host preview's float32 weights); None otherwise."""
+        ...
+
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How to start the engines: CPU threads (host), librkllmrt path and NPU cores (board), and
+    the largest max_new_tokens a request may ask for (librkllmrt 1.2.x fixes it at start-up)."""
+
+    threads: int | None = None
+    library: str | None = None
+    cores: tuple[int, ...] | None = None
+    max_new_tokens: int = 256
+
+
+def on_rockchip_board(root: str = "/") -> bool:
+    """True on a Rockchip SoC (device tree compatible string names rockchip)."""
+    path = Path(root) / "proc/device-tree/compatible"
+    try:
+        return b"rockchip," in path.read_bytes()
+    except OSError:
+        return False
+
+
+def resolve_engine(engine: str) -> str:
+    """``auto`` → ``npu`` on a Rockchip board, ``host`` elsewhere; ``host``/``npu`` stay."""
+    if engine not in ENGINES:
+        raise BundleError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    if engine == "auto":
+        return "npu" if on_rockchip_board() else "host"
+    return engine
+
+
+def open_engines(bundle: "RuntimeBundle", engine: str = "auto",
+                 options: EngineOptions | None = None) -> tuple[VisionEncoder, LlmEngine]:
+    """(vision encoder, LLM engine) for ``engine``: host (onnxruntime + torch), npu (RKNNLite +
+    librkllmrt), or auto."""
+    options = options or EngineOptions()
+    if resolve_engine(engine) == "npu":
+        from rksmolvlm.runtime.npu_engines import make_npu_engines
+
+        return make_npu_engines(bundle, options)
+    from rksmolvlm.runtime.host_engines import make_host_engines
+
+    return make_host_engines(bundle, options)
+
+
+def cores_or_all(cores: Sequence[int] | None, masks: Sequence[int]) -> list[int]:
+    """Core masks of the chosen cores (all of the SoC's when none are chosen)."""
+    return [masks[i] for i in cores] if cores is not None else list(masks)

@@ -15,9 +15,9 @@ import numpy as np
 
 from rksmolvlm.errors import BundleError
 from rksmolvlm.runtime.engines import GenerationConfig, PerfStats
-from rksmolvlm.runtime.preprocess import ImageSettings, normalize
+from rksmolvlm.processing.image import ImageSettings, normalize
 
-__all__ = ["OnnxVisionEncoder", "TorchLlmEngine"]
+__all__ = ["OnnxVisionEncoder", "TorchLlmEngine", "make_host_engines"]
 
 
 class OnnxVisionEncoder:
@@ -67,7 +67,6 @@ class TorchLlmEngine:
         self._cache = None
         self._cached = 0
         self._abort = threading.Event()
-        self.last_finish: str | None = None
 
     def embedding_table(self) -> np.ndarray:
         """Full-precision token embeddings (the host preview matches transformers exactly)."""
@@ -127,7 +126,6 @@ class TorchLlmEngine:
                  stats: PerfStats) -> Iterator[int]:
         torch = self.torch
         self._abort.clear()
-        self.last_finish = None
         if not keep_history:
             self.clear_history()
         generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
@@ -148,9 +146,17 @@ class TorchLlmEngine:
                 if token in config.stop_ids or len(produced) >= config.max_new_tokens:
                     break
                 logits = self._forward(embed(torch.tensor([[token]])))
-        self.last_finish = "abort" if self._abort.is_set() else (
-            "stop" if produced and produced[-1] in config.stop_ids else "length")
         # The last token was yielded but never fed: put it in the cache so history is complete.
         if produced and not self._abort.is_set():
             with torch.no_grad():
                 self._forward(embed(torch.tensor([[produced[-1]]])))
+
+
+def make_host_engines(bundle, options) -> tuple[OnnxVisionEncoder, TorchLlmEngine]:
+    """The host-preview engines of a bundle converted with --host-preview."""
+    manifest = bundle.manifest
+    if not manifest.vision.onnx or not manifest.llm.decoder_dir:
+        raise BundleError(f"{bundle.path} has no host-preview files (vision.onnx, decoder/): convert with "
+                          "--host-preview, or run on the board with --engine npu")
+    vision = OnnxVisionEncoder(bundle.file(manifest.vision.onnx), bundle.settings, options.threads)
+    return vision, TorchLlmEngine(bundle.file(manifest.llm.decoder_dir), options.threads)

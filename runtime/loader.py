@@ -1,5 +1,5 @@
-"""Open a bundle for inference and pick its engines. Reads nothing but the bundle: the manifest is
-the whole contract."""
+"""Open a bundle for inference. Reads nothing but the bundle: the typed manifest is the whole
+contract, and the processing parts (tokenizer, chat template, assembler) are built from it."""
 
 from __future__ import annotations
 
@@ -7,75 +7,70 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from rksmolvlm.bundle import read_manifest
-from rksmolvlm.errors import BundleError
-from rksmolvlm.runtime.embed import EmbeddingTable
-from rksmolvlm.runtime.preprocess import ImageSettings
-from rksmolvlm.runtime.prompt import PromptBuilder, PromptTokens
+from rksmolvlm.manifest import Manifest
+from rksmolvlm.processing.assembler import Assembler
+from rksmolvlm.processing.embed import EmbeddingTable
+from rksmolvlm.processing.image import ImageSettings
+from rksmolvlm.processing.prompt import ChatTemplate, TextTokenizer
 
-__all__ = ["RuntimeBundle", "on_rockchip_board", "ENGINES"]
-
-ENGINES = ("auto", "host", "npu")
-
-
-def on_rockchip_board(root: str = "/") -> bool:
-    """True on a Rockchip SoC (device tree compatible string names rockchip)."""
-    path = Path(root) / "proc/device-tree/compatible"
-    try:
-        return b"rockchip," in path.read_bytes()
-    except OSError:
-        return False
+__all__ = ["RuntimeBundle"]
 
 
 @dataclass
 class RuntimeBundle:
     path: Path
-    manifest: dict
-    settings: ImageSettings
-    prompts: PromptBuilder
-    image_id: int
-    stop_ids: tuple[int, ...]
-    max_context: int
+    manifest: Manifest
+    tokenizer: TextTokenizer
+    assembler: Assembler
 
     @classmethod
     def open(cls, path: str | os.PathLike, verify: bool = True) -> "RuntimeBundle":
-        root = Path(path).expanduser()
-        manifest = read_manifest(root, verify=verify)
-        if manifest.get("llm") is None or manifest["llm"].get("embed_tokens") is None:
-            raise BundleError(f"{root} has no decoder part: convert with --parts vision,llm")
-        if manifest.get("vision") is None:
-            raise BundleError(f"{root} has no vision part: convert with --parts vision,llm")
-        settings = ImageSettings.from_dict(manifest["processor"])
-        prompts = PromptBuilder(root / manifest["tokenizer"], manifest["chat_template"],
-                                PromptTokens.from_manifest(manifest))
-        tokens = manifest["tokens"]
-        return cls(root, manifest, settings, prompts, int(tokens["image_id"]),
-                   tuple(int(i) for i in tokens["eos_ids"]), int(manifest["llm"]["max_context"]))
+        from rksmolvlm.errors import BundleError
 
-    def file(self, name: str) -> Path:
-        return self.path / name
+        manifest = Manifest.read(path)
+        manifest.require_parts()
+        if verify:
+            manifest.verify_files()
+        try:
+            tokenizer = TextTokenizer(manifest.path(manifest.tokenizer))
+        except Exception as exc:  # tokenizers raises its own Exception type
+            raise BundleError(f"{manifest.path(manifest.tokenizer)} cannot be read as a tokenizer ({exc}): "
+                              "convert the bundle again") from exc
+        try:
+            template = ChatTemplate(manifest.chat_template)
+        except Exception as exc:  # jinja2.TemplateSyntaxError
+            raise BundleError(f"manifest.json: 'chat_template' is not a valid Jinja template ({exc}): convert the "
+                              "bundle again") from exc
+        return cls(manifest.root, manifest, tokenizer, Assembler(template, tokenizer, manifest.tokens.prompt))
+
+    @property
+    def settings(self) -> ImageSettings:
+        return self.manifest.processor.image
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return self.manifest.tokens.eos_ids
+
+    @property
+    def max_context(self) -> int:
+        return self.manifest.max_context
+
+    @property
+    def image_id(self) -> int:
+        return self.manifest.tokens.prompt.image_id
+
+    def file(self, relative: str) -> Path:
+        return self.manifest.path(relative)
 
     def embedding_table(self) -> EmbeddingTable:
-        return EmbeddingTable(self.file(self.manifest["llm"]["embed_tokens"]["file"]))
+        from rksmolvlm.errors import BundleError
 
-    def make_engines(self, engine: str = "auto", threads: int | None = None, library: str | None = None,
-                     cores: list[int] | None = None, config=None):
-        """(vision encoder, LLM engine) for ``engine``: host (onnxruntime + torch), npu (RKNNLite +
-        librkllmrt), or auto (npu on a Rockchip board, host elsewhere)."""
-        if engine not in ENGINES:
-            raise BundleError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
-        if engine == "auto":
-            engine = "npu" if on_rockchip_board() else "host"
-        if engine == "npu":
-            from rksmolvlm.runtime.npu_engines import make_npu_engines
-
-            return make_npu_engines(self, library=library, cores=cores, config=config)
-        from rksmolvlm.runtime.host_engines import OnnxVisionEncoder, TorchLlmEngine
-
-        vision = self.manifest["vision"]
-        llm = self.manifest["llm"]
-        if not vision.get("onnx") or not llm.get("decoder_dir"):
-            raise BundleError(f"{self.path} has no host-preview files (vision.onnx, decoder/): convert with "
-                              "--host-preview, or run on the board with --engine npu")
-        return (OnnxVisionEncoder(self.file(vision["onnx"]), self.settings, threads),
-                TorchLlmEngine(self.file(llm["decoder_dir"]), threads))
+        path = self.file(self.manifest.llm.embed_tokens)
+        try:
+            table = EmbeddingTable(path)
+        except (OSError, ValueError) as exc:
+            raise BundleError(f"{path} cannot be read as a .npy table ({exc}): convert the bundle again") from exc
+        if (table.vocab_size, table.hidden_size) != self.manifest.llm.embed_shape:
+            raise BundleError(f"{path} is {table.vocab_size}×{table.hidden_size}, the manifest says "
+                              f"{self.manifest.llm.embed_shape[0]}×{self.manifest.llm.embed_shape[1]}: convert again")
+        return table

@@ -19,7 +19,7 @@ import numpy as np
 from rksmolvlm.boards import BoardProfile, load_profile
 from rksmolvlm.errors import BundleError, RkSmolVLMError, ToolkitMissingError
 from rksmolvlm.runtime import rkllm_abi as abi_mod
-from rksmolvlm.runtime.engines import GenerationConfig, PerfStats
+from rksmolvlm.runtime.engines import EngineOptions, GenerationConfig, PerfStats, cores_or_all
 
 __all__ = ["RknnLiteVisionEncoder", "RkllmEngine", "find_rkllm_library", "make_npu_engines", "LIBRARY_DIRS",
            "EngineError"]
@@ -169,7 +169,6 @@ class RkllmEngine:
         self._history = 0
         self._running = threading.Lock()
         self._abort_requested = False
-        self.last_finish: str | None = None
 
     def _declare(self) -> None:
         L, A = self.lib, self.abi
@@ -216,6 +215,9 @@ class RkllmEngine:
     @property
     def history_tokens(self) -> int:
         return self._history
+
+    def embedding_table(self) -> None:
+        return None  # the bundle's table is the one the runtime was built for
 
     def clear_history(self) -> None:
         code = self.lib.rkllm_clear_kv_cache(self.handle, 0, None, None)
@@ -280,11 +282,13 @@ class RkllmEngine:
         worker = threading.Thread(target=run, name="rkllm-run", daemon=True)
         start = time.perf_counter()
         worker.start()
-        produced, aborted, error, finished = 0, False, None, False
+        produced, ended, error = 0, False, None
         try:
             while True:
                 kind, value = self._queue.get()
                 if kind == "token":
+                    if ended:  # sent before the runtime saw our abort
+                        continue
                     if produced == 0:
                         stats.prefill_ms += (time.perf_counter() - start) * 1000
                         first = time.perf_counter()
@@ -293,12 +297,9 @@ class RkllmEngine:
                     stats.generate_ms = (time.perf_counter() - first) * 1000
                     yield value
                     if value in config.stop_ids or produced >= config.max_new_tokens:
-                        if value in config.stop_ids and produced < config.max_new_tokens:
-                            finished = True
+                        ended = True
                         self.lib.rkllm_abort(self.handle)  # the runtime may not stop on our stop ids
-                        aborted = not finished and produced < config.max_new_tokens
                 elif kind == "finish":
-                    finished = True
                     stats.engine.update(value)
                 elif kind == "error":
                     error = value or "the runtime reported RKLLM_RUN_ERROR"
@@ -306,7 +307,6 @@ class RkllmEngine:
                     break
         except GeneratorExit:  # the consumer went away (client disconnect): stop the NPU
             self.lib.rkllm_abort(self.handle)
-            aborted = True
             worker.join()
             raise
         finally:
@@ -317,32 +317,28 @@ class RkllmEngine:
             raise EngineError(f"rkllm_run failed ({error or 'return code ' + str(outcome.get('code'))}): the KV "
                               "cache was dropped; check the runtime's messages")
         self._history += len(embeds) + produced
-        if self._abort_requested or aborted:
-            self.last_finish = "abort"
-        else:
-            self.last_finish = "length" if produced >= config.max_new_tokens else "stop" if finished else "abort"
 
 
-def make_npu_engines(bundle, library: str | None = None, cores: Sequence[int] | None = None,
-                     config: GenerationConfig | None = None):
+def make_npu_engines(bundle, options: EngineOptions):
     """(RknnLiteVisionEncoder, RkllmEngine) for a bundle on its board."""
     manifest = bundle.manifest
-    profile: BoardProfile = load_profile(manifest["target"]["platform"])
-    llm = manifest["llm"]
-    if not llm.get("file"):
+    profile: BoardProfile = load_profile(manifest.target.platform)
+    llm = manifest.llm
+    if not llm.file or manifest.vision.file is None:
         raise BundleError(f"{bundle.path} has no board decoder (llm.rkllm; converted with --llm-host-only): convert "
                           "it again on a host with rkllm-toolkit installed")
-    version = llm.get("toolkit_version")
+    version = llm.toolkit_version
     known = abi_mod.abi_for_version(version)
     abi = os.environ.get(ABI_ENV) or (known.name if known else None)
     if abi is None:
         raise BundleError(f"the bundle was built with rkllm-toolkit {version!r}, whose runtime ABI rksmolvlm does not "
                           f"know: set {ABI_ENV}=1.2 or 1.3 if you are sure")
-    masks = [profile.core_masks[i] for i in cores] if cores is not None else list(profile.core_masks)
-    vision = RknnLiteVisionEncoder(bundle.file(manifest["vision"]["file"]), masks)
+    vision = RknnLiteVisionEncoder(bundle.file(manifest.vision.file), cores_or_all(options.cores, profile.core_masks))
     try:
-        engine = RkllmEngine(bundle.file(llm["file"]), find_rkllm_library(library), abi, bundle.max_context,
-                             config=config, base_domain_id=1)
+        # librkllmrt 1.2.x takes max_new_tokens at start-up only: room for the largest request
+        startup = GenerationConfig(max_new_tokens=max(1, min(options.max_new_tokens, bundle.max_context - 1)))
+        engine = RkllmEngine(bundle.file(llm.file), find_rkllm_library(options.library), abi, bundle.max_context,
+                             config=startup, base_domain_id=1)
     except BaseException:
         vision.close()
         raise

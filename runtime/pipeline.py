@@ -23,10 +23,10 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from rksmolvlm.errors import RkSmolVLMError
-from rksmolvlm.runtime.embed import EmbeddingTable, splice
+from rksmolvlm.processing.embed import EmbeddingTable, splice
 from rksmolvlm.runtime.engines import GenerationConfig, LlmEngine, PerfStats, VisionEncoder
 from rksmolvlm.runtime.loader import RuntimeBundle
-from rksmolvlm.runtime.preprocess import DEFAULT_MAX_PIXELS, load_image, tile_image
+from rksmolvlm.processing.image import DEFAULT_MAX_PIXELS, load_image, tile_image
 
 __all__ = ["Pipeline", "Generation", "ContextError", "image_parts"]
 

@@ -48,7 +48,7 @@ def main() -> None:
 
     from transformers import Idefics3ImageProcessorPil
 
-    from rksmolvlm.runtime.preprocess import ImageSettings, normalize, tile_image
+    from rksmolvlm.processing.image import ImageSettings, normalize, tile_image
 
     processor = Idefics3ImageProcessorPil(size={"longest_edge": 2048}, max_image_size={"longest_edge": 512})
     settings = ImageSettings(tile_size=512, longest_edge=2048)

@@ -10,7 +10,7 @@ from PIL import Image
 from rksmolvlm.calibration.vision_set import (build_tile_sets, collect_images, shipped_images_dir,
                                               write_rknn_dataset)
 from rksmolvlm.errors import CalibrationError
-from rksmolvlm.runtime.preprocess import ImageSettings, preprocess
+from rksmolvlm.processing.image import ImageSettings, preprocess
 
 SETTINGS = ImageSettings(tile_size=64, longest_edge=256)
 

@@ -13,11 +13,11 @@ import transformers as tf
 from rksmolvlm.calibration.decoder_set import load_samples, render_samples, write_dataset
 from rksmolvlm.calibration.vision_set import shipped_images_dir
 from rksmolvlm.convert.decoder import write_embedding_table
-from rksmolvlm.convert.llm_part import prompt_builder
+from rksmolvlm.convert.llm_part import checkpoint_assembler
 from rksmolvlm.convert.pipeline import TowerCache
 from rksmolvlm.convert.source import open_checkpoint
-from rksmolvlm.runtime.embed import EmbeddingTable
-from rksmolvlm.runtime.preprocess import normalize, preprocess
+from rksmolvlm.processing.embed import EmbeddingTable
+from rksmolvlm.processing.image import normalize, preprocess
 
 KINDS = {"caption", "vqa", "document", "chart", "screenshot", "scene_text", "diagram", "multi_image",
          "multi_turn", "text_only"}
@@ -50,8 +50,8 @@ def rendered(tiny_checkpoints, tmp_path_factory):
         table_path = tmp_path_factory.mktemp(name) / "embed_tokens.npy"
         write_embedding_table(ck, table_path)
         towers = TowerCache(ck)
-        out[name] = (ck, samples, render_samples(samples, shipped_images_dir(), prompt_builder(ck), ck.image,
-                                                  ck.tokens.end_of_utterance, table=EmbeddingTable(table_path),
+        out[name] = (ck, samples, render_samples(samples, shipped_images_dir(), checkpoint_assembler(ck), ck.image,
+                                                  table=EmbeddingTable(table_path),
                                                   features=towers.features))
     return out
 

@@ -118,8 +118,8 @@ def test_embeddings_passed_are_the_host_preview_ones(setup, bundle):
     host = Pipeline(bundle, *bundle.make_engines("host"))
     h = host.generate(messages, GenerationConfig(max_new_tokens=1), keep_history=False).consume()
     assert h.prefill_ids == g.prefill_ids
-    from rksmolvlm.runtime.embed import splice
-    from rksmolvlm.runtime.preprocess import preprocess
+    from rksmolvlm.processing.embed import splice
+    from rksmolvlm.processing.image import preprocess
 
     features = vision.encode(preprocess(messages[0]["content"][0]["image"], bundle.settings).tiles)
     expected = splice(bundle.embedding_table().lookup(g.prefill_ids), g.prefill_ids, bundle.image_id, features)

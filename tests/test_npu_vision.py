@@ -10,7 +10,7 @@ from rksmolvlm.errors import ToolkitMissingError
 from rksmolvlm.runtime.host_engines import OnnxVisionEncoder
 from rksmolvlm.runtime.loader import RuntimeBundle
 from rksmolvlm.runtime.npu_engines import EngineError, RknnLiteVisionEncoder
-from rksmolvlm.runtime.preprocess import preprocess
+from rksmolvlm.processing.image import preprocess
 
 
 @pytest.fixture(scope="module")

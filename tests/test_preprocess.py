@@ -10,7 +10,7 @@ from transformers import Idefics3ImageProcessorPil, SmolVLMImageProcessorPil
 
 from conftest import rng_image
 from rksmolvlm.errors import ImageError
-from rksmolvlm.runtime.preprocess import ImageSettings, load_image, normalize, preprocess, tile_image
+from rksmolvlm.processing.image import ImageSettings, load_image, normalize, preprocess, tile_image
 
 GEOMETRIES = {  # (processor class, tile, longest edge): the published ones and the fixtures'
     "idefics3-512": (Idefics3ImageProcessorPil, 512, 2048),

@@ -10,7 +10,7 @@ from rksmolvlm.convert.metrics import cosine
 from rksmolvlm.convert.vision_rknn import build_vision_rknn, parse_layer_table
 from rksmolvlm.convert.vision_tower import VisionTower, export_onnx, torch_features
 from rksmolvlm.errors import TargetError
-from rksmolvlm.runtime.preprocess import ImageSettings, normalize
+from rksmolvlm.processing.image import ImageSettings, normalize
 
 
 def _tower(vision_hidden, patch, tile, scale, text_hidden, heads):

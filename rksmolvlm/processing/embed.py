@@ -36,10 +36,12 @@ class EmbeddingTable:
 
 
 def splice(token_embeddings: np.ndarray, ids: Sequence[int], image_id: int,
-           features: np.ndarray | None) -> np.ndarray:
+           features: np.ndarray | None, in_place: bool = False) -> np.ndarray:
     """Replace the rows of ``token_embeddings`` at ``image_id`` positions with ``features``
-    ((tiles, seq, hidden) or (n, hidden), in prompt order); returns a new float32 array."""
-    out = np.array(token_embeddings, dtype=np.float32, copy=True)
+    ((tiles, seq, hidden) or (n, hidden), in prompt order); returns a float32 array (a new one
+    unless ``in_place`` and the input already is float32)."""
+    out = token_embeddings if in_place and token_embeddings.dtype == np.float32 else \
+        np.array(token_embeddings, dtype=np.float32, copy=True)
     positions = np.flatnonzero(np.asarray(ids) == image_id)
     rows = np.zeros((0, out.shape[1]), np.float32) if features is None else \
         np.asarray(features, dtype=np.float32).reshape(-1, out.shape[1])

@@ -1,0 +1,127 @@
+"""The typed input of every request: messages made of text, image and (later) video parts.
+
+``Message``/``TextPart``/``ImagePart``/``VideoPart`` are what the assembler, the runner, the
+calibration builder and the server pass around. ``conversation`` is the one place that reads the
+dict form (``{"role", "content": str | [{"type": "text"|"image", …}]}``) used by the command line,
+the calibration chats and tests; the HTTP server builds these records itself while it checks a
+request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence, Union
+
+from PIL import Image
+
+__all__ = ["TextPart", "ImagePart", "VideoPart", "Part", "Message", "ROLES", "conversation", "image_parts"]
+
+ROLES = ("system", "user", "assistant")
+
+ImageSource = Union[str, os.PathLike, bytes, Image.Image]
+
+
+@dataclass(frozen=True)
+class TextPart:
+    text: str
+
+
+@dataclass(frozen=True, eq=False)
+class ImagePart:
+    """An image as the user gave it: a file path, the file's bytes or a PIL image. Its ``key`` is
+    the sha256 of the bytes (of the PNG encoding for a PIL image): equal images share features."""
+
+    source: ImageSource
+    _key: list = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def key(self) -> str:
+        if not self._key:
+            self._key.append(hashlib.sha256(self.data()).hexdigest())
+        return self._key[0]
+
+    def data(self) -> bytes:
+        source = self.source
+        if isinstance(source, (bytes, bytearray)):
+            return bytes(source)
+        if isinstance(source, Image.Image):
+            buffer = io.BytesIO()
+            source.save(buffer, format="PNG")
+            return buffer.getvalue()
+        path = Path(source)
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            from rksmolvlm.errors import ImageError
+
+            raise ImageError(f"cannot read the image file {path} ({exc.strerror or exc}): check the path") from None
+
+
+@dataclass(frozen=True, eq=False)
+class VideoPart:
+    """A video (SmolVLM2). Carried through the input types; the assembler does not expand it yet."""
+
+    source: Any
+
+
+Part = Union[TextPart, ImagePart, VideoPart]
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # system | user | assistant
+    parts: tuple[Part, ...]
+
+    @classmethod
+    def text(cls, role: str, text: str) -> "Message":
+        return cls(role, (TextPart(text),))
+
+    @property
+    def joined_text(self) -> str:
+        return "".join(p.text for p in self.parts if isinstance(p, TextPart))
+
+
+def conversation(messages: Sequence[Any], resolve: Callable[[Any], ImageSource] | None = None) -> list[Message]:
+    """Dict messages (or Message records, kept as they are) → Message records. Image parts carry
+    their source under ``image`` (``resolve`` maps it, e.g. a file name to a path)."""
+    out = []
+    for i, message in enumerate(messages):
+        if isinstance(message, Message):
+            out.append(message)
+            continue
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ValueError(f"message {i} needs a 'role' (system, user or assistant) and a 'content'")
+        role = message["role"]
+        if role not in ROLES:
+            raise ValueError(f"message {i}: role {role!r} is not one of {', '.join(ROLES)}")
+        content = message.get("content")
+        if content is None or isinstance(content, str):
+            out.append(Message.text(role, content or ""))
+            continue
+        if not isinstance(content, (list, tuple)):
+            raise ValueError(f"message {i}: content must be a string or a list of parts")
+        parts: list[Part] = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                parts.append(TextPart(str(part.get("text", ""))))
+            elif kind == "image":
+                if "image" not in part:
+                    raise ValueError(f"message {i} part {j}: an image part needs its source under 'image' "
+                                     "(a path, bytes or PIL image)")
+                parts.append(ImagePart(resolve(part["image"]) if resolve else part["image"]))
+            elif kind == "video":
+                parts.append(VideoPart(part.get("video")))
+            else:
+                raise ValueError(f"message {i} part {j} has type {kind!r}: use 'text' or 'image'")
+        out.append(Message(role, tuple(parts)))
+    return out
+
+
+def image_parts(messages: Sequence[Message]) -> list[ImagePart]:
+    """Every image part, in prompt order."""
+    return [p for m in messages for p in m.parts if isinstance(p, ImagePart)]

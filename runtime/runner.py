@@ -1,0 +1,271 @@
+"""The runner: wires the parts and nothing else (ExecuTorch's MultimodalRunner is the model).
+
+image encoder (tiling + feature cache + vision engine) → assembler (messages → chunks → embeddings)
+→ LLM engine (prefill, stream ids) → text stream (stop ids and strings, text, finish reason).
+
+``Runner.generate`` answers a conversation from an empty KV cache. A ``Session`` keeps the cache
+across turns: when a request repeats the session's previous messages, then the answer it generated,
+then new messages, only the new part is rendered, tiled, encoded and prefilled (the template text
+after the answer and the new images). Anything else (edited history, other images, another session
+having used the engine since) starts over. One request runs at a time.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from rksmolvlm.errors import RkSmolVLMError
+from rksmolvlm.processing.assembler import Prompt, PromptError
+from rksmolvlm.processing.content import ImagePart, Message, TextPart, conversation, image_parts
+from rksmolvlm.processing.embed import EmbeddingTable
+from rksmolvlm.processing.image import DEFAULT_MAX_PIXELS
+from rksmolvlm.runtime.engines import GenerationConfig, LlmEngine, PerfStats, VisionEncoder
+from rksmolvlm.runtime.loader import RuntimeBundle
+from rksmolvlm.runtime.text_stream import TextStream
+from rksmolvlm.runtime.vision import ImageEncoder, PreparedImage
+
+__all__ = ["Runner", "Session", "Generation", "ContextError", "InputError"]
+
+
+class ContextError(RkSmolVLMError):
+    """The prompt plus max_new_tokens does not fit the model's context."""
+
+
+class InputError(RkSmolVLMError):
+    """The conversation cannot be answered as given (a bad message, video, …)."""
+
+
+@dataclass
+class Generation:
+    """One answer: iterate for text deltas; afterwards the fields hold the result."""
+
+    _stream: Iterator[str] = field(default_factory=lambda: iter(()), repr=False)
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0  # the whole context before generation (reused + prefilled)
+    reused_tokens: int = 0  # of which already in the engine's KV cache
+    prefill_ids: list[int] = field(default_factory=list)  # the ids prefilled for this turn
+    stats: PerfStats = field(default_factory=PerfStats)
+
+    def __iter__(self) -> Iterator[str]:
+        return self._stream
+
+    def consume(self) -> "Generation":
+        for _ in self:
+            pass
+        return self
+
+
+@dataclass
+class _Turn:
+    """What one request prefills: the prompt (whole or the suffix after the kept history)."""
+
+    prompt: Prompt
+    images: list[PreparedImage]
+    held_tokens: int  # already in the KV cache
+    full_text: str  # the whole conversation's rendered prompt
+
+
+@dataclass
+class _Held:
+    """What the KV cache holds for a session: ``messages`` rendered as ``prompt_text``, then the
+    model's answer (its visible ``answer``; ended by a stop id when ``stopped``)."""
+
+    signature: list[tuple]
+    prompt_text: str
+    answer: str
+    stopped: bool
+
+
+class Runner:
+    """One bundle, one vision engine, one LLM engine."""
+
+    def __init__(self, bundle: RuntimeBundle, vision: VisionEncoder, llm: LlmEngine, *,
+                 image_cache_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 table: EmbeddingTable | None = None):
+        self.bundle = bundle
+        self.assembler = bundle.assembler
+        self.images = ImageEncoder(vision, bundle.settings, image_cache_size, max_pixels)
+        self.llm = llm
+        if table is None:
+            own = llm.embedding_table() if hasattr(llm, "embedding_table") else None
+            table = EmbeddingTable.from_array(own) if own is not None else bundle.embedding_table()
+        self.table = table
+        self._lock = threading.Lock()
+        self._abort = threading.Event()  # checked between stages, not only while decoding
+        self._owner: Session | None = None  # the session whose conversation the KV cache holds
+
+    # -- requests ---------------------------------------------------------------------------------
+    def generate(self, messages: Sequence[Any], config: GenerationConfig | None = None) -> Generation:
+        """Answer ``messages`` (Message records or dicts) from an empty KV cache."""
+        return self._start(None, messages, config)
+
+    def session(self) -> "Session":
+        return Session(self)
+
+    def abort(self) -> None:
+        """Stop the running request soon: between images, before the prefill or while decoding
+        (callable from another thread)."""
+        self._abort.set()
+        self.llm.abort()
+
+    def close(self) -> None:
+        """Free both engines."""
+        errors = []
+        for close in (self.images.close, self.llm.close):
+            try:
+                close()
+            except Exception as exc:  # noqa: BLE001 - close both, report the first
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    # -- the wiring -------------------------------------------------------------------------------
+    def _start(self, session: "Session | None", messages, config) -> Generation:
+        config = config or GenerationConfig()
+        if not config.stop_ids:
+            config = replace(config, stop_ids=self.bundle.stop_ids)
+        try:
+            typed = conversation(messages)
+        except ValueError as exc:
+            raise InputError(str(exc)) from exc
+        result = Generation()
+        result._stream = self._run(session, typed, config, result)
+        return result
+
+    def _plan(self, session: "Session | None", messages: list[Message]) -> _Turn:
+        if session is not None and self._owner is session and session._held is not None:
+            turn = self._continuation(session._held, messages)
+            if turn is not None:
+                return turn
+        prepared = self.images.prepare(image_parts(messages))
+        prompt = self._assemble(lambda: self.assembler.assemble(messages, [p.layout for p in prepared]))
+        return _Turn(prompt, prepared, 0, prompt.text)
+
+    def _continuation(self, held: _Held, messages: list[Message]) -> _Turn | None:
+        n = len(held.signature)
+        if (self.llm.history_tokens == 0 or len(messages) < n + 2
+                or _signature(messages[:n]) != held.signature):
+            return None
+        answer = messages[n]
+        if answer.role != "assistant" or any(not isinstance(p, TextPart) for p in answer.parts):
+            return None
+        if answer.joined_text.strip() != held.answer.strip() or len(answer.parts) != 1:
+            return None
+        rendered = self._assemble(lambda: self.assembler.render(messages))
+        split = rendered.split_at((n, 0))
+        if split is None or not split[0].text.startswith(held.prompt_text):
+            return None
+        after = split[1]
+        if held.stopped:  # the stop token is already in the cache
+            after = after.removeprefix(self.assembler.tokens.end_of_utterance)
+        prepared = self.images.prepare(image_parts(messages[n + 1:]))
+        prompt = self._assemble(lambda: self.assembler.assemble_rendered(after, [p.part for p in prepared],
+                                                                         [p.layout for p in prepared]))
+        return _Turn(prompt, prepared, self.llm.history_tokens, rendered.text)
+
+    @staticmethod
+    def _assemble(build):
+        try:
+            return build()
+        except PromptError as exc:
+            raise InputError(str(exc)) from exc
+
+    def _run(self, session: "Session | None", messages: list[Message], config: GenerationConfig,
+             result: Generation) -> Iterator[str]:
+        with self._lock:
+            self._abort.clear()
+            started = time.perf_counter()
+            stats = result.stats
+            turn = self._plan(session, messages)
+            context = self.bundle.max_context
+            if turn.held_tokens + len(turn.prompt) + config.max_new_tokens > context and turn.held_tokens:
+                turn = self._plan(None, messages)  # the history does not fit: start over
+            if len(turn.prompt) + turn.held_tokens + config.max_new_tokens > context:
+                raise ContextError(
+                    f"the prompt is {len(turn.prompt)} tokens and max_new_tokens is {config.max_new_tokens}: together "
+                    f"over the context of {context}; send fewer or smaller images, a shorter conversation or a "
+                    "smaller max_new_tokens")
+            if session is not None:
+                session._held = None  # invalid until this turn completes
+            self._owner = session
+            features = self.images.encode(turn.images, stats, self._abort.is_set)
+            if features is None or self._abort.is_set():  # aborted before the prefill
+                result.finish_reason = "abort"
+                self._forget()
+                return
+            embeddings = self.assembler.embed(turn.prompt, self.table, features)
+            result.prompt_tokens = turn.held_tokens + len(turn.prompt)
+            result.reused_tokens = turn.held_tokens
+            result.prefill_ids = list(turn.prompt.ids)
+            stream = TextStream(self.bundle.tokenizer, config.stop_ids, config.max_new_tokens, config.stop, started)
+            tokens = self.llm.generate(embeddings, config, keep_history=turn.held_tokens > 0, stats=stats)
+            stopped_early = False
+            try:
+                for token in tokens:
+                    if self._abort.is_set():  # an abort that raced the engine's start
+                        self.llm.abort()
+                    delta = stream.push(token)
+                    result.token_ids = stream.token_ids
+                    if delta:
+                        result.text += delta
+                        yield delta
+                    if stream.cut:  # a stop string: the engine must stop
+                        stopped_early = True
+                        self.llm.abort()
+                        break
+            except BaseException:
+                self._forget()
+                raise
+            finally:
+                tokens.close()
+            tail = stream.close(aborted=self._abort.is_set())
+            if tail:
+                result.text += tail
+                yield tail
+            stats.first_token_ms = stream.first_token_ms
+            result.token_ids = stream.token_ids
+            result.finish_reason = stream.finish_reason
+            if result.finish_reason == "abort" or stopped_early:
+                self._forget()
+            elif session is not None:
+                session._held = _Held(_signature(messages), turn.full_text, result.text,
+                                      bool(stream.token_ids) and stream.token_ids[-1] in config.stop_ids)
+
+    def _forget(self) -> None:
+        """The KV cache no longer holds a conversation anyone can continue."""
+        self.llm.clear_history()
+        if self._owner is not None:
+            self._owner._held = None
+        self._owner = None
+
+
+class Session:
+    """A chat whose turns reuse the engine's KV cache (see the module docstring)."""
+
+    def __init__(self, runner: Runner):
+        self.runner = runner
+        self._held: _Held | None = None
+
+    def generate(self, messages: Sequence[Any], config: GenerationConfig | None = None) -> Generation:
+        """Answer the whole conversation ``messages``; only what follows the kept history is prefilled."""
+        return self.runner._start(self, messages, config)
+
+    def reset(self) -> None:
+        """Forget the conversation (the image-feature cache stays)."""
+        self._held = None
+        if self.runner._owner is self:
+            self.runner._forget()
+
+
+def _signature(messages: Sequence[Message]) -> list[tuple]:
+    """Messages reduced to what identifies them: roles, texts and image content hashes."""
+    return [(m.role, tuple(("text", p.text) if isinstance(p, TextPart) else
+                           ("image", p.key) if isinstance(p, ImagePart) else ("other", id(p)) for p in m.parts))
+            for m in messages]
