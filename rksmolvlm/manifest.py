@@ -128,7 +128,7 @@ class Manifest:
         root = Path(root)
         top = _Obj(data, MANIFEST, root)
         version = data.get("schema_version") if isinstance(data, dict) else None
-        if version != SCHEMA_VERSION:
+        if not _is_int(version) or version != SCHEMA_VERSION:
             raise BundleError(f"{root} has bundle schema {version!r}, this rksmolvlm reads schema {SCHEMA_VERSION}: "
                               "convert the checkpoint again with this version, or install the matching rksmolvlm")
         files = top.obj("files")

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from rksmolvlm.runtime.engines import GenerationConfig
+from rksmolvlm.processing.content import Message
+from rksmolvlm.runtime.engines import EngineOptions, GenerationConfig, open_engines, resolve_engine
 from rksmolvlm.runtime.loader import RuntimeBundle
-from rksmolvlm.runtime.pipeline import Pipeline
+from rksmolvlm.runtime.runner import Runner
 
 __all__ = ["run_bench", "clock_report", "format_table"]
 
@@ -50,50 +51,47 @@ def _split_image(bundle: RuntimeBundle):
     return Image.fromarray(rng.randint(0, 256, (side, side, 3), dtype=np.uint8))
 
 
-def run_bench(bundle: RuntimeBundle, engine: str = "host", repeats: int = 3, warmup: int = 1,
+def run_bench(bundle: RuntimeBundle, engine: str = "auto", repeats: int = 3, warmup: int = 1,
               prompt_tokens: int = 128, new_tokens: int = 32, library: str | None = None) -> dict:
+    """Time the vision encoder (one core or thread, then all) and the runner (TTFT, prefill and
+    decode speed) ``repeats`` times after ``warmup`` runs; ``engine`` is host, npu or auto."""
     from rksmolvlm.processing.image import tile_image
 
-    vision, llm = bundle.make_engines(engine, library=library,
-                                      config=GenerationConfig(max_new_tokens=max(new_tokens, 256)))
-    results: dict = {"engine": engine, "bundle": str(bundle.path), "model": bundle.manifest["source"]["model_id"],
-                     "target": bundle.manifest["target"]["platform"], "repeats": repeats, "warmup": warmup}
+    engine = resolve_engine(engine)
+    manifest = bundle.manifest
+    vision, llm = open_engines(bundle, engine, EngineOptions(library=library, max_new_tokens=max(new_tokens, 256)))
+    runner = Runner(bundle, vision, llm)
+    results: dict = {"engine": engine, "bundle": str(bundle.path), "model": manifest.source.model_id,
+                     "target": manifest.target.platform, "repeats": repeats, "warmup": warmup}
     try:
         tiles = tile_image(_split_image(bundle), bundle.settings).tiles
-        one = tiles[:1]
-        if engine == "npu":  # one NPU core
-            from rksmolvlm.runtime.npu_engines import RknnLiteVisionEncoder
-
-            single = RknnLiteVisionEncoder(bundle.file(bundle.manifest["vision"]["file"]), [1])
-        else:  # one CPU thread
-            from rksmolvlm.runtime.host_engines import OnnxVisionEncoder
-
-            single = OnnxVisionEncoder(bundle.file(bundle.manifest["vision"]["onnx"]), bundle.settings, threads=1)
+        single = _single_core_encoder(bundle, engine)
         times_one, times_all = [], []
-        for i in range(warmup + repeats):
-            start = time.perf_counter()
-            single.encode(one)
-            t1 = (time.perf_counter() - start) * 1000
-            start = time.perf_counter()
-            vision.encode(tiles)
-            t_all = (time.perf_counter() - start) * 1000
-            if i >= warmup:
-                times_one.append(t1)
-                times_all.append(t_all)
-        single.close()
+        try:
+            for i in range(warmup + repeats):
+                start = time.perf_counter()
+                single.encode(tiles[:1])
+                t1 = (time.perf_counter() - start) * 1000
+                start = time.perf_counter()
+                vision.encode(tiles)
+                t_all = (time.perf_counter() - start) * 1000
+                if i >= warmup:
+                    times_one.append(t1)
+                    times_all.append(t_all)
+        finally:
+            single.close()
         results["vision_ms_per_tile_one_core"] = _summary(times_one)
         results["vision_split_image_tiles"] = int(len(tiles))
         results["vision_split_image_ms"] = _summary(times_all)
         results["vision_ms_per_tile_all_cores"] = _summary([t / len(tiles) for t in times_all])
 
-        pipeline = Pipeline(bundle, vision, llm)
         words = " ".join(["hello world"] * prompt_tokens)
-        text = bundle.prompts.decode(bundle.prompts.encode(words)[:prompt_tokens])
-        messages = [{"role": "user", "content": [{"type": "text", "text": text}]}]
+        text = bundle.tokenizer.decode(bundle.tokenizer.encode_text(words)[:prompt_tokens])
+        messages = [Message.text("user", text)]
         ttft, prefill, decode, engine_stats = [], [], [], []
         config = GenerationConfig(max_new_tokens=new_tokens, stop_ids=(-1,))  # never stop early
         for i in range(warmup + repeats):
-            g = pipeline.generate(messages, config, keep_history=False).consume()
+            g = runner.generate(messages, config).consume()
             s = g.stats.to_dict()
             if i >= warmup:
                 ttft.append(s["first_token_ms"])
@@ -107,11 +105,22 @@ def run_bench(bundle: RuntimeBundle, engine: str = "host", repeats: int = 3, war
         results["decode_tokens_per_s"] = _summary(decode)
         results["engine_perf"] = engine_stats[-1] if engine_stats else {}
     finally:
-        vision.close()
-        llm.close()
+        runner.close()
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     results["clocks"] = clock_report()
     return results
+
+
+def _single_core_encoder(bundle: RuntimeBundle, engine: str):
+    """The vision model on one NPU core (npu) or one CPU thread (host)."""
+    vision = bundle.manifest.vision
+    if engine == "npu":
+        from rksmolvlm.runtime.npu_engines import RknnLiteVisionEncoder
+
+        return RknnLiteVisionEncoder(bundle.file(vision.file), [1])
+    from rksmolvlm.runtime.host_engines import OnnxVisionEncoder
+
+    return OnnxVisionEncoder(bundle.file(vision.onnx), bundle.settings, threads=1)
 
 
 def format_table(r: dict) -> str:

@@ -10,9 +10,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rksmolvlm.boards import load_profile, profile_names
 from rksmolvlm.runtime.npu_engines import LIBRARY_DIRS
+
+if TYPE_CHECKING:
+    from rksmolvlm.manifest import Manifest
 
 __all__ = ["Finding", "run_doctor", "parse_version"]
 
@@ -61,17 +65,19 @@ def _find(root: Path, name: str) -> Path | None:
     return None
 
 
-def run_doctor(bundle_manifest: dict | None = None, root: str | os.PathLike = "/",
-               bundle_size_bytes: int = 0) -> list[Finding]:
+def run_doctor(manifest: "Manifest | None" = None, root: str | os.PathLike = "/") -> list[Finding]:
+    """Findings about the board below ``root`` and, given a bundle's manifest, about that bundle on it
+    (target SoC, runtime versions, memory for its size)."""
     root = Path(root)
+    min_runtime = manifest.min_runtime if manifest is not None else {}
     out: list[Finding] = []
     soc = _soc(root)
     if soc is None:
         out.append(Finding("info", "board", "this is not a Rockchip board (no rockchip entry in "
                            "/proc/device-tree/compatible): only the bundle can be checked here",
                            "run 'rksmolvlm doctor' on the RK3588/RK3576/RK3562 board"))
-        if bundle_manifest is not None:
-            out.append(Finding("ok", "bundle", f"bundle for {bundle_manifest['target']['platform']} reads and verifies"))
+        if manifest is not None:
+            out.append(Finding("ok", "bundle", f"bundle for {manifest.target.platform} reads and verifies"))
         return out
     if soc == "rockchip-unknown":
         out.append(Finding("fail", "soc", "a Rockchip SoC rksmolvlm has no profile for",
@@ -79,8 +85,8 @@ def run_doctor(bundle_manifest: dict | None = None, root: str | os.PathLike = "/
         return out
     profile = load_profile(soc)
     out.append(Finding("ok", "soc", f"{profile.description}"))
-    if bundle_manifest is not None:
-        target = bundle_manifest["target"]["platform"]
+    if manifest is not None:
+        target = manifest.target.platform
         if target != soc:
             out.append(Finding("fail", "bundle target", f"the bundle was converted for {target}, this board is {soc}",
                                f"convert again with --target {soc}"))
@@ -130,7 +136,7 @@ def run_doctor(bundle_manifest: dict | None = None, root: str | os.PathLike = "/
                            "install librknnrt.so (rknpu2 runtime, ≥ the bundle's rknn-toolkit2 version) into /usr/lib"))
     else:
         version = _library_version(rknnrt, rb"librknnrt version: ([0-9][0-9.]*)") or "unknown"
-        need_rknn = (bundle_manifest or {}).get("min_runtime", {}).get("librknnrt")
+        need_rknn = min_runtime.get("librknnrt")
         if need_rknn and version != "unknown" and parse_version(version) < parse_version(need_rknn):
             out.append(Finding("fail", "librknnrt", f"librknnrt {version} is older than the bundle's {need_rknn}",
                                f"install librknnrt.so {need_rknn} or newer"))
@@ -143,7 +149,7 @@ def run_doctor(bundle_manifest: dict | None = None, root: str | os.PathLike = "/
                            "matching the bundle's rkllm-toolkit to /usr/lib"))
     else:
         version = _library_version(rkllmrt, rb"rkllm-runtime version: ?v?([0-9][0-9.]*)") or "unknown"
-        need_llm = (bundle_manifest or {}).get("min_runtime", {}).get("librkllmrt")
+        need_llm = min_runtime.get("librkllmrt")
         if need_llm and version != "unknown" and parse_version(version)[:2] != parse_version(need_llm)[:2]:
             out.append(Finding("fail", "librkllmrt", f"librkllmrt {version} does not match the bundle's rkllm-toolkit "
                                f"{need_llm} (1.2.x and 1.3.x are not compatible)",
@@ -162,8 +168,8 @@ def run_doctor(bundle_manifest: dict | None = None, root: str | os.PathLike = "/
         available = int(re.search(r"MemAvailable:\s+(\d+) kB", meminfo).group(1)) * 1024
     except (OSError, AttributeError):
         available = None
-    if available is not None and bundle_size_bytes:
-        need_bytes = int(bundle_size_bytes * 1.3) + 400 * 1024 ** 2
+    if available is not None and manifest is not None and manifest.size_bytes:
+        need_bytes = int(manifest.size_bytes * 1.3) + 400 * 1024 ** 2
         status = "ok" if available >= need_bytes else "fail"
         out.append(Finding(status, "memory", f"{available / 1024 ** 3:.1f} GB available, the bundle needs about "
                            f"{need_bytes / 1024 ** 3:.1f} GB", "" if status == "ok" else

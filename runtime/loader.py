@@ -41,7 +41,16 @@ class RuntimeBundle:
         except Exception as exc:  # jinja2.TemplateSyntaxError
             raise BundleError(f"manifest.json: 'chat_template' is not a valid Jinja template ({exc}): convert the "
                               "bundle again") from exc
-        return cls(manifest.root, manifest, tokenizer, Assembler(template, tokenizer, manifest.tokens.prompt))
+        tokens = manifest.tokens.prompt
+        for name, content, want in (("image", tokens.image, tokens.image_id),
+                                    ("fake_image", tokens.fake_image, None),
+                                    ("end_of_utterance", tokens.end_of_utterance, None)):
+            got = tokenizer.token_id(content)
+            if got is None or (want is not None and got != want):
+                raise BundleError(f"manifest.json: 'tokens.{name}' ({content!r}{f', id {want}' if want is not None else ''}) "
+                                  f"is {'not a token' if got is None else f'id {got}'} in the bundle's tokenizer.json: "
+                                  "the two disagree; convert the bundle again")
+        return cls(manifest.root, manifest, tokenizer, Assembler(template, tokenizer, tokens))
 
     @property
     def settings(self) -> ImageSettings:

@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Sequence
 
-import numpy as np
 
 from rksmolvlm.errors import RkSmolVLMError
 from rksmolvlm.processing.assembler import Prompt, PromptError
@@ -75,7 +74,8 @@ class _Turn:
 @dataclass
 class _Held:
     """What the KV cache holds for a session: ``messages`` rendered as ``prompt_text``, then the
-    model's answer (its visible ``answer``; ended by a stop id when ``stopped``)."""
+    model's answer (its visible ``answer``; ended by the template's <end_of_utterance> when
+    ``stopped``)."""
 
     signature: list[tuple]
     prompt_text: str
@@ -235,8 +235,8 @@ class Runner:
             if result.finish_reason == "abort" or stopped_early:
                 self._forget()
             elif session is not None:
-                session._held = _Held(_signature(messages), turn.full_text, result.text,
-                                      bool(stream.token_ids) and stream.token_ids[-1] in config.stop_ids)
+                eou = self.bundle.tokenizer.token_id(self.assembler.tokens.end_of_utterance)
+                session._held = _Held(_signature(messages), turn.full_text, result.text, stream.token_ids[-1:] == [eou])
 
     def _forget(self) -> None:
         """The KV cache no longer holds a conversation anyone can continue."""

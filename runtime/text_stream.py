@@ -45,7 +45,7 @@ class Detokenizer:
         if self._read == len(self.ids):
             return ""
         text = self.tokenizer.decode(self.ids[self._prefix:])
-        if len(text) <= len(self._prefix_text) or (text.endswith("\ufffd") and not final):
+        if text.endswith("\ufffd") and not final:  # an incomplete character: wait for its next byte
             return ""
         delta = text[len(self._prefix_text):]
         self._prefix, self._read = self._read, len(self.ids)

@@ -1,10 +1,18 @@
 """Shared fixtures: tiny random SmolVLM checkpoints (both classes, both token layouts), built
-offline once per session, and a small set of calibration images."""
+offline once per session, host-preview bundles of them, a small set of calibration images, and
+fake engines that cost nothing (``FakeVision``, ``FakeLlm``) for tests of the runner's wiring.
+
+Nothing at module level imports torch or transformers: ``tests/board_path.py`` imports the fakes
+from here in a process where those imports are blocked.
+"""
 
 from __future__ import annotations
 
 import os
+import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pytest
@@ -106,16 +114,184 @@ def no_rkllm(monkeypatch):
 @pytest.fixture(scope="session")
 def preview_bundles(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
     """Host-preview bundles (vision.onnx + decoder/) of the three tiny checkpoints, built once."""
-    from rksmolvlm.cli import main
+    from rksmolvlm.convert.pipeline import ConvertOptions, convert
+    from rksmolvlm.convert.progress import Progress
 
     root = tmp_path_factory.mktemp("preview-bundles")
     out = {}
     for name, path in tiny_checkpoints.items():
         out[name] = root / name
-        code = main(["convert", str(path), "-o", str(out[name]), "--host-preview", "--llm-host-only",
-                     "--llm-dataset-format", "text", "-q"])
-        assert code == 0
+        convert(ConvertOptions(model=str(path), output=out[name], host_preview=True, llm_host_only=True,
+                               llm_dataset_format="text"), Progress(0, quiet=True))
     return out
+
+
+@pytest.fixture(scope="session")
+def runtime_bundles(preview_bundles) -> dict:
+    """The preview bundles opened for inference (RuntimeBundle), by tiny layout name."""
+    from rksmolvlm.runtime.loader import RuntimeBundle
+
+    return {name: RuntimeBundle.open(path) for name, path in preview_bundles.items()}
+
+
+# -- transformers' side of parity checks ------------------------------------------------------------
+class HfProcessor:
+    """transformers' own chat template, tokenizer and processor for one checkpoint: the reference
+    the prompt ids are compared with."""
+
+    def __init__(self, path: Path):
+        import json
+
+        import transformers as tf
+
+        self.path = path
+        config = json.loads((path / "config.json").read_text())
+        self.smolvlm = config["model_type"] == "smolvlm"
+        if self.smolvlm:  # SmolVLMProcessor needs torchvision for its video part: use its pieces
+            self.tokenizer = tf.AutoTokenizer.from_pretrained(path)
+            self.images = tf.SmolVLMImageProcessorPil.from_pretrained(path)
+            self.seq_len = json.loads((path / "processor_config.json").read_text())["image_seq_len"]
+        else:
+            self.processor = tf.AutoProcessor.from_pretrained(path)
+            self.tokenizer = self.processor.tokenizer
+
+    def template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(template_messages(messages), tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def inputs(self, text: str, images: list):
+        """(input ids, pixel values or None) of a rendered prompt and its images."""
+        if not self.smolvlm:
+            out = self.processor(text=text, images=[images] if images else None, return_tensors="pt")
+            return out["input_ids"][0].tolist(), out.get("pixel_values")
+        import torch
+        from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
+
+        pixel_values = None
+        if images:
+            processed = self.images(images=[images], return_tensors="np", return_row_col_info=True)
+            pieces = text.split("<image>")
+            text = pieces[0] + "".join(
+                get_image_prompt_string(r, c, self.seq_len, "<fake_token_around_image>", "<image>", "<global-img>") + p
+                for r, c, p in zip(processed["rows"][0], processed["cols"][0], pieces[1:]))
+            pixel_values = torch.from_numpy(processed["pixel_values"])
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"], pixel_values
+
+
+def template_messages(messages: list[dict]) -> list[dict]:
+    """Dict messages as transformers' chat template takes them (image parts without their source)."""
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        out.append({"role": m["role"], "content": [{"type": p["type"], **({"text": p["text"]} if p["type"] == "text"
+                                                                          else {})} for p in content]})
+    return out
+
+
+def message_images(messages: list[dict]) -> list:
+    return [p["image"] for m in messages if not isinstance(m["content"], str) for p in m["content"]
+            if p["type"] == "image"]
+
+
+# -- fake engines ---------------------------------------------------------------------------------
+class FakeVision:
+    """A vision encoder with the real output shape that costs nothing: tile i's features are its
+    mean pixel value plus a ramp, so different tiles and images give different features."""
+
+    def __init__(self, seq: int, hidden: int):
+        self.seq, self.hidden = seq, hidden
+        self.calls: list[int] = []  # tiles per encode() call
+        self.closed = False
+
+    @classmethod
+    def for_bundle(cls, bundle) -> "FakeVision":
+        _, seq, hidden = bundle.manifest.vision.output_shape
+        return cls(seq, hidden)
+
+    def encode(self, tiles: np.ndarray) -> np.ndarray:
+        self.calls.append(len(tiles))
+        means = tiles.reshape(len(tiles), -1).mean(axis=1, dtype=np.float32) / 255
+        ramp = np.linspace(-1, 1, self.seq * self.hidden, dtype=np.float32).reshape(self.seq, self.hidden)
+        return means[:, None, None] + ramp[None]
+
+    @property
+    def tiles(self) -> int:
+        return sum(self.calls)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@dataclass
+class Prefill:
+    """One generate() call as the fake LLM saw it."""
+
+    embeddings: np.ndarray
+    keep_history: bool
+    history_before: int
+
+
+class FakeLlm:
+    """An LLM engine that records the embeddings it was given and yields ``script`` (a list of
+    ids, settable between requests) until a stop id (yielded too), ``max_new_tokens``, the end of
+    the script or an abort. Like the real engines its history counts the prefill and every
+    generated token."""
+
+    def __init__(self, script: Sequence[int] = ()):
+        self.script = list(script)
+        self.prefills: list[Prefill] = []
+        self.yielded: list[list[int]] = []  # the ids each generate() call yielded
+        self.aborts = 0
+        self.clears = 0
+        self.closed = False
+        self._history = 0
+        self._abort = threading.Event()
+
+    @property
+    def history_tokens(self) -> int:
+        return self._history
+
+    def embedding_table(self):
+        return None
+
+    def generate(self, embeddings, config, keep_history, stats):
+        self._abort.clear()
+        if not keep_history:
+            self._history = 0
+        self.prefills.append(Prefill(np.array(embeddings, copy=True), keep_history, self._history))
+        self._history += len(embeddings)
+        stats.prefill_tokens += len(embeddings)
+        out: list[int] = []
+        self.yielded.append(out)
+        for token in self.script[:config.max_new_tokens]:
+            if self._abort.is_set():
+                return
+            out.append(token)
+            self._history += 1
+            stats.generate_tokens += 1
+            yield token
+            if token in config.stop_ids:
+                return
+
+    def abort(self) -> None:
+        self.aborts += 1
+        self._abort.set()
+
+    def clear_history(self) -> None:
+        self.clears += 1
+        self._history = 0
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def fake_runner(bundle, script: Sequence[int] = (), **kwargs):
+    """A Runner on ``bundle`` with a FakeVision and a FakeLlm(script)."""
+    from rksmolvlm.runtime.runner import Runner
+
+    return Runner(bundle, FakeVision.for_bundle(bundle), FakeLlm(script), **kwargs)
 
 
 @pytest.fixture
@@ -132,3 +308,20 @@ def rknnlite_double(monkeypatch):
     yield RKNNLite
     for name in [m for m in sys.modules if m == "rknnlite" or m.startswith("rknnlite.")]:
         del sys.modules[name]
+
+
+def minimal_manifest() -> dict:
+    """The smallest manifest dict the reader accepts, without schema_version, created_by and files
+    (the bundle writer adds those)."""
+    return {
+        "source": {"model_id": "tiny"},
+        "model": {"family": "idefics3", "architecture": "Idefics3ForConditionalGeneration", "size": "tiny",
+                  "vision": {"image_seq_len": 4}, "text": {"hidden_size": 8, "vocab_size": 32}},
+        "target": {"platform": "rk3588", "npu_cores": 3}, "toolkits": {}, "min_runtime": {},
+        "processor": {"tile_size": 32, "longest_edge": 64, "do_image_splitting": True, "resample": 1,
+                      "rescale_factor": 1 / 255, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+                      "image_seq_len": 4},
+        "tokens": {"image": "<image>", "image_id": 3, "fake_image": "<fake_token_around_image>",
+                   "global_image": "<global-img>", "end_of_utterance": "<end_of_utterance>", "eos_ids": [2]},
+        "chat_template": "", "tokenizer": "tokenizer.json",
+    }

@@ -4,20 +4,19 @@ import json
 
 import pytest
 
-from rksmolvlm.bundle import REQUIRED_KEYS, SCHEMA_VERSION, read_manifest, staged_bundle, staging_dirs
+from conftest import minimal_manifest
+from rksmolvlm.bundle import SCHEMA_VERSION, read_manifest, staged_bundle, staging_dirs
 from rksmolvlm.errors import BundleError
-
-
-def _minimal_manifest():
-    return {k: {} for k in REQUIRED_KEYS if k not in ("schema_version", "created_by", "files")}
+from rksmolvlm.manifest import FileRecord
 
 
 def _write(dest, payload=b"abc", **kw):
     with staged_bundle(dest, **kw) as stage:
         (stage.path / "vision.rknn").write_bytes(payload)
+        (stage.path / "tokenizer.json").write_text("{}")
         (stage.path / "sub").mkdir()
         (stage.path / "sub" / "x.bin").write_bytes(b"x" * 10)
-        stage.manifest = _minimal_manifest()
+        stage.manifest = minimal_manifest()
     return stage
 
 
@@ -25,10 +24,11 @@ def test_commit_lists_every_file_with_size_and_sha(tmp_path):
     dest = tmp_path / "b"
     _write(dest)
     manifest = read_manifest(dest)
-    assert manifest["schema_version"] == SCHEMA_VERSION
-    assert manifest["files"]["vision.rknn"] == {
-        "size": 3, "sha256": "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"}
-    assert manifest["files"]["sub/x.bin"]["size"] == 10
+    assert manifest.schema_version == SCHEMA_VERSION
+    assert manifest.files["vision.rknn"] == FileRecord(
+        "vision.rknn", 3, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+    assert manifest.files["sub/x.bin"].size == 10
+    assert json.loads((dest / "manifest.json").read_text())["files"]["sub/x.bin"]["size"] == 10
     assert not staging_dirs(dest)
 
 
@@ -95,3 +95,19 @@ def test_other_schema_version_is_refused(tmp_path):
 def test_not_a_bundle(tmp_path):
     with pytest.raises(BundleError, match="rksmolvlm convert"):
         read_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("verb", [["ask", "--prompt", "?"], ["chat"], ["bench"], ["doctor", "--root", "/no-board"]])
+def test_cli_refuses_an_invalid_bundle_without_a_traceback(tmp_path, capsys, verb):
+    from rksmolvlm.cli import main
+
+    assert main([verb[0], str(tmp_path), *verb[1:]]) == 2
+    err = capsys.readouterr().err
+    assert f"rksmolvlm {verb[0]}: error: {tmp_path} is not a bundle" in err and "rksmolvlm convert" in err
+    dest = tmp_path / "b"  # a bundle without parts, then with a tampered file
+    _write(dest)
+    assert main([verb[0], str(dest), *verb[1:]]) == (0 if verb[0] == "doctor" else 2)  # answering needs both parts
+    (dest / "vision.rknn").write_bytes(b"abd")
+    assert main([verb[0], str(dest), *verb[1:]]) == 2
+    err = capsys.readouterr().err
+    assert f"rksmolvlm {verb[0]}: error:" in err and "Traceback" not in err

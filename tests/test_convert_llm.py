@@ -26,14 +26,15 @@ def test_full_bundle_with_the_toolkit(tiny_checkpoints, calibration_dir, tmp_pat
     out = tmp_path / "bundle"
     assert _convert(tiny_checkpoints[name], "-o", out, "--calibration", calibration_dir) == 0
     manifest = read_manifest(out)
+    written = json.loads((out / "manifest.json").read_text())
     ck = open_checkpoint(str(tiny_checkpoints[name]))
-    assert {"vision.rknn", "llm.rkllm", "embed_tokens.npy", "tokenizer.json"} <= set(manifest["files"])
-    assert manifest["llm"]["file"] == "llm.rkllm" and manifest["llm"]["board_decoder"] == "present"
-    assert manifest["toolkits"]["rkllm-toolkit"] == version == manifest["min_runtime"]["librkllmrt"]
-    assert manifest["llm"]["max_context"] == 2048  # the tiny model's trained context caps the 4096 default
-    assert manifest["tokens"]["image_id"] == ck.tokens.image_id
-    assert manifest["tokens"]["eos_ids"] == list(ck.tokens.eos_ids)
-    assert manifest["chat_template"] == ck.chat_template
+    assert {"vision.rknn", "llm.rkllm", "embed_tokens.npy", "tokenizer.json"} <= set(manifest.files)
+    assert manifest.llm.file == "llm.rkllm" and written["llm"]["board_decoder"] == "present"
+    assert manifest.toolkits["rkllm-toolkit"] == version == manifest.min_runtime["librkllmrt"]
+    assert manifest.llm.max_context == 2048  # the tiny model's trained context caps the 4096 default
+    assert manifest.tokens.prompt.image_id == ck.tokens.image_id
+    assert manifest.tokens.eos_ids == tuple(ck.tokens.eos_ids)
+    assert manifest.chat_template == ck.chat_template
     table = np.load(out / "embed_tokens.npy")
     assert table.shape == (ck.text.vocab_size, ck.text.hidden_size)
     calls = [c for c, _ in RKLLM.calls]
@@ -46,7 +47,7 @@ def test_full_bundle_with_the_toolkit(tiny_checkpoints, calibration_dir, tmp_pat
     assert report["calibration"]["image_tokens"] > 0
     assert report["decoder_max_abs"] < 1e-5
     assert (out / "llm.rkllm").read_bytes().endswith(f"rkllm-toolkit version: {version}".encode())
-    assert "decoder" not in {p.split("/")[0] for p in manifest["files"]}  # only with --host-preview
+    assert "decoder" not in {p.split("/")[0] for p in manifest.files}  # only with --host-preview
 
 
 def test_recipe_options_reach_the_toolkit(tiny_checkpoints, calibration_dir, tmp_path, rkllm_double):
@@ -58,7 +59,7 @@ def test_recipe_options_reach_the_toolkit(tiny_checkpoints, calibration_dir, tmp
     build = dict(RKLLM.calls)["build"]
     assert (build["quantized_dtype"], build["target_platform"], build["num_npu_core"], build["max_context"],
             build["optimization_level"]) == ("w4a16_g64", "rk3576", 1, 1024, 0)
-    files = read_manifest(out)["files"]
+    files = read_manifest(out).files
     assert "decoder/model.safetensors" in files and "vision.onnx" in files
 
 
@@ -76,10 +77,11 @@ def test_host_only_bundle_without_the_toolkit(tiny_checkpoints, calibration_dir,
     assert _convert(tiny_checkpoints["idefics3-2b"], "-o", out, "--llm-host-only", "--host-preview",
                     "--calibration", calibration_dir) == 0
     manifest = read_manifest(out)
-    assert "llm.rkllm" not in manifest["files"]
-    assert manifest["llm"]["file"] is None and manifest["llm"]["board_decoder"].startswith("missing")
-    assert manifest["toolkits"]["rkllm-toolkit"] is None
-    assert "embed_tokens.npy" in manifest["files"] and "decoder/config.json" in manifest["files"]
+    written = json.loads((out / "manifest.json").read_text())
+    assert "llm.rkllm" not in manifest.files
+    assert manifest.llm.file is None and written["llm"]["board_decoder"].startswith("missing")
+    assert manifest.toolkits["rkllm-toolkit"] is None
+    assert "embed_tokens.npy" in manifest.files and "decoder/config.json" in manifest.files
 
 
 @pytest.mark.parametrize("args,match", [(["--llm-dtype", "w4a16"], "w8a8, w8a8_g128"),
@@ -114,4 +116,4 @@ def test_real_toolkit_when_installed(tiny_checkpoints, calibration_dir, tmp_path
     out = tmp_path / "b"
     assert _convert(tiny_checkpoints["idefics3-256m"], "-o", out, "--calibration", calibration_dir) == 0
     manifest = read_manifest(out)
-    assert manifest["llm"]["file"] == "llm.rkllm" and (out / "llm.rkllm").stat().st_size > 0
+    assert manifest.llm.file == "llm.rkllm" and (out / "llm.rkllm").stat().st_size > 0

@@ -1,12 +1,24 @@
 """`rksmolvlm doctor` against fake sysfs/proc trees: a good board, and each failure with its fix."""
 
 import os
+from pathlib import Path
 
 import pytest
 
+from conftest import minimal_manifest
+from rksmolvlm.manifest import Manifest
 from rksmolvlm.runtime.doctor import run_doctor
 
-MANIFEST = {"target": {"platform": "rk3588"}, "min_runtime": {"librknnrt": "2.5.0", "librkllmrt": "1.3.0"}}
+
+def _manifest(size_bytes: int = 600 * 1024 ** 2) -> Manifest:
+    """An rk3588 bundle's manifest needing librknnrt 2.5.0 and librkllmrt 1.3.0, ``size_bytes`` large."""
+    data = minimal_manifest()
+    data.update(schema_version=1, created_by="test", min_runtime={"librknnrt": "2.5.0", "librkllmrt": "1.3.0"},
+                files={"tokenizer.json": {"size": size_bytes, "sha256": "0" * 64}})
+    return Manifest.from_dict(data, Path("bundle"))
+
+
+MANIFEST = _manifest()
 
 
 def _board(root, compatible=b"friendlyarm,nanopi-r6s\0rockchip,rk3588s\0", driver="RKNPU driver: v0.9.8",
@@ -34,7 +46,7 @@ def _by_check(findings):
 
 
 def test_good_board(tmp_path, rknnlite_double):
-    findings = run_doctor(MANIFEST, _board(tmp_path), bundle_size_bytes=600 * 1024 ** 2)
+    findings = run_doctor(MANIFEST, _board(tmp_path))
     assert [f for f in findings if f.status == "fail"] == []
     checks = _by_check(findings)
     assert "RK3588" in checks["soc"].message
@@ -54,7 +66,7 @@ def test_good_board(tmp_path, rknnlite_double):
     (dict(compatible=b"rockchip,rk3576\0"), "bundle target", "--target rk3576"),
 ])
 def test_each_failure_names_its_fix(tmp_path, rknnlite_double, kwargs, check, fix):
-    findings = _by_check(run_doctor(MANIFEST, _board(tmp_path, **kwargs), bundle_size_bytes=600 * 1024 ** 2))
+    findings = _by_check(run_doctor(MANIFEST, _board(tmp_path, **kwargs)))
     assert findings[check].status == "fail", findings[check]
     assert fix in findings[check].fix + findings[check].message
 

@@ -14,11 +14,11 @@ import pytest
 from conftest import DOUBLES, rng_image
 from rksmolvlm.errors import BundleError, ToolkitMissingError
 from rksmolvlm.runtime import rkllm_abi
-from rksmolvlm.runtime.engines import GenerationConfig
+from rksmolvlm.runtime.engines import GenerationConfig, PerfStats, open_engines
 from rksmolvlm.runtime.host_engines import OnnxVisionEncoder
 from rksmolvlm.runtime.loader import RuntimeBundle
 from rksmolvlm.runtime.npu_engines import EngineError, RkllmEngine, find_rkllm_library
-from rksmolvlm.runtime.pipeline import Pipeline
+from rksmolvlm.runtime.runner import Runner
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
 
@@ -69,7 +69,7 @@ def bundle(preview_bundles):
 def setup(request, libraries, bundle, tmp_path):
     abi = request.param
     double = Double(libraries[abi])
-    double.lib.double_set_hidden(bundle.manifest["model"]["text"]["hidden_size"])
+    double.lib.double_set_hidden(bundle.manifest.model.text_hidden_size)
     model = tmp_path / "llm.rkllm"
     model.write_bytes(b"model")
     engine = RkllmEngine(model, libraries[abi], abi, bundle.max_context, GenerationConfig(max_new_tokens=64))
@@ -106,17 +106,17 @@ def test_embeddings_passed_are_the_host_preview_ones(setup, bundle):
     for token in (1674, 42615):
         double.push(token, b"x")
     double.push(eos, b"")
-    npu = Pipeline(bundle, vision, engine)
+    npu = Runner(bundle, vision, engine)
     messages = [{"role": "user", "content": [{"type": "image", "image": rng_image(300, 200, seed=31)},
                                              {"type": "text", "text": "What is it?"}]}]
-    g = npu.generate(messages, GenerationConfig(max_new_tokens=16), keep_history=False).consume()
+    g = npu.generate(messages, GenerationConfig(max_new_tokens=16)).consume()
     assert g.token_ids == [1674, 42615, eos] and g.finish_reason == "stop"
     run = double.json("double_last_run_json")
     assert run["input_type"] == 2 and run["role"] == "user" and run["history_before"] == 0
     assert run["n_tokens"] == g.prompt_tokens
     # the host preview renders the same ids; the embeddings are the board table's rows + the features
-    host = Pipeline(bundle, *bundle.make_engines("host"))
-    h = host.generate(messages, GenerationConfig(max_new_tokens=1), keep_history=False).consume()
+    host = Runner(bundle, *open_engines(bundle, "host"))
+    h = host.generate(messages, GenerationConfig(max_new_tokens=1)).consume()
     assert h.prefill_ids == g.prefill_ids
     from rksmolvlm.processing.embed import splice
     from rksmolvlm.processing.image import preprocess
@@ -129,13 +129,13 @@ def test_embeddings_passed_are_the_host_preview_ones(setup, bundle):
 
 def test_utf8_split_across_waiting(setup, bundle):
     abi, double, engine = setup
-    tok = bundle.prompts.tokenizer
+    tok = bundle.tokenizer.tokenizer
     first, second = tok.token_to_id("Ã"), tok.token_to_id("©")  # the two bytes of "é"
     double.push(first, b"\xc3", 1)  # WAITING: incomplete UTF-8
     double.push(second, "é".encode(), 0)
     double.push(bundle.stop_ids[0], b"", 0)
-    g = Pipeline(bundle, OnnxVisionEncoder(bundle.file("vision.onnx"), bundle.settings), engine).generate(
-        [{"role": "user", "content": "Say é"}], GenerationConfig(max_new_tokens=8), keep_history=False)
+    g = Runner(bundle, OnnxVisionEncoder(bundle.file("vision.onnx"), bundle.settings), engine).generate(
+        [{"role": "user", "content": "Say é"}], GenerationConfig(max_new_tokens=8))
     assert list(g) == ["é"] and g.token_ids[:2] == [first, second]
 
 
@@ -143,7 +143,7 @@ def test_error_mid_stream(setup, bundle):
     abi, double, engine = setup
     double.push(1674, b"a")
     double.push(5, b"", 3)  # ERROR
-    g = Pipeline(bundle, OnnxVisionEncoder(bundle.file("vision.onnx"), bundle.settings), engine).generate(
+    g = Runner(bundle, OnnxVisionEncoder(bundle.file("vision.onnx"), bundle.settings), engine).generate(
         [{"role": "user", "content": "Hi"}], GenerationConfig(max_new_tokens=8))
     with pytest.raises(EngineError, match="RKLLM_RUN_ERROR"):
         g.consume()
@@ -155,34 +155,32 @@ def test_abort_from_another_thread(setup, bundle):
     for _ in range(60):
         double.push(1674, b"a")
     double.lib.double_set_delay_us(20000)
-    pipeline = Pipeline(bundle, OnnxVisionEncoder(bundle.file("vision.onnx"), bundle.settings), engine)
-    g = pipeline.generate([{"role": "user", "content": "Go"}], GenerationConfig(max_new_tokens=60),
-                          keep_history=False)
+    runner = Runner(bundle, OnnxVisionEncoder(bundle.file("vision.onnx"), bundle.settings), engine)
+    g = runner.generate([{"role": "user", "content": "Go"}], GenerationConfig(max_new_tokens=60))
     for _ in g:
         if len(g.token_ids) == 3:
-            threading.Thread(target=pipeline.abort).start()
+            threading.Thread(target=runner.abort).start()
     assert g.finish_reason == "abort" and 3 <= len(g.token_ids) < 10
     assert double.json("double_last_run_json")["stop"] == "abort"
 
 
 def test_history_kept_across_turns_and_cleared(setup, bundle):
     abi, double, engine = setup
-    pipeline = Pipeline(bundle, OnnxVisionEncoder(bundle.file("vision.onnx"), bundle.settings), engine)
+    session = Runner(bundle, OnnxVisionEncoder(bundle.file("vision.onnx"), bundle.settings), engine).session()
     eos = bundle.stop_ids[0]
     for t in (1674, eos):
         double.push(t, b"")
     turn1 = [{"role": "user", "content": [{"type": "text", "text": "Hello"}]}]
-    g1 = pipeline.generate(turn1, GenerationConfig(max_new_tokens=8)).consume()
+    g1 = session.generate(turn1, GenerationConfig(max_new_tokens=8)).consume()
     for t in (42615, eos):
         double.push(t, b"")
-    answer = g1.text[1:] if g1.text.startswith(" ") else g1.text
-    turn2 = turn1 + [{"role": "assistant", "content": [{"type": "text", "text": answer}]},
+    turn2 = turn1 + [{"role": "assistant", "content": [{"type": "text", "text": g1.text}]},
                      {"role": "user", "content": [{"type": "text", "text": "More"}]}]
-    g2 = pipeline.generate(turn2, GenerationConfig(max_new_tokens=8)).consume()
+    g2 = session.generate(turn2, GenerationConfig(max_new_tokens=8)).consume()
     run = double.json("double_last_run_json")
     assert run["keep_history"] == 1 and run["history_before"] == g1.prompt_tokens + len(g1.token_ids)
     assert run["n_tokens"] == len(g2.prefill_ids) and g2.reused_tokens == run["history_before"]
-    pipeline.reset()
+    session.reset()
     assert double.lib.double_history_tokens() == 0
 
 
@@ -190,8 +188,8 @@ def test_sampling_values_reach_the_runtime(setup, bundle):
     abi, double, engine = setup
     config = GenerationConfig(max_new_tokens=8, temperature=0.7, top_k=20, top_p=0.8, repeat_penalty=1.1)
     double.push(bundle.stop_ids[0], b"")
-    run = lambda: engine.generate(np.zeros((3, bundle.manifest["model"]["text"]["hidden_size"]), np.float32),  # noqa
-                                  config, False, __import__("rksmolvlm.runtime.engines").runtime.engines.PerfStats())
+    run = lambda: engine.generate(np.zeros((3, bundle.manifest.model.text_hidden_size), np.float32),  # noqa
+                                  config, False, PerfStats())
     if abi == "1.2":  # sampling is fixed at init in 1.2.x
         with pytest.raises(EngineError, match="only at start-up"):
             list(run())

@@ -1,4 +1,4 @@
-"""One pipeline owns the model: parallel clients beyond the queue get 429 with Retry-After, every
+"""One runner owns the model: parallel clients beyond the queue get 429 with Retry-After, every
 accepted request completes with its own answer (nothing lost or mixed), a client that disconnects
 aborts its generation, and a request over its time limit is stopped — all visible in /metrics."""
 
@@ -13,7 +13,9 @@ import openai
 import pytest
 
 from conftest import rng_image
-from rksmolvlm.runtime.server import BackgroundServer, build_app, open_pipeline
+from rksmolvlm.runtime.engines import EngineOptions, open_engines
+from rksmolvlm.runtime.runner import Runner
+from rksmolvlm.runtime.server import BackgroundServer, build_app
 from rksmolvlm.runtime.server_config import ServerConfig, with_overrides
 
 MODEL = "idefics3-256m"
@@ -40,9 +42,10 @@ def start(bundle, delay: float, **settings) -> tuple[BackgroundServer, SlowLlm]:
     slow = {}
 
     def load(opened):
-        pipeline = open_pipeline(opened, config, "host")
-        pipeline.llm = slow["llm"] = SlowLlm(pipeline.llm, delay)
-        return pipeline
+        vision, llm = open_engines(opened, "host", EngineOptions(max_new_tokens=config.limits.max_tokens))
+        slow["llm"] = SlowLlm(llm, delay)
+        return Runner(opened, vision, slow["llm"], image_cache_size=config.image_cache_size,
+                      max_pixels=config.limits.max_image_pixels)
 
     server = BackgroundServer(build_app(config, load=load), config).start()
     return server, slow["llm"]

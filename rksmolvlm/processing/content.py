@@ -108,7 +108,10 @@ def conversation(messages: Sequence[Any], resolve: Callable[[Any], ImageSource] 
         for j, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
-                parts.append(TextPart(str(part.get("text", ""))))
+                text = part.get("text")
+                if text is not None and not isinstance(text, str):
+                    raise ValueError(f"message {i} part {j}: 'text' must be a string")
+                parts.append(TextPart(text or ""))
             elif kind == "image":
                 if "image" not in part:
                     raise ValueError(f"message {i} part {j}: an image part needs its source under 'image' "

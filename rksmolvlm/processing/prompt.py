@@ -152,8 +152,14 @@ class TextTokenizer:
     def __init__(self, tokenizer_file: str | Path):
         from tokenizers import Tokenizer
 
-        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
-        self.tokenizer.encode_special_tokens = True  # runs are plain text; added tokens are split out below
+        data = json.loads(Path(tokenizer_file).read_text(encoding="utf-8"))
+        self.tokenizer = Tokenizer.from_str(json.dumps(data))
+        # Runs of text are encoded with every added token marked special and special tokens not
+        # parsed: an added token typed as text stays text (added tokens are split out below).
+        for token in data.get("added_tokens") or []:
+            token["special"] = True
+        self._plain = Tokenizer.from_str(json.dumps(data))
+        self._plain.encode_special_tokens = True
         added = self.tokenizer.get_added_tokens_decoder()
         self._added = {token.content: (token_id, token.lstrip, token.rstrip) for token_id, token in added.items()}
         self.special_ids = frozenset(token_id for token_id, token in added.items() if token.special)
@@ -162,7 +168,7 @@ class TextTokenizer:
 
     def encode_text(self, text: str) -> list[int]:
         """Plain text: any special-token string in it is text."""
-        return self.tokenizer.encode(text, add_special_tokens=False).ids if text else []
+        return self._plain.encode(text, add_special_tokens=False).ids if text else []
 
     def encode_trusted(self, text: str) -> list[int]:
         """Template text: its special-token strings are the special tokens."""

@@ -1,12 +1,12 @@
-"""``rksmolvlm serve``: an OpenAI-compatible HTTP server over the pipeline, run by systemd on the board.
+"""``rksmolvlm serve``: an OpenAI-compatible HTTP server over the runner, run by systemd on the board.
 
 One room per responsibility:
 
 - ``requests``: ApiError, ChatRequest, ServedModel, RequestReader — every request is checked (body
   size, JSON, parameters, image type, bytes and pixel count, read from the header, never decoded)
   before it may queue, and refused with an OpenAI-style error body naming the limit.
-- ``service``: ModelService, the worker thread that owns the pipeline (and so the NPU) and runs one
-  request at a time from a bounded queue (full: 429 with Retry-After); Answer, Job, open_pipeline.
+- ``service``: ModelService, the worker thread that owns the runner (and so the NPU) and runs one
+  request at a time from a bounded queue (full: 429 with Retry-After); Answer, Job, open_runner.
 - ``metrics``: Metrics, rendered as Prometheus text.
 - ``notify``: SystemdNotifier, sd_notify READY / WATCHDOG / STOPPING over ``$NOTIFY_SOCKET``.
 - ``http``: create_app, the Starlette endpoints, server-sent events, the access log.
@@ -19,11 +19,12 @@ from __future__ import annotations
 from rksmolvlm.runtime.server.http import create_app
 from rksmolvlm.runtime.server.metrics import Metrics
 from rksmolvlm.runtime.server.notify import SystemdNotifier
-from rksmolvlm.runtime.server.process import BackgroundServer, add_serve_arguments, build_app, resolve_config, serve_command
+from rksmolvlm.runtime.server.process import (BackgroundServer, add_serve_arguments, build_app, resolve_config,
+                                              serve_command)
 from rksmolvlm.runtime.server.requests import ApiError, RequestReader, ServedModel
-from rksmolvlm.runtime.server.service import ModelService, open_pipeline
+from rksmolvlm.runtime.server.service import ModelService, open_runner
 
 __all__ = [
-    "add_serve_arguments", "serve_command", "build_app", "create_app", "open_pipeline", "ModelService", "ServedModel",
+    "add_serve_arguments", "serve_command", "build_app", "create_app", "open_runner", "ModelService", "ServedModel",
     "RequestReader", "ApiError", "Metrics", "SystemdNotifier", "BackgroundServer", "resolve_config",
 ]

@@ -18,17 +18,21 @@ import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from rksmolvlm import __version__
 from rksmolvlm.errors import RkSmolVLMError
-from rksmolvlm.runtime.server_config import (CONFIG_ENV, DEFAULT_CONFIG_PATH, ConfigError, ServerConfig, load_config, read_api_key,
-                             with_overrides)
+from rksmolvlm.runtime.server_config import (CONFIG_ENV, DEFAULT_CONFIG_PATH, ConfigError, ServerConfig, load_config,
+                                             read_api_key, with_overrides)
 from rksmolvlm.runtime.server.http import create_app
 from rksmolvlm.runtime.server.metrics import Metrics
 from rksmolvlm.runtime.server.notify import SystemdNotifier
 from rksmolvlm.runtime.server.requests import ServedModel
-from rksmolvlm.runtime.server.service import ModelService, open_pipeline
+from rksmolvlm.runtime.server.service import ModelService, open_runner
+
+if TYPE_CHECKING:
+    from rksmolvlm.runtime.loader import RuntimeBundle
+    from rksmolvlm.runtime.runner import Runner
 
 __all__ = ["BackgroundServer", "add_serve_arguments", "resolve_config", "build_app", "serve_command"]
 
@@ -242,18 +246,12 @@ def resolve_config(args: argparse.Namespace) -> tuple[ServerConfig, str]:
     return with_overrides(config, overrides, source), str(path) if path else "defaults"
 
 
-def _resolved_engine(engine: str) -> str:
-    from rksmolvlm.runtime.loader import on_rockchip_board
-
-    return ("npu" if on_rockchip_board() else "host") if engine == "auto" else engine
-
-
 def _check_cores(config: ServerConfig, bundle) -> None:
     if config.npu_cores is None:
         return
     from rksmolvlm.boards import load_profile
 
-    platform = bundle.manifest.get("target", {}).get("platform", "rk3588")
+    platform = bundle.manifest.target.platform
     cores = load_profile(platform).npu_cores
     bad = [c for c in config.npu_cores if c >= cores]
     if bad:
@@ -268,23 +266,24 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def build_app(config: ServerConfig, *, load: Callable[[object], object] | None = None,
+def build_app(config: ServerConfig, *, load: Callable[["RuntimeBundle"], "Runner"] | None = None,
               notifier: SystemdNotifier | None = None, on_fatal: Callable[[], None] | None = None):
     """The application for ``config``: the bundle is opened and checked now, its model is loaded by
-    the app's lifespan in the worker thread. ``load(bundle) -> Pipeline`` replaces the default
-    (``open_pipeline``), e.g. to wrap an engine. The service is ``app.state.service``."""
+    the app's lifespan in the worker thread. ``load(bundle) -> Runner`` replaces the default
+    (``open_runner``), e.g. to wrap an engine. The service is ``app.state.service``."""
     if config.bundle is None:
         raise ConfigError("no bundle to serve: pass BUNDLE, or set bundle = \"/var/lib/rksmolvlm/bundle\" in "
                           f"{DEFAULT_CONFIG_PATH}")
+    from rksmolvlm.runtime.engines import resolve_engine
     from rksmolvlm.runtime.loader import RuntimeBundle
 
     bundle = RuntimeBundle.open(config.bundle, verify=config.verify_bundle)
-    engine = _resolved_engine(config.engine)
+    engine = resolve_engine(config.engine)
     _check_cores(config, bundle)
     server = config.server
     api_key = read_api_key(server.api_key_file) if server.api_key_file else None
     model = ServedModel.from_bundle(bundle, server.model_name, engine)
-    load = load or (lambda b: open_pipeline(b, config, engine))
+    load = load or (lambda b: open_runner(b, config, engine))
     service = ModelService(lambda: load(bundle), model, server.queue_size, Metrics(), server.stall_timeout_s)
     app = create_app(service, config, api_key=api_key, notifier=notifier, on_fatal=on_fatal)
     app.state.service = service

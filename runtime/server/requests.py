@@ -21,7 +21,9 @@ from rksmolvlm.errors import RkSmolVLMError
 from rksmolvlm.runtime.server_config import ServerConfig
 
 if TYPE_CHECKING:  # the module is imported for `rksmolvlm --help`: numpy and friends load on use
+    from rksmolvlm.processing.content import Message
     from rksmolvlm.runtime.engines import GenerationConfig
+    from rksmolvlm.runtime.loader import RuntimeBundle
 
 __all__ = ["ApiError", "ChatRequest", "ServedModel", "RequestReader", "IMAGE_TYPES"]
 
@@ -60,11 +62,11 @@ class ApiError(RkSmolVLMError):
 # ==============================================================================================
 @dataclass
 class ChatRequest:
-    """A checked chat completion request; image parts carry the image bytes (``{"type": "image"}``)."""
+    """A checked chat completion request: typed messages (image parts carry the image bytes) and
+    the generation options, stop strings included."""
 
-    messages: list[dict]
+    messages: list[Message]
     config: GenerationConfig
-    stop: tuple[str, ...] = ()
     stream: bool = False
     include_usage: bool = False
     images: int = 0
@@ -83,15 +85,16 @@ class ServedModel:
     details: dict = field(default_factory=dict)
 
     @classmethod
-    def from_bundle(cls, bundle, name: str | None, engine: str) -> "ServedModel":
+    def from_bundle(cls, bundle: RuntimeBundle, name: str | None, engine: str) -> "ServedModel":
+        from rksmolvlm.manifest import MANIFEST
+
         manifest = bundle.manifest
-        source = str(manifest.get("source", {}).get("model_id") or bundle.path.name)
-        created = int(bundle.path.joinpath("manifest.json").stat().st_mtime)
-        model = manifest.get("model", {})
-        details = {"family": model.get("family"), "size": model.get("size"),
-                   "target": manifest.get("target", {}).get("platform"),
-                   "vision_dtype": manifest.get("vision", {}).get("dtype"),
-                   "llm_dtype": (manifest.get("llm", {}).get("recipe") or {}).get("dtype"),
+        source = manifest.source.model_id or bundle.path.name
+        created = int(bundle.path.joinpath(MANIFEST).stat().st_mtime)
+        details = {"family": manifest.model.family, "size": manifest.model.size,
+                   "target": manifest.target.platform,
+                   "vision_dtype": manifest.vision.dtype if manifest.vision else None,
+                   "llm_dtype": manifest.llm.dtype if manifest.llm else None,
                    "max_context": bundle.max_context, "engine": engine}
         ident = name or source
         aliases = tuple(dict.fromkeys(a for a in (source, bundle.path.name) if a != ident))
@@ -126,18 +129,16 @@ class RequestReader:
                 raise ApiError(400, "stream_options must be an object like {\"include_usage\": true}",
                                "invalid_type", "stream_options")
             include_usage = _bool(options, "include_usage", False, "stream_options.include_usage")
-        config = self._generation(payload)
-        stops = self._stops(payload.get("stop"))
-        messages, sources = self._messages(payload.get("messages"))
-        if len(sources) > self.limits.max_images:
-            raise ApiError(400, f"the request has {len(sources)} images, over limits.max_images = "
+        config = self._generation(payload, self._stops(payload.get("stop")))
+        drafts = self._messages(payload.get("messages"))
+        refs = [part for _, parts in drafts for part in parts if isinstance(part, _ImageRef)]
+        if len(refs) > self.limits.max_images:
+            raise ApiError(400, f"the request has {len(refs)} images, over limits.max_images = "
                            f"{self.limits.max_images}: send at most {self.limits.max_images} per request",
                            "too_many_images", "messages")
-        total = 0
-        for part, (url, param) in sources:
-            part["image"] = self._image(url, param)
-            total += len(part["image"])
-        return ChatRequest(messages, config, stops, stream, include_usage, len(sources), total)
+        images = {ref: self._image(ref.url, ref.param) for ref in refs}  # refs differ by param
+        messages = [_message(role, parts, images) for role, parts in drafts]
+        return ChatRequest(messages, config, stream, include_usage, len(refs), sum(map(len, images.values())))
 
     # -- fields ----------------------------------------------------------------------------------
     def _check_model(self, model) -> None:
@@ -175,7 +176,7 @@ class RequestReader:
             raise ApiError(400, "only response_format {\"type\": \"text\"} is supported", "unsupported_value",
                            "response_format")
 
-    def _generation(self, payload: dict) -> GenerationConfig:
+    def _generation(self, payload: dict, stops: tuple[str, ...]) -> GenerationConfig:
         from rksmolvlm.runtime.engines import GenerationConfig
 
         limits = self.limits
@@ -195,7 +196,7 @@ class RequestReader:
         top_k = _int(payload, "top_k", 0, 0, None)
         seed = _int(payload, "seed", None, None, None)
         return GenerationConfig(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                seed=seed)
+                                seed=seed, stop=stops)
 
     @staticmethod
     def _stops(stop) -> tuple[str, ...]:
@@ -208,12 +209,15 @@ class RequestReader:
             raise ApiError(400, f"stop has {len(stops)} strings: send at most {_MAX_STOPS}", "invalid_value", "stop")
         return tuple(s for s in stops if s)
 
-    def _messages(self, messages) -> tuple[list[dict], list]:
+    def _messages(self, messages) -> list[tuple[str, list]]:
+        """(role, parts) per message, checked; a part is a TextPart or an _ImageRef still to fetch."""
+        from rksmolvlm.processing.content import TextPart
+
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "messages must be a non-empty array of {\"role\", \"content\"} objects",
                            "invalid_value" if isinstance(messages, list) else "missing_required_parameter",
                            "messages")
-        out, sources = [], []
+        out = []
         for i, message in enumerate(messages):
             where = f"messages[{i}]"
             if not isinstance(message, dict):
@@ -227,7 +231,7 @@ class RequestReader:
                                f"{where}.tool_calls")
             content = message.get("content")
             if content is None or isinstance(content, str):
-                out.append({"role": _ROLES[role], "content": content or ""})
+                out.append((_ROLES[role], [TextPart(content or "")]))
                 continue
             if not isinstance(content, list):
                 raise ApiError(400, f"{where}.content must be a string or an array of parts", "invalid_type",
@@ -240,21 +244,19 @@ class RequestReader:
                     text = part.get("text")
                     if not isinstance(text, str):
                         raise ApiError(400, f"{param}.text must be a string", "invalid_type", f"{param}.text")
-                    parts.append({"type": "text", "text": text})
+                    parts.append(TextPart(text))
                 elif kind == "image_url":
                     ref = part.get("image_url")
                     url = ref.get("url") if isinstance(ref, dict) else ref
                     if not isinstance(url, str) or not url:
                         raise ApiError(400, f"{param}.image_url must be {{\"url\": \"data:image/png;base64,…\"}}",
                                        "invalid_type", f"{param}.image_url")
-                    image = {"type": "image"}
-                    parts.append(image)
-                    sources.append((image, (url, f"{param}.image_url")))
+                    parts.append(_ImageRef(url, f"{param}.image_url"))
                 else:
                     raise ApiError(400, f"{param} has type {kind!r}: use 'text' or 'image_url'", "invalid_value",
                                    f"{param}.type")
-            out.append({"role": _ROLES[role], "content": parts})
-        return out, sources
+            out.append((_ROLES[role], parts))
+        return out
 
     # -- images ----------------------------------------------------------------------------------
     def _image(self, url: str, param: str) -> bytes:
@@ -381,6 +383,20 @@ class RequestReader:
         if width * height > limit:
             raise ApiError(400, f"{param} is {width}×{height} = {width * height:,} pixels, over "
                            f"limits.max_image_pixels = {limit:,}: downscale it", "image_too_many_pixels", param)
+
+
+@dataclass(frozen=True)
+class _ImageRef:
+    """An image part as the request names it, before it is fetched and checked."""
+
+    url: str
+    param: str
+
+
+def _message(role: str, parts: list, images: dict[_ImageRef, bytes]) -> "Message":
+    from rksmolvlm.processing.content import ImagePart, Message
+
+    return Message(role, tuple(ImagePart(images[p]) if isinstance(p, _ImageRef) else p for p in parts))
 
 
 def _parse_json(body: bytes) -> dict:

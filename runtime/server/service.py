@@ -1,5 +1,5 @@
-"""The worker: one thread owns the pipeline (and so the NPU) and runs one request at a time from a
-bounded queue (full: 429 with Retry-After); answer text is cut at stop strings as it streams."""
+"""The worker: one thread owns the runner (and so the NPU) and runs one request at a time from a
+bounded queue (full: 429 with Retry-After), streaming the runner's text deltas to the request."""
 
 from __future__ import annotations
 
@@ -14,21 +14,22 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from rksmolvlm.errors import ImageError, RkSmolVLMError
-from rksmolvlm.processing.prompt import assistant_content
 from rksmolvlm.runtime.server_config import ServerConfig
 from rksmolvlm.runtime.server.requests import ApiError, ChatRequest, ServedModel
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # imported for `rksmolvlm --help`: numpy, torch and friends load on use
     from rksmolvlm.runtime.engines import PerfStats
+    from rksmolvlm.runtime.loader import RuntimeBundle
+    from rksmolvlm.runtime.runner import Runner
     from rksmolvlm.runtime.server.metrics import Metrics
 
-__all__ = ["Answer", "Job", "ModelService", "open_pipeline"]
+__all__ = ["Answer", "Job", "ModelService", "open_runner"]
 
 log = logging.getLogger("rksmolvlm.server")
 
 
 # ==============================================================================================
-# The worker: one pipeline, one thread, a bounded queue
+# The worker: one runner, one thread, a bounded queue
 # ==============================================================================================
 @dataclass
 class Answer:
@@ -70,65 +71,12 @@ class Job:
             pass
 
 
-class _AnswerText:
-    """Raw text deltas → the message content: cut before the first stop string (text that may still
-    become one is held back), without the one space the model writes after "Assistant:" (so the
-    content renders back into the same prompt)."""
-
-    def __init__(self, stops: tuple[str, ...]):
-        self.stops = stops
-        self.longest = max(map(len, stops), default=0)
-        self.raw = ""
-        self.sent = 0
-        self.stopped = False
-        self._scanned = 0
-
-    def push(self, delta: str) -> str:
-        if self.stopped:
-            return ""
-        self.raw += delta
-        cut = self._stop_at()
-        if cut is not None:
-            self.stopped = True
-            self.raw = self.raw[:cut]
-            return self._emit(len(self.raw))
-        return self._emit(len(self.raw) - self._held())
-
-    def finish(self) -> str:
-        return self._emit(len(self.raw))
-
-    @property
-    def text(self) -> str:
-        return self._clean(self.raw)
-
-    @staticmethod
-    def _clean(text: str) -> str:
-        return assistant_content(text)
-
-    def _emit(self, end: int) -> str:
-        out = self._clean(self.raw[:end])
-        delta, self.sent = out[self.sent:], max(self.sent, len(out))
-        return delta
-
-    def _stop_at(self) -> int | None:
-        start = max(0, self._scanned - self.longest + 1)
-        self._scanned = len(self.raw)
-        found = [i for i in (self.raw.find(s, start) for s in self.stops) if i >= 0]
-        return min(found) if found else None
-
-    def _held(self) -> int:
-        for n in range(min(self.longest - 1, len(self.raw)), 0, -1):
-            tail = self.raw[-n:]
-            if any(s.startswith(tail) for s in self.stops):
-                return n
-        return 0
-
-
 class ModelService:
-    """The one pipeline that owns the NPU. A worker thread loads it, then runs queued jobs one at a
-    time; the HTTP side submits jobs, reads their events and cancels them."""
+    """The one runner that owns the NPU. A worker thread loads it, then runs queued jobs one at a
+    time; the HTTP side submits jobs, reads their events and cancels them. Of the runner it uses
+    ``generate``, ``abort`` and ``close`` only."""
 
-    def __init__(self, load: Callable[[], object], model: ServedModel, queue_size: int, metrics: "Metrics",
+    def __init__(self, load: Callable[[], "Runner"], model: ServedModel, queue_size: int, metrics: "Metrics",
                  stall_timeout_s: float = 120.0):
         self._load = load
         self.model = model
@@ -138,7 +86,7 @@ class ModelService:
         self.state = "starting"  # → loading → ready | failed; → stopped
         self.error: str | None = None
         self.exit_code = 0
-        self.pipeline = None
+        self.runner: Runner | None = None
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._current: Job | None = None
@@ -177,7 +125,7 @@ class ModelService:
 
     def _main(self) -> None:
         try:
-            self.pipeline = self._load()
+            self.runner = self._load()
         except BaseException as exc:  # noqa: BLE001 - reported, then the server stops
             self.error = str(exc) if isinstance(exc, RkSmolVLMError) else f"{type(exc).__name__}: {exc}"
             self.exit_code = exc.exit_code if isinstance(exc, RkSmolVLMError) else 1
@@ -203,9 +151,10 @@ class ModelService:
                         self._current = None
                         job.finished = True
         finally:
-            for part in (getattr(self.pipeline, "vision", None), getattr(self.pipeline, "llm", None)):
-                with contextlib.suppress(Exception):
-                    part.close()
+            try:
+                self.runner.close()
+            except Exception:  # noqa: BLE001 - the server is stopping anyway
+                log.exception("closing the engines failed")
 
     # -- jobs ------------------------------------------------------------------------------------
     def submit(self, request: ChatRequest, loop: asyncio.AbstractEventLoop, request_id: str) -> Job:
@@ -233,8 +182,8 @@ class ModelService:
                 self._waiting.remove(job)
                 job.finished = True
                 self.metrics.inc("rksmolvlm_dropped_queued_total", reason=reason)
-            elif job is self._current and self.pipeline is not None:
-                self.pipeline.abort()  # under the lock: the worker cannot have moved on to another job
+            elif job is self._current and self.runner is not None:
+                self.runner.abort()  # under the lock: the worker cannot have moved on to another job
 
     def retry_after(self) -> int:
         return max(1, min(300, math.ceil(self._job_seconds * (len(self._waiting) + 1))))
@@ -258,34 +207,30 @@ class ModelService:
                     "capacity": self.queue_size}
 
     def _run(self, job: Job) -> None:
-        from rksmolvlm.runtime.pipeline import ContextError
+        from rksmolvlm.runtime.runner import ContextError, InputError
 
         request = job.request
         job.started = self._progress = time.monotonic()
         queue_ms = (job.started - job.received) * 1000
         self.metrics.observe("rksmolvlm_queue_wait_seconds", queue_ms / 1000)
-        answer = _AnswerText(request.stop)
         aborting = False
         try:
-            generation = self.pipeline.generate(request.messages, request.config, keep_history=False)
+            generation = self.runner.generate(request.messages, request.config)
             for delta in generation:
                 self._progress = time.monotonic()
                 if aborting:
                     continue
-                text = answer.push(delta)
-                if text and request.stream:
-                    job.post("delta", text)
-                if answer.stopped or job.cancel_reason:
-                    self.pipeline.abort()  # from this thread: the engine is running for sure
+                if job.cancel_reason:  # again from this thread: an abort before the runner started is cleared
+                    self.runner.abort()
                     aborting = True
-            if not aborting:
-                tail = answer.finish()
-                if tail and request.stream:
-                    job.post("delta", tail)
+                elif request.stream:
+                    job.post("delta", delta)
         except ImageError as exc:
             return self._fail(job, ApiError(400, str(exc), "invalid_image", "messages"))
         except ContextError as exc:
             return self._fail(job, ApiError(400, str(exc), "context_length_exceeded", "messages"))
+        except InputError as exc:
+            return self._fail(job, ApiError(400, str(exc), "invalid_value", "messages"))
         except RkSmolVLMError as exc:
             log.error("request %s: the engine failed: %s", job.id, exc)
             return self._fail(job, ApiError(500, f"the engine failed: {exc}", "engine_error"))
@@ -293,11 +238,11 @@ class ModelService:
             log.exception("request %s failed", job.id)
             return self._fail(job, ApiError(500, f"internal error (request {job.id}): see the server log",
                                             "internal_error"))
-        finish = "stop" if answer.stopped else (generation.finish_reason or "stop")
-        if job.cancel_reason and not answer.stopped:
+        finish = generation.finish_reason or "stop"
+        if job.cancel_reason and finish != "stop":
             finish = "abort"
             self.metrics.inc("rksmolvlm_aborted_generations_total", reason=job.cancel_reason)
-        result = Answer(answer.text, list(generation.token_ids), finish, generation.prompt_tokens,
+        result = Answer(generation.text, list(generation.token_ids), finish, generation.prompt_tokens,
                         generation.stats, queue_ms)
         self._record(job, result)
         self._finish(job, "done", result)
@@ -327,15 +272,20 @@ class ModelService:
         m.observe("rksmolvlm_generation_seconds", seconds)
 
 
-def open_pipeline(bundle, config: ServerConfig, engine: str):
-    """The pipeline the server runs: the bundle's engines with the configured cores, library and limits."""
-    from rksmolvlm.runtime.pipeline import Pipeline
+def open_runner(bundle: "RuntimeBundle", config: ServerConfig, engine: str) -> "Runner":
+    """The runner the server runs: the bundle's engines with the configured cores and library, room
+    for the largest max_tokens a request may ask for, and the configured image cache and pixel limit."""
+    from rksmolvlm.runtime.engines import EngineOptions, open_engines
+    from rksmolvlm.runtime.runner import Runner
 
-    cores = list(config.npu_cores) if config.npu_cores is not None else None
-    from rksmolvlm.runtime.engines import GenerationConfig
-
-    # librkllmrt 1.2.x takes max_new_tokens at start-up only: make room for the largest request.
-    startup = GenerationConfig(max_new_tokens=max(1, min(config.limits.max_tokens, bundle.max_context - 1)))
-    vision, llm = bundle.make_engines(engine, library=config.rkllm_library, cores=cores, config=startup)
-    return Pipeline(bundle, vision, llm, image_cache_size=config.image_cache_size,
-                    max_pixels=config.limits.max_image_pixels)
+    cores = tuple(config.npu_cores) if config.npu_cores is not None else None
+    options = EngineOptions(library=config.rkllm_library, cores=cores, max_new_tokens=config.limits.max_tokens)
+    vision, llm = open_engines(bundle, engine, options)
+    try:
+        return Runner(bundle, vision, llm, image_cache_size=config.image_cache_size,
+                      max_pixels=config.limits.max_image_pixels)
+    except BaseException:
+        for part in (vision, llm):
+            with contextlib.suppress(Exception):
+                part.close()
+        raise

@@ -1,4 +1,4 @@
-"""runtime/preprocess: byte-identical with transformers' own image processors over a matrix of
+"""processing/image: byte-identical with transformers' own image processors over a matrix of
 sizes and modes, for both model classes; hostile inputs get clear errors."""
 
 import io
