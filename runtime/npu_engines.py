@@ -168,7 +168,6 @@ class RkllmEngine:
         self._queue: queue.Queue = queue.Queue()
         self._history = 0
         self._running = threading.Lock()
-        self._abort_requested = False
 
     def _declare(self) -> None:
         L, A = self.lib, self.abi
@@ -226,7 +225,6 @@ class RkllmEngine:
         self._history = 0
 
     def abort(self) -> None:
-        self._abort_requested = True
         self.lib.rkllm_abort(self.handle)
 
     def close(self) -> None:
@@ -272,7 +270,6 @@ class RkllmEngine:
                               "restart with these settings, or use runtime 1.3")
         while not self._queue.empty():
             self._queue.get_nowait()
-        self._abort_requested = False
         outcome: dict = {}
 
         def run() -> None:
