@@ -85,7 +85,12 @@ class Assembler:
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> Rendered:
         if any(isinstance(p, VideoPart) for m in messages for p in m.parts):
             raise PromptError("video input is not supported by this version of rksmolvlm: send frames as images")
-        return self.template.render(messages, add_generation_prompt)
+        import jinja2
+
+        try:
+            return self.template.render(messages, add_generation_prompt)
+        except jinja2.TemplateError as exc:  # the template's own raise_exception, or a template bug
+            raise PromptError(f"the chat template refused the conversation: {exc}") from exc
 
     def assemble(self, messages: Sequence[Message], layouts: Sequence[Layout],
                  add_generation_prompt: bool = True) -> Prompt:
