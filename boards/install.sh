@@ -12,14 +12,16 @@ Installs rksmolvlm (board + serve extras) into a venv, creates the system user '
 rksmolvlm.service, then enables and (re)starts it.
 
 Options:
-  --bundle DIR      the bundle to serve (written into the config; keep it outside /home and /root,
-                    e.g. /var/lib/rksmolvlm/bundle: the service cannot read home directories)
+  --bundle DIR      the bundle to serve (written into the config as it is; keep it outside /home and
+                    /root, e.g. /var/lib/rksmolvlm/bundle: the service cannot read home directories)
   --prefix DIR      where the venv goes (default /opt/rksmolvlm; the venv is DIR/venv)
   --config-dir DIR  where config.toml and api_key live (default /etc/rksmolvlm)
+                    (--prefix and --config-dir go into the systemd unit: letters, digits, . _ + - /)
+  --unit-dir DIR    where rksmolvlm.service goes (default /etc/systemd/system)
   --source SPEC     what pip installs (default: the checkout this script is in, else 'rksmolvlm'
                     from the package index); the extras [board,serve] are added
   --python PY       Python 3.11 or newer for the venv (default: python3.11, else python3)
-  --user NAME       service user and group (default rksmolvlm)
+  --user NAME       service user and group (default rksmolvlm; never root or another uid 0 user)
   --api-key         require an API key: create DIR/api_key (if absent) and point the config at it
   --no-start        install and enable, but do not (re)start the service
   --dry-run         print every action without doing anything
@@ -52,6 +54,7 @@ while [[ $# -gt 0 ]]; do
     --bundle) need_value "$@"; bundle="$2"; shift 2 ;;
     --prefix) need_value "$@"; prefix="$2"; shift 2 ;;
     --config-dir) need_value "$@"; config_dir="$2"; shift 2 ;;
+    --unit-dir) need_value "$@"; unit_dir="$2"; shift 2 ;;
     --source) need_value "$@"; source_spec="$2"; shift 2 ;;
     --python) need_value "$@"; python="$2"; shift 2 ;;
     --user) need_value "$@"; service_user="$2"; shift 2 ;;
@@ -79,6 +82,36 @@ key_file="$config_dir/api_key"
 unit="$unit_dir/rksmolvlm.service"
 [[ $dry_run -eq 1 ]] && note "dry run: printing the actions, changing nothing"
 
+# -- the values: checked before anything is done ------------------------------------------------
+shown() { printf '%q' "$1"; }  # a value as the shell would quote it: newlines and quotes stay visible
+# --prefix and --config-dir end up in the unit (ExecStart), where systemd reads %, \, quotes and spaces as syntax.
+for option in --prefix --config-dir; do
+  value="$prefix"; [[ $option == --config-dir ]] && value="$config_dir"
+  [[ "$value" =~ ^/[A-Za-z0-9._+/-]*$ ]] || die "$option must be an absolute path made of letters, digits and" \
+    ". _ + - / (it goes into the systemd unit): got $(shown "$value")"
+done
+if [[ -n "$bundle" ]]; then  # only config.toml holds the bundle, TOML-quoted: other characters land as they are
+  case "$bundle" in /*) ;; *) die "--bundle needs an absolute path (got $(shown "$bundle"))" ;; esac
+  if [[ "$bundle" =~ [[:cntrl:]] ]]; then
+    die "--bundle may not contain control characters such as a line break or a tab (got $(shown "$bundle"))"
+  fi
+  case "$bundle" in
+    /home/*|/root/*|/run/user/*)
+      die "the service cannot read $bundle (ProtectHome=yes): copy the bundle to $state_dir/bundle and pass that" ;;
+  esac
+fi
+[[ "$service_user" =~ ^[a-z_][a-z0-9_-]{0,31}$ ]] ||
+  die "--user must be a plain user name (lower-case letters, digits, _ and -, at most 32): got $(shown "$service_user")"
+if [[ "$service_user" == root ]]; then
+  die "--user root: the service must not run as root; leave --user out (a system user 'rksmolvlm' is created)"
+fi
+if entry="$(getent passwd "$service_user")" && [[ "$(cut -d: -f3 <<<"$entry")" == 0 ]]; then
+  die "--user $service_user has uid 0, the powers of root: pick an unprivileged user (or leave --user out)"
+fi
+if entry="$(getent group "$service_user")" && [[ "$(cut -d: -f3 <<<"$entry")" == 0 ]]; then
+  die "--user $service_user: its group has gid 0 (root's group): pick another user (or leave --user out)"
+fi
+
 # -- preflight -----------------------------------------------------------------------------------
 if [[ $dry_run -eq 0 && $(id -u) -ne 0 ]]; then
   die "run as root (sudo $0 $*), or add --dry-run to see what it would do"
@@ -96,16 +129,6 @@ if ! command -v systemctl >/dev/null; then
 fi
 if [[ -z "$source_spec" ]]; then
   if [[ -f "$here/../pyproject.toml" ]]; then source_spec="$(cd "$here/.." && pwd)"; else source_spec=rksmolvlm; fi
-fi
-for path in "$prefix" "$config_dir" "$bundle"; do
-  [[ "$path" =~ [[:space:]\|] ]] && die "paths may not contain spaces or '|' (got '$path')"
-done
-if [[ -n "$bundle" ]]; then
-  case "$bundle" in /*) ;; *) die "--bundle needs an absolute path (got '$bundle')" ;; esac
-  case "$bundle" in
-    /home/*|/root/*|/run/user/*)
-      die "the service cannot read $bundle (ProtectHome=yes): copy the bundle to $state_dir/bundle and pass that" ;;
-  esac
 fi
 
 # -- user and groups -----------------------------------------------------------------------------
@@ -133,15 +156,29 @@ else
   run install -m 0640 -o root -g "$service_user" "$here/config.example.toml" "$config"
   fresh=1
 fi
-set_key() {  # set_key KEY VALUE: replace the (possibly commented) 'KEY = ...' line of the config
-  local key="$1" value="$2"
-  if [[ -f "$config" ]]; then
-    if grep -qxF "$key = $value" "$config"; then note "$config already has $key = $value"; return; fi
-    grep -Eq "^#? ?$key = " "$config" || die "$config has no '$key = ' line: add $key = $value to it yourself"
-  fi
-  run sed -i -E "s|^#? ?$key = .*|$key = $value|" "$config"
+toml_string() {  # "$1" as a TOML basic string (control characters were refused above)
+  local value="${1//\\/\\\\}"
+  printf '"%s"' "${value//\"/\\\"}"
 }
-if [[ -n "$bundle" ]]; then set_key bundle "\"$bundle\""; fi
+set_key() {  # set_key KEY VALUE: KEY = "VALUE" on the config's KEY line (else its commented '# KEY = ' line)
+  local key="$1" line n lines="$config" tmp
+  line="$key = $(toml_string "$2")"
+  [[ -f "$lines" ]] || lines="$here/config.example.toml"  # a dry run of a fresh install: the config-to-be
+  if grep -qxF -- "$line" "$lines"; then note "$config already has $line"; return; fi
+  n="$(grep -nE "^$key = " "$lines" | head -n 1 | cut -d: -f1 || true)"
+  [[ -n "$n" ]] || n="$(grep -nE "^# ?$key = " "$lines" | head -n 1 | cut -d: -f1 || true)"
+  [[ -n "$n" ]] || die "$config has no '$key = ' line: add $line to it yourself"
+  echo "+ set line $n of $config to: $line"
+  [[ $dry_run -eq 0 ]] || return 0
+  # awk takes the line from the environment, not from its program or -v: no character of the value is syntax.
+  tmp="$(mktemp "$config.XXXXXX")"
+  if ! { LINE="$line" N="$n" awk 'NR == ENVIRON["N"] + 0 { print ENVIRON["LINE"]; next } { print }' "$config" \
+           > "$tmp" && chmod --reference="$config" "$tmp" && chown --reference="$config" "$tmp"; }; then
+    rm -f "$tmp"; die "could not rewrite $config: set $line in it yourself"
+  fi
+  mv -f "$tmp" "$config"  # the new config replaces the old in one step
+}
+if [[ -n "$bundle" ]]; then set_key bundle "$bundle"; fi
 if [[ $api_key -eq 1 ]]; then
   if [[ -f "$key_file" ]]; then
     note "keeping the existing API key in $key_file"
@@ -152,10 +189,11 @@ if [[ $api_key -eq 1 ]]; then
       chgrp "$service_user" "$key_file"
     fi
   fi
-  set_key api_key_file "\"$key_file\""
+  set_key api_key_file "$key_file"
 fi
 
 # -- unit ----------------------------------------------------------------------------------------
+# sed is safe here: the prefix, the config path and the user were held to plain characters above.
 rendered="$(sed -e "s|/opt/rksmolvlm|$prefix|g" -e "s|/etc/rksmolvlm/config.toml|$config|g" \
                 -e "s|^User=rksmolvlm|User=$service_user|" -e "s|^Group=rksmolvlm|Group=$service_user|" \
                 "$here/systemd/rksmolvlm.service")"
@@ -177,7 +215,8 @@ run systemctl enable rksmolvlm.service
 # -- check and start -----------------------------------------------------------------------------
 configured_bundle="$bundle"
 if [[ -z "$configured_bundle" && -f "$config" ]]; then
-  configured_bundle="$(sed -n -E 's/^bundle = "(.*)"$/\1/p' "$config" | head -n 1)"
+  read_bundle='import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb")).get("bundle", ""))'
+  configured_bundle="$("$python" -c "$read_bundle" "$config" 2>/dev/null || true)"
 fi
 configured_bundle="${configured_bundle:-$state_dir/bundle}"
 if [[ ! -f "$configured_bundle/manifest.json" ]]; then

@@ -40,4 +40,31 @@ class BundleError(RkSmolVLMError):
 
 
 class ImageError(RkSmolVLMError):
-    """An image that cannot be decoded or is out of the allowed limits."""
+    """An image that cannot be decoded or is out of the allowed limits. ``code`` is the error code
+    the server answers with (HTTP 400); each refusal before decoding has a subclass of its own."""
+
+    code = "invalid_image"
+
+    def __init__(self, *args, limit: str | None = None):
+        super().__init__(*args)
+        self.limit = limit  # the DecodeLimits field the image is over, if any (e.g. "max_jpeg_scans")
+
+
+class ImageTooManyPixelsError(ImageError):
+    """An image with more pixels than the limit, refused from its header."""
+
+    code = "image_too_many_pixels"
+
+
+class ImageDecodeTooLargeError(ImageError):
+    """An image whose decode would take more memory than the budget (by mode and size), or whose
+    side is longer than any the decoder takes."""
+
+    code = "image_decode_too_large"
+
+
+class ImageTooComplexError(ImageError):
+    """An image that is cheap to send and costly to decode: a JPEG with too many scans or segments,
+    or a decode that outlived its time budget."""
+
+    code = "image_too_complex"

@@ -27,7 +27,7 @@ ENGINES = ("auto", "host", "npu")
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """All generation options in one place. ``temperature == 0`` means greedy decoding."""
+    """All generation options in one place. ``temperature == 0`` (or below 1e-5) means greedy decoding."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -37,12 +37,19 @@ class GenerationConfig:
     seed: int | None = None
     stop_ids: tuple[int, ...] = ()  # the runner fills in the bundle's end ids
     stop: tuple[str, ...] = ()  # stop strings: the text stream cuts the answer before the first one
+    # OpenAI's penalties over the generated tokens: logit -= count × frequency + (count > 0) × presence
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    cap_to_context: bool = False  # the runner lowers max_new_tokens to the room the prompt leaves (else ContextError)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
         if self.temperature < 0:
             raise ValueError("temperature must be ≥ 0")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2]")
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0:
@@ -50,7 +57,8 @@ class GenerationConfig:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperatures below 1e-5 count as 0: dividing logits by 1e-300 would overflow to inf."""
+        return self.temperature < 1e-5
 
 
 @dataclass

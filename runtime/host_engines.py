@@ -106,6 +106,9 @@ class TorchLlmEngine:
             index = torch.tensor(sorted(set(previous)))
             values = logits[index]
             logits[index] = torch.where(values > 0, values / config.repeat_penalty, values * config.repeat_penalty)
+        if (config.frequency_penalty or config.presence_penalty) and previous:
+            counts = torch.bincount(torch.tensor(previous), minlength=logits.numel())[:logits.numel()].float()
+            logits -= counts * config.frequency_penalty + (counts > 0).float() * config.presence_penalty
         if config.greedy:
             return int(torch.argmax(logits))
         logits = logits / config.temperature

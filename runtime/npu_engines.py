@@ -189,8 +189,8 @@ class RkllmEngine:
         target.top_p = 1.0 if greedy else config.top_p
         target.temperature = 1.0 if greedy else config.temperature
         target.repeat_penalty = config.repeat_penalty
-        target.frequency_penalty = 0.0
-        target.presence_penalty = 0.0
+        target.frequency_penalty = config.frequency_penalty
+        target.presence_penalty = config.presence_penalty
         target.mirostat = 0
 
     # The runtime calls this from its own thread.
@@ -263,9 +263,8 @@ class RkllmEngine:
             self._apply_sampling(sampling, config)
             infer.sampling_params = ctypes.pointer(sampling)
             infer.max_new_tokens = config.max_new_tokens
-        elif (config.greedy, config.temperature, config.top_k, config.top_p) != (
-                self._init_sampling.greedy, self._init_sampling.temperature, self._init_sampling.top_k,
-                self._init_sampling.top_p) or config.max_new_tokens > self._init_sampling.max_new_tokens:
+        elif _sampling(config) != _sampling(self._init_sampling) \
+                or config.max_new_tokens > self._init_sampling.max_new_tokens:
             raise EngineError("librkllmrt 1.2.x takes sampling settings and max_new_tokens only at start-up: "
                               "restart with these settings, or use runtime 1.3")
         while not self._queue.empty():
@@ -314,6 +313,12 @@ class RkllmEngine:
             raise EngineError(f"rkllm_run failed ({error or 'return code ' + str(outcome.get('code'))}): the KV "
                               "cache was dropped; check the runtime's messages")
         self._history += len(embeds) + produced
+
+
+def _sampling(config: GenerationConfig) -> tuple:
+    """The values librkllmrt 1.2.x takes at start-up only (temperature and top-k/p mean nothing when greedy)."""
+    shape = () if config.greedy else (config.temperature, config.top_k, config.top_p)
+    return (config.greedy, *shape, config.frequency_penalty, config.presence_penalty)
 
 
 def make_npu_engines(bundle, options: EngineOptions):

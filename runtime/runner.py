@@ -8,6 +8,18 @@ across turns: when a request repeats the session's previous messages, then the a
 then new messages, only the new part is rendered, tiled, encoded and prefilled (the template text
 after the answer and the new images). Anything else (edited history, other images, another session
 having used the engine since) starts over. One request runs at a time.
+
+Image detail (``ImagePart.detail``, OpenAI's ``image_url.detail``): "high" tiles an image the way
+the checkpoint's processor does (tiles plus the global image), "low" as one unsplit tile (the
+processor's ``do_image_splitting=False``), "auto" as the runner's ``default_detail`` says: "high",
+"low", or "auto-fit" (the default) — split, unless the images do not fit the context. Fitting is
+planned from the image headers before anything is decoded: when the prompt with every image as
+asked leaves less room than the answer's, auto-fit images are unsplit one at a time, the one whose
+split costs the most tokens first (earlier images first among equals), until the answer fits — the
+fewest images lose their split. The answer's room is max_new_tokens, or, when the request lets the
+answer be capped to what is left (``cap_to_context``: the server's max_tokens is a ceiling),
+max_new_tokens but at most ``fit_answer_tokens``. Explicit "high" images are never unsplit; a prompt
+that does not fit even with every auto-fit image unsplit is a ContextError.
 """
 
 from __future__ import annotations
@@ -23,12 +35,16 @@ from rksmolvlm.processing.assembler import Prompt, PromptError
 from rksmolvlm.processing.content import ImagePart, Message, TextPart, conversation, image_parts
 from rksmolvlm.processing.embed import EmbeddingTable
 from rksmolvlm.processing.image import DEFAULT_MAX_PIXELS
+from rksmolvlm.processing.image_safety import DecodeLimits
 from rksmolvlm.runtime.engines import GenerationConfig, LlmEngine, PerfStats, VisionEncoder
 from rksmolvlm.runtime.loader import RuntimeBundle
 from rksmolvlm.runtime.text_stream import TextStream
-from rksmolvlm.runtime.vision import ImageEncoder, PreparedImage
+from rksmolvlm.runtime.vision import UNSPLIT, ImageEncoder, PreparedImage
 
-__all__ = ["Runner", "Session", "Generation", "ContextError", "InputError"]
+__all__ = ["Runner", "Session", "Generation", "ContextError", "InputError", "DEFAULT_DETAILS", "choose_unsplit"]
+
+# What an image's detail "auto" means (the server's images.default_detail): see the module docstring.
+DEFAULT_DETAILS = ("auto-fit", "high", "low")
 
 
 class ContextError(RkSmolVLMError):
@@ -88,10 +104,15 @@ class Runner:
 
     def __init__(self, bundle: RuntimeBundle, vision: VisionEncoder, llm: LlmEngine, *,
                  image_cache_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 table: EmbeddingTable | None = None):
+                 table: EmbeddingTable | None = None, default_detail: str = "auto-fit",
+                 fit_answer_tokens: int = 256, decode_limits: DecodeLimits | None = None):
+        if default_detail not in DEFAULT_DETAILS:
+            raise ValueError(f"default_detail {default_detail!r} is not one of {', '.join(DEFAULT_DETAILS)}")
+        self.default_detail = default_detail
+        self.fit_answer_tokens = max(1, fit_answer_tokens)
         self.bundle = bundle
         self.assembler = bundle.assembler
-        self.images = ImageEncoder(vision, bundle.settings, image_cache_size, max_pixels)
+        self.images = ImageEncoder(vision, bundle.settings, image_cache_size, max_pixels, decode_limits)
         self.llm = llm
         if table is None:
             own = llm.embedding_table() if hasattr(llm, "embedding_table") else None
@@ -139,16 +160,48 @@ class Runner:
         result._stream = self._run(session, typed, config, result)
         return result
 
-    def _plan(self, session: "Session | None", messages: list[Message]) -> _Turn:
+    def _plan(self, session: "Session | None", messages: list[Message], config: GenerationConfig) -> _Turn:
         if session is not None and self._owner is session and session._held is not None:
-            turn = self._continuation(session._held, messages)
+            turn = self._continuation(session._held, messages, config)
             if turn is not None:
                 return turn
-        prepared = self.images.prepare(image_parts(messages))
-        prompt = self._assemble(lambda: self.assembler.assemble(messages, [p.layout for p in prepared]))
+        prompt, prepared = self._fit(image_parts(messages), lambda layouts: self.assembler.assemble(messages, layouts),
+                                     0, config)
         return _Turn(prompt, prepared, 0, prompt.text)
 
-    def _continuation(self, held: _Held, messages: list[Message]) -> _Turn | None:
+    def _fit(self, parts: list[ImagePart], build, held: int, config: GenerationConfig
+             ) -> tuple[Prompt, list[PreparedImage]]:
+        """Choose how each image is tiled (see the module docstring), tile them, and assemble the
+        prompt with ``build(layouts)``."""
+        splits = [self._detail(p) != "low" for p in parts]
+        layouts = [self.images.layout(p, s) for p, s in zip(parts, splits)]  # exact or from the header
+        prompt = self._assemble(lambda: build(layouts))
+        # The answer's room: all of max_new_tokens, or when the answer may be capped to the room left
+        # (the server's requests), a usual answer's: max_tokens is a ceiling, not a wish worth detail.
+        room = min(config.max_new_tokens, self.fit_answer_tokens) if config.cap_to_context else config.max_new_tokens
+        excess = held + len(prompt) + room - self.bundle.max_context
+        flexible = {i for i, p in enumerate(parts) if self._detail(p) == "fit" and layouts[i] != UNSPLIT}
+        if flexible and excess > 0:
+            unsplit = [UNSPLIT if i in flexible else layout for i, layout in enumerate(layouts)]
+            smallest = self._assemble(lambda: build(unsplit))
+            savings = [len(a.ids) - len(b.ids) for a, b in zip(prompt.images, smallest.images)]
+            chosen = choose_unsplit(savings, excess)
+            if chosen is None:  # not even all unsplit fit: as small as it gets, the context check refuses it
+                chosen = flexible
+            for i in chosen:
+                splits[i], layouts[i] = False, UNSPLIT
+            prompt = smallest if chosen == flexible else self._assemble(lambda: build(layouts))
+        prepared = self.images.prepare(parts, splits)
+        if [p.layout for p in prepared] != layouts:  # a header that did not tell the whole truth (image_size)
+            prompt = self._assemble(lambda: build([p.layout for p in prepared]))
+        return prompt, prepared
+
+    def _detail(self, part: ImagePart) -> str:
+        """The part's detail with "auto" resolved: "high", "low" or "fit"."""
+        detail = self.default_detail if part.detail == "auto" else part.detail
+        return "fit" if detail == "auto-fit" else detail
+
+    def _continuation(self, held: _Held, messages: list[Message], config: GenerationConfig) -> _Turn | None:
         n = len(held.signature)
         if (self.llm.history_tokens == 0 or len(messages) < n + 2
                 or _signature(messages[:n]) != held.signature):
@@ -165,9 +218,9 @@ class Runner:
         after = split[1]
         if held.stopped:  # the stop token is already in the cache
             after = after.removeprefix(self.assembler.tokens.end_of_utterance)
-        prepared = self.images.prepare(image_parts(messages[n + 1:]))
-        prompt = self._assemble(lambda: self.assembler.assemble_rendered(after, [p.part for p in prepared],
-                                                                         [p.layout for p in prepared]))
+        parts = image_parts(messages[n + 1:])
+        prompt, prepared = self._fit(parts, lambda layouts: self.assembler.assemble_rendered(after, parts, layouts),
+                                     self.llm.history_tokens, config)
         return _Turn(prompt, prepared, self.llm.history_tokens, rendered.text)
 
     @staticmethod
@@ -183,10 +236,17 @@ class Runner:
             self._abort.clear()
             started = time.perf_counter()
             stats = result.stats
-            turn = self._plan(session, messages)
+            turn = self._plan(session, messages, config)
             context = self.bundle.max_context
             if turn.held_tokens + len(turn.prompt) + config.max_new_tokens > context and turn.held_tokens:
-                turn = self._plan(None, messages)  # the history does not fit: start over
+                turn = self._plan(None, messages, config)  # the history does not fit: start over
+            room = context - len(turn.prompt) - turn.held_tokens
+            if config.cap_to_context and 0 < room < config.max_new_tokens:
+                config = replace(config, max_new_tokens=room)  # the answer ends with finish_reason "length"
+            if room < 1:
+                raise ContextError(f"the prompt is {len(turn.prompt)} tokens: it fills the context of {context} and "
+                                   "leaves no room for an answer; send fewer or smaller images or a shorter "
+                                   "conversation")
             if len(turn.prompt) + turn.held_tokens + config.max_new_tokens > context:
                 raise ContextError(
                     f"the prompt is {len(turn.prompt)} tokens and max_new_tokens is {config.max_new_tokens}: together "
@@ -265,7 +325,22 @@ class Session:
 
 
 def _signature(messages: Sequence[Message]) -> list[tuple]:
-    """Messages reduced to what identifies them: roles, texts and image content hashes."""
+    """Messages reduced to what identifies them: roles, texts, image content hashes and details."""
     return [(m.role, tuple(("text", p.text) if isinstance(p, TextPart) else
-                           ("image", p.key) if isinstance(p, ImagePart) else ("other", id(p)) for p in m.parts))
+                           ("image", p.key, p.detail) if isinstance(p, ImagePart) else ("other", id(p))
+                           for p in m.parts))
             for m in messages]
+
+
+def choose_unsplit(savings: Sequence[int], excess: int) -> set[int] | None:
+    """The images to unsplit so the prompt shrinks by at least ``excess`` tokens, ``savings[i]``
+    being what unsplitting image i saves (0: it may not be unsplit): the largest savings first, so
+    the fewest images lose their split, the earlier image first among equals. An empty set when
+    nothing needs saving; None when all of them together do not save enough."""
+    chosen: set[int] = set()
+    for i in sorted((i for i, s in enumerate(savings) if s > 0), key=lambda i: (-savings[i], i)):
+        if excess <= 0:
+            break
+        chosen.add(i)
+        excess -= savings[i]
+    return chosen if excess <= 0 else None

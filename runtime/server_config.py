@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
+import math
 import os
 import re
+import stat
 import tomllib
 import types
 import typing
@@ -29,6 +32,9 @@ __all__ = [
 DEFAULT_CONFIG_PATH = Path("/etc/rksmolvlm/config.toml")
 CONFIG_ENV = "RKSMOLVLM_CONFIG"
 MIB = 1024 * 1024
+API_KEY_MAX_BYTES = 4096  # a key file is one line; anything bigger is the wrong file (or /dev/zero)
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(RkSmolVLMError):
@@ -51,12 +57,36 @@ class ServerSection:
     queue_size: int = _key(4, "requests that may wait while one runs; more get 429 with Retry-After", min=0, max=1024)
     request_timeout_s: float = _key(300.0, "seconds a request may take, queue wait included; then it is aborted",
                                     min=0.1, max=86400)
-    max_connections: int = _key(32, "open HTTP connections; more get 503", min=1, max=65536)
+    max_connections: int = _key(256, "open HTTP connections; a new one beyond this closes the oldest that has not "
+                                "sent its request yet (idle, or slow), so idle sockets never lock clients out",
+                                min=1, max=65536)
+    header_timeout_s: float = _key(10.0, "seconds a client has to send a whole request head (from connecting, or "
+                                   "from its first byte on a kept-alive connection); then 408 and closed",
+                                   min=0.1, max=3600)
+    body_timeout_s: float = _key(30.0, "seconds a request body may take, plus 1 s per body_min_rate bytes "
+                                 "received (a fast upload earns time, a trickle does not); then 408 and closed",
+                                 min=0.1, max=3600)
+    body_min_rate: int = _key(16 * 1024, "bytes of request body per second that earn one more second "
+                              "(see body_timeout_s)", min=1, max=1024 * MIB, kind="size")
+    keepalive_timeout_s: float = _key(5.0, "seconds an idle kept-alive connection stays open between requests",
+                                      min=0.1, max=3600)
+    send_timeout_s: float = _key(30.0, "seconds a client may accept no byte of its answer before it is "
+                                 "disconnected", min=0.1, max=3600)
+    shutdown_grace_s: float = _key(10.0, "on SIGTERM, seconds the running request has to finish before it is "
+                                   "aborted (its stream ends with an error event); waiting requests get 503 at once",
+                                   min=0, max=3600)
+    allowed_hosts: tuple[str, ...] = _key(("localhost", "127.0.0.1", "[::1]"), "Host header names (any port, or "
+                                          "name:port) accepted while the server listens on loopback without an API "
+                                          "key: the DNS-rebinding defence; [\"*\"]: any")
     model_name: str | None = _key(None, "model id in /v1/models and responses (default: the bundle's source model)")
     log_level: str = _key("info", "log verbosity", choices=("debug", "info", "warning", "error"))
     metrics_require_key: bool = _key(False, "ask for the API key on /metrics too")
     stall_timeout_s: float = _key(120.0, "a generation with no progress for this long counts as stuck: /health "
                                   "turns 503 and the systemd watchdog stops being fed", min=1, max=86400)
+    strict_model_name: bool = _key(False, "answer 404 model_not_found to a model name other than the served id and "
+                                   "its aliases (false: this one-model server answers any name)")
+    cors_origins: tuple[str, ...] = _key((), "browser origins allowed to call the API (CORS), e.g. "
+                                         "[\"http://192.168.1.20:3000\"]; [\"*\"]: any; empty: no CORS headers")
 
 
 @dataclass(frozen=True)
@@ -66,9 +96,24 @@ class Limits:
     max_image_bytes: int = _key(10 * MIB, "encoded size of one image", min=1, max=512 * MIB, kind="size")
     max_image_pixels: int = _key(50_000_000, "decoded pixels of one image (width × height), checked before decoding",
                                  min=1, max=100_000_000)
-    max_images: int = _key(4, "images in one request (0: text only)", min=0, max=64)
-    max_tokens: int = _key(1024, "the largest max_tokens a request may ask for", min=1, max=16384)
-    default_max_tokens: int = _key(256, "max_tokens when a request does not say", min=1, max=16384)
+    max_images: int = _key(32, "images in one request (0: text only); those that do not fit the context split "
+                           "are unsplit (images.default_detail) or refused", min=0, max=64)
+    max_tokens: int = _key(16384, "the most tokens one answer may have: a larger max_tokens is capped to it (and "
+                           "to the room the prompt leaves in the context), never refused; 16384 (the largest "
+                           "context a bundle can have): only the context limits an answer", min=1, max=16384)
+    default_max_tokens: int = _key(0, "max_tokens when a request does not say; 0: until the context ends (or "
+                                   "limits.max_tokens)", min=0, max=16384)
+    max_text_chars: int = _key(0, "characters of text in one request (all messages), refused before tokenizing; 0: "
+                               "8 a token of the model's context (16,384 for a 2048-token context)", min=0,
+                               max=1 << 30)
+    max_messages: int = _key(1024, "messages in one request", min=1, max=1_000_000)
+    max_parts: int = _key(256, "content parts (text and images) in one message", min=1, max=1_000_000)
+    max_decode_bytes: int = _key(512 * MIB, "memory one image may take to decode, computed from its mode and size "
+                                 "before decoding (1 byte a pixel for gray, 2 for 16-bit, 4 for RGB, RGBA and float, "
+                                 "plus the RGB copy)", min=MIB, max=64 * 1024 * MIB, kind="size")
+    max_jpeg_scans: int = _key(100, "scans in one progressive JPEG, counted before decoding (encoders write about 10; "
+                               "each is a pass over the whole image); above 10 megapixels proportionally fewer",
+                               min=1, max=1_000_000)
 
 
 @dataclass(frozen=True)
@@ -76,7 +121,16 @@ class ImageSources:
     local_dir: str | None = _key(None, "directory that image_url may point into (file:///… or an absolute path); "
                                  "unset: local paths are refused", kind="path")
     allow_remote: bool = _key(False, "fetch http(s):// image URLs (the server makes outgoing requests)")
-    remote_timeout_s: float = _key(10.0, "seconds to fetch one remote image", min=0.1, max=300)
+    remote_timeout_s: float = _key(10.0, "seconds for the whole fetch of one remote image: connecting, redirects and "
+                                   "every read (a slow sender is cut off)", min=0.1, max=300)
+    allow_private_networks: bool = _key(False, "let remote image URLs reach loopback, private, link-local and other "
+                                        "non-public addresses (off: such URLs are refused)")
+    default_detail: str = _key("auto-fit", "what an image with detail \"auto\" (or none) gets: \"high\" = split into "
+                               "tiles, \"low\" = one unsplit tile, \"auto-fit\" = split unless the request's images do "
+                               "not fit the context, then unsplit, largest first", choices=("auto-fit", "high", "low"))
+    fit_answer_tokens: int = _key(256, "auto-fit unsplits images until the prompt leaves this many tokens for the "
+                                  "answer (max_tokens if smaller; a longer answer is capped to the room left)",
+                                  min=1, max=16384)
 
 
 @dataclass(frozen=True)
@@ -127,13 +181,17 @@ def _type_name(value) -> str:
 
 def _convert(key: str, value, hint, meta: dict):
     """``value`` as the field's type, or raise ValueError with the message's tail (what to write)."""
-    optional = False
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        optional, hint = True, args[0]
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
     name = key.rsplit(".", 1)[-1]
-    if optional and value == "" and meta.get("kind") == "path":
-        return None
+    if meta.get("kind") == "path" and isinstance(value, str):
+        # An empty path is a mistake (often an unset shell variable), never "unset": for api_key_file it
+        # would silently switch the key check off. Unset means the key is absent or commented out.
+        if not value.strip():
+            raise ValueError(f"is an empty path: write the path, or remove the line (or comment it out) to leave "
+                             f"{name} unset")
+        if "\0" in value or any(c in value for c in "\r\n"):
+            raise ValueError(f"= {value!r} holds a NUL or line break: write a plain path")
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -152,12 +210,24 @@ def _convert(key: str, value, hint, meta: dict):
         raise ValueError(f"must be an integer, not {_type_name(value)} ({value!r})")
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an integer of hundreds of digits
+                number = math.inf
+            if not math.isfinite(number):  # nan passes every range check (all comparisons are false)
+                span = f" from {meta['min']:,} to {meta['max']:,}" if meta.get("max") is not None else ""
+                raise ValueError(f"must be a finite number{span}, not {str(value)[:20]}")
+            return number
         raise ValueError(f"must be a number, not {_type_name(value)} ({value!r})")
     if hint is str:
         if isinstance(value, str):
             return value
         raise ValueError(f"must be a string, not {_type_name(value)} ({value!r}): write {name} = \"…\" in quotes")
+    if typing.get_origin(hint) is tuple and typing.get_args(hint)[0] is str:  # tuple[str, ...]: an array of strings
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"must be an array of strings, e.g. {name} = [\"http://192.168.1.20:3000\"], not "
+                             f"{value!r}")
+        return tuple(value)
     if typing.get_origin(hint) is tuple:  # tuple[int, ...]: a TOML array of integers
         if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise ValueError(f"must be an array of integers, e.g. {name} = [0, 1, 2], not {value!r}")
@@ -178,8 +248,13 @@ def _check(key: str, value, meta: dict) -> str | None:
     for item in items:
         if isinstance(item, (int, float)) and not isinstance(item, bool):
             if (lo is not None and item < lo) or (hi is not None and item > hi):
-                return f"{key} = {value!r} is out of range: use a value from {lo:,} to {hi:,}"
+                return f"{key} = {_shown(value)} is out of range: use a value from {lo:,} to {hi:,}"
     return None
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}…({len(text)} characters)"
 
 
 # -- loading -----------------------------------------------------------------------------------
@@ -241,6 +316,10 @@ def config_from_dict(data: dict, source: str = "the configuration") -> ServerCon
     return config
 
 
+_ORIGIN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/\s?#]+$", re.IGNORECASE)
+_HOST = re.compile(r"^(\[[0-9a-f:.]+\]|[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?)(:\d{1,5})?$", re.IGNORECASE)
+
+
 def _cross_checks(config: ServerConfig) -> list[str]:
     problems = []
     limits = config.limits
@@ -252,6 +331,15 @@ def _cross_checks(config: ServerConfig) -> list[str]:
         problems.append(f"limits.max_body_bytes = {limits.max_body_bytes:,} cannot carry one image of "
                         f"limits.max_image_bytes = {limits.max_image_bytes:,} (base64 needs {one_image:,}): raise "
                         "max_body_bytes or lower max_image_bytes")
+    for origin in config.server.cors_origins:
+        if origin != "*" and not _ORIGIN.match(origin):
+            problems.append(f"server.cors_origins holds {origin!r}: write an origin as the browser sends it, "
+                            "scheme://host[:port] without a path or trailing slash (e.g. "
+                            "\"http://192.168.1.20:3000\"), or \"*\" for any")
+    for host in config.server.allowed_hosts:
+        if host != "*" and not _HOST.match(host):
+            problems.append(f"server.allowed_hosts holds {host!r}: write a host name as clients type it, without "
+                            "scheme or path (e.g. \"myboard.local\" or \"myboard.local:8080\"), or \"*\" for any")
     local = config.images.local_dir
     if local and not Path(local).is_absolute():
         problems.append(f"images.local_dir = {local!r} must be an absolute path, e.g. \"/srv/images\"")
@@ -286,6 +374,9 @@ def load_config(path: str | os.PathLike | None) -> ServerConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML ({exc}): fix the line it names") from None
+    except ValueError as exc:  # tomllib's int() of a number over 4,300 digits
+        raise ConfigError(f"config file {path} holds a number TOML cannot read ({str(exc)[:80]}): write a "
+                          "smaller one") from None
     return config_from_dict(data, str(path))
 
 
@@ -301,6 +392,10 @@ def with_overrides(config: ServerConfig, overrides: dict[str, object], source: s
         (data[section] if section else data)[name] = value
     if isinstance(data.get("npu_cores"), tuple):
         data["npu_cores"] = list(data["npu_cores"])
+    if isinstance(data["server"].get("cors_origins"), tuple):
+        data["server"]["cors_origins"] = list(data["server"]["cors_origins"])
+    if isinstance(data["server"].get("allowed_hosts"), tuple):
+        data["server"]["allowed_hosts"] = list(data["server"]["allowed_hosts"])
     for key in [k for k, v in data.items() if v is None]:
         del data[key]
     for section in _SECTIONS:
@@ -309,22 +404,80 @@ def with_overrides(config: ServerConfig, overrides: dict[str, object], source: s
 
 
 def read_api_key(path: str | os.PathLike) -> str:
-    """The API key in ``path`` (surrounding whitespace dropped)."""
+    """The API key in ``path``: a regular file of at most ``API_KEY_MAX_BYTES`` holding one word of printable
+    ASCII (surrounding whitespace dropped). A file that others may read is accepted with a logged warning."""
     path = Path(path)
+    where = f"server.api_key_file {path}"
     try:
-        key = path.read_text(encoding="utf-8").strip()
+        kind = _file_kind(os.stat(path).st_mode)  # before opening: opening a FIFO blocks, a device may not end
+        if kind:
+            raise ConfigError(f"{where} is {kind}, not a regular file: write the key into a file, e.g. "
+                              f"'openssl rand -hex 32 > /etc/rksmolvlm/api_key'")
+        # O_NONBLOCK: if the path became a FIFO since the stat, the open still returns and fstat refuses it.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0))
     except FileNotFoundError:
-        raise ConfigError(f"server.api_key_file {path} does not exist: create it (e.g. "
-                          f"'openssl rand -hex 32 > {path}') or remove the key") from None
+        raise ConfigError(f"{where} does not exist: create it (e.g. 'openssl rand -hex 32 > {path}') or remove "
+                          "the key") from None
     except OSError as exc:
-        raise ConfigError(f"cannot read server.api_key_file {path} ({exc.strerror}): make it readable by the service "
-                          "user (e.g. chgrp rksmolvlm, chmod 640)") from None
+        raise ConfigError(f"cannot read {where} ({exc.strerror}): make it readable by the service user (e.g. "
+                          "chown root:rksmolvlm, chmod 640)") from None
+    try:
+        info = os.fstat(fd)
+        if _file_kind(info.st_mode):
+            raise ConfigError(f"{where} is {_file_kind(info.st_mode)}, not a regular file: write the key into a file")
+        data = b""
+        if info.st_size <= API_KEY_MAX_BYTES:  # the size can lie (/proc) or grow: the read is bounded as well
+            while chunk := os.read(fd, API_KEY_MAX_BYTES + 1 - len(data)):
+                data += chunk
+                if len(data) > API_KEY_MAX_BYTES:
+                    break
+    except OSError as exc:
+        raise ConfigError(f"cannot read {where} ({exc.strerror}): check the file") from None
+    finally:
+        os.close(fd)
+    if info.st_size > API_KEY_MAX_BYTES or len(data) > API_KEY_MAX_BYTES:
+        raise ConfigError(f"{where} is larger than {API_KEY_MAX_BYTES:,} bytes: it should hold one key, e.g. "
+                          f"'openssl rand -hex 32 > {path}' (is it the right file?)")
+    try:
+        key = data.decode("utf-8").strip()
     except UnicodeDecodeError:
-        raise ConfigError(f"server.api_key_file {path} is not text: write the key as one line") from None
+        raise ConfigError(f"{where} is not text: write the key as one line") from None
     if not key or any(c.isspace() for c in key):
-        raise ConfigError(f"server.api_key_file {path} must hold one key without spaces (it is "
+        raise ConfigError(f"{where} must hold one key without spaces (it is "
                           f"{'empty' if not key else 'several words'}): e.g. 'openssl rand -hex 32 > {path}'")
+    if not all("!" <= c <= "~" for c in key):
+        raise ConfigError(f"{where} holds characters other than printable ASCII, which clients cannot send in an "
+                          f"Authorization header: e.g. 'openssl rand -hex 32 > {path}'")
     if len(key) < 16:
         raise ConfigError(f"the API key in {path} is {len(key)} characters: use at least 16 "
                           "(e.g. 'openssl rand -hex 32')")
+    exposure = _key_file_exposure(info)
+    if exposure:
+        log.warning("%s is %s (mode %04o): anyone who can read it can use the model; chmod 600 it, or give it "
+                    "the layout install.sh makes (owner root, group of the service, chmod 640)", where, exposure,
+                    stat.S_IMODE(info.st_mode))
     return key
+
+
+def _file_kind(mode: int) -> str | None:
+    """What a non-regular file is ("a directory", "a FIFO", …), or None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a special file"  # pragma: no cover
+
+
+def _key_file_exposure(info: os.stat_result) -> str | None:
+    """Who besides the service may read or change a key file, or None. Group read is expected in one layout:
+    owned by root, group = the server's own group (install.sh: root:rksmolvlm, mode 640)."""
+    mode = info.st_mode
+    if mode & (stat.S_IROTH | stat.S_IWOTH):
+        return "readable by every user" if mode & stat.S_IROTH else "writable by every user"
+    if mode & stat.S_IWGRP:
+        return "writable by its group"
+    if mode & stat.S_IRGRP and not (info.st_uid == 0 and info.st_gid == os.getegid()):
+        return "readable by its group"
+    return None

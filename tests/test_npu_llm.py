@@ -184,20 +184,30 @@ def test_history_kept_across_turns_and_cleared(setup, bundle):
     assert double.lib.double_history_tokens() == 0
 
 
-def test_sampling_values_reach_the_runtime(setup, bundle):
+def test_sampling_values_reach_the_runtime(setup, bundle, libraries, tmp_path):
     abi, double, engine = setup
-    config = GenerationConfig(max_new_tokens=8, temperature=0.7, top_k=20, top_p=0.8, repeat_penalty=1.1)
+    config = GenerationConfig(max_new_tokens=8, temperature=0.7, top_k=20, top_p=0.8, repeat_penalty=1.1,
+                              frequency_penalty=0.5, presence_penalty=-0.25)
     double.push(bundle.stop_ids[0], b"")
     run = lambda: engine.generate(np.zeros((3, bundle.manifest.model.text_hidden_size), np.float32),  # noqa
                                   config, False, PerfStats())
     if abi == "1.2":  # sampling is fixed at init in 1.2.x
         with pytest.raises(EngineError, match="only at start-up"):
             list(run())
+        penalties_only = GenerationConfig(max_new_tokens=8, frequency_penalty=0.5)
+        with pytest.raises(EngineError, match="only at start-up"):  # the penalties are start-up values too
+            list(engine.generate(np.zeros((3, bundle.manifest.model.text_hidden_size), np.float32), penalties_only,
+                                 False, PerfStats()))
+        started = RkllmEngine(tmp_path / "llm.rkllm", libraries["1.2"], "1.2", bundle.max_context, config)
+        init = double.json("double_init_json")
+        assert abs(init["frequency_penalty"] - 0.5) < 1e-6 and abs(init["presence_penalty"] + 0.25) < 1e-6
+        started.close()
         return
     list(run())
     sampling = double.json("double_last_run_json")["sampling"]
     assert sampling["top_k"] == 20 and abs(sampling["top_p"] - 0.8) < 1e-6
     assert abs(sampling["temperature"] - 0.7) < 1e-6 and abs(sampling["repeat_penalty"] - 1.1) < 1e-6
+    assert abs(sampling["frequency_penalty"] - 0.5) < 1e-6 and abs(sampling["presence_penalty"] + 0.25) < 1e-6
     assert double.json("double_last_run_json")["max_new_tokens"] == 8
 
 

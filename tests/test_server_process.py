@@ -118,6 +118,8 @@ def test_check_prints_the_settings(preview_bundles, tmp_path):
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "listen: 127.0.0.1:9999" in result.stdout and "api key: none" in result.stdout
+    assert "connections: at most 256; head 10 s" in result.stdout and "stop grace 10 s" in result.stdout
+    assert "host check: localhost, 127.0.0.1, [::1]" in result.stdout
     assert result.stdout.rstrip().endswith("ok")
 
 

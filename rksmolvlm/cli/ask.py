@@ -16,6 +16,9 @@ def add_parser(verbs) -> None:
     add_runtime_arguments(p)
     p.add_argument("--image", action="append", default=[], type=Path, help="an image (repeat for several)")
     p.add_argument("--prompt", required=True, help="the question or instruction")
+    p.add_argument("--detail", choices=("auto", "low", "high"), default="auto",
+                   help="low = each image as one unsplit tile, high = split into tiles as the model's processor "
+                        "does, auto (default) = split unless the images do not fit the context")
     p.add_argument("--json", action="store_true", help="print text, token ids and timings as JSON")
     p.set_defaults(run=run)
 
@@ -25,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     runner, config = open_runner(args)
     try:
-        message = Message("user", (*(ImagePart(path) for path in args.image), TextPart(args.prompt)))
+        message = Message("user", (*(ImagePart(path, args.detail) for path in args.image), TextPart(args.prompt)))
         generation = runner.generate([message], config)
         if args.json:
             generation.consume()

@@ -18,9 +18,13 @@ from typing import Any, Callable, Sequence, Union
 
 from PIL import Image
 
-__all__ = ["TextPart", "ImagePart", "VideoPart", "Part", "Message", "ROLES", "conversation", "image_parts"]
+__all__ = ["TextPart", "ImagePart", "VideoPart", "Part", "Message", "ROLES", "DETAILS", "conversation",
+           "image_parts"]
 
 ROLES = ("system", "user", "assistant")
+# OpenAI's image detail: "low" = one unsplit tile, "high" = the processor's full split, "auto" = the
+# runner's default (see runtime/runner.py: split, unsplit when the images would not fit the context).
+DETAILS = ("auto", "low", "high")
 
 ImageSource = Union[str, os.PathLike, bytes, Image.Image]
 
@@ -32,11 +36,17 @@ class TextPart:
 
 @dataclass(frozen=True, eq=False)
 class ImagePart:
-    """An image as the user gave it: a file path, the file's bytes or a PIL image. Its ``key`` is
-    the sha256 of the bytes (of the PNG encoding for a PIL image): equal images share features."""
+    """An image as the user gave it: a file path, the file's bytes or a PIL image, and how much
+    detail it wants (``DETAILS``). Its ``key`` is the sha256 of the bytes (of the PNG encoding for
+    a PIL image): equal images share features (per split mode: the feature cache adds the mode)."""
 
     source: ImageSource
+    detail: str = "auto"
     _key: list = field(default_factory=list, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.detail not in DETAILS:
+            raise ValueError(f"image detail {self.detail!r} is not one of {', '.join(DETAILS)}")
 
     @property
     def key(self) -> str:
@@ -87,7 +97,8 @@ class Message:
 
 def conversation(messages: Sequence[Any], resolve: Callable[[Any], ImageSource] | None = None) -> list[Message]:
     """Dict messages (or Message records, kept as they are) → Message records. Image parts carry
-    their source under ``image`` (``resolve`` maps it, e.g. a file name to a path)."""
+    their source under ``image`` (``resolve`` maps it, e.g. a file name to a path) and optionally
+    ``detail`` ("auto", "low" or "high")."""
     out = []
     for i, message in enumerate(messages):
         if isinstance(message, Message):
@@ -116,7 +127,10 @@ def conversation(messages: Sequence[Any], resolve: Callable[[Any], ImageSource] 
                 if "image" not in part:
                     raise ValueError(f"message {i} part {j}: an image part needs its source under 'image' "
                                      "(a path, bytes or PIL image)")
-                parts.append(ImagePart(resolve(part["image"]) if resolve else part["image"]))
+                detail = part.get("detail", "auto")
+                if detail not in DETAILS:
+                    raise ValueError(f"message {i} part {j}: detail {detail!r} is not one of {', '.join(DETAILS)}")
+                parts.append(ImagePart(resolve(part["image"]) if resolve else part["image"], detail))
             elif kind == "video":
                 parts.append(VideoPart(part.get("video")))
             else:

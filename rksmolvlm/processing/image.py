@@ -22,15 +22,17 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps
 
-from rksmolvlm.errors import ImageError
+from rksmolvlm.errors import ImageDecodeTooLargeError, ImageError, ImageTooManyPixelsError
+from rksmolvlm.processing.image_safety import (DEFAULT_MAX_PIXELS, DeadlineReader, DecodeLimits, check_decodable,
+                                               check_jpeg)
 
 __all__ = [
-    "ImageSettings", "TiledImage", "ImageSource", "DEFAULT_MAX_PIXELS",
-    "load_image", "tile_image", "normalize", "preprocess",
+    "ImageSettings", "TiledImage", "ImageSource", "DEFAULT_MAX_PIXELS", "IMAGE_FORMATS", "DecodeLimits",
+    "load_image", "tile_image", "split_layout", "image_size", "normalize", "preprocess",
 ]
 
 MAX_IMAGE_SIZE = 4096  # transformers caps the resized image at 4k on its longest edge
-DEFAULT_MAX_PIXELS = 100_000_000  # decoded pixels; larger inputs are refused before decoding
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # the only decoders untrusted bytes reach
 
 ImageSource = Union[str, os.PathLike, bytes, Image.Image]
 
@@ -75,55 +77,111 @@ class TiledImage:
         return int(self.tiles.shape[0])
 
 
-def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS,
+               limits: DecodeLimits | None = None) -> Image.Image:
     """Decode a file path, bytes or PIL image into an RGB PIL image (EXIF orientation applied,
-    transparency composited on white). Refuses images over ``max_pixels`` before decoding."""
+    transparency composited on white). Before decoding, refuses what is over ``limits`` (default:
+    ``DecodeLimits(max_pixels)``): the pixel count, the side, the decode memory by mode and size, a
+    JPEG's scan count; while decoding, a decode that outlives ``limits.max_decode_seconds``. Each
+    refusal is an ImageError subclass whose ``code`` names it (see ``image_safety``)."""
+    limits = limits or DecodeLimits(max_pixels=max_pixels)
+    reader = None
     if isinstance(source, Image.Image):
         image = source
+        check_decodable(image, limits)
     else:
+        data = _read_source(source)
+        jpeg = check_jpeg(data, limits)
+        reader = DeadlineReader(data, limits.max_decode_seconds)
         try:
-            if isinstance(source, (bytes, bytearray)):
-                if not source:
-                    raise ImageError("the image is empty (0 bytes): send the image file's contents")
-                image = Image.open(io.BytesIO(source))
-            else:
-                path = Path(source)
-                if not path.is_file():
-                    raise ImageError(f"image file not found: {path}")
-                image = Image.open(path)
-        except ImageError:
-            raise
+            image = Image.open(reader, formats=IMAGE_FORMATS)
         except Image.DecompressionBombError as exc:
-            raise ImageError(f"image refused as a decompression bomb ({exc}): its pixel count is over the limit of "
-                             f"{max_pixels:,}; downscale it first") from exc
-        except (OSError, ValueError) as exc:
+            raise ImageTooManyPixelsError(f"image refused as a decompression bomb ({exc}): its pixel count is over the "
+                                          f"limit of {limits.max_pixels:,}; downscale it first") from exc
+        except (OSError, ValueError, SyntaxError, EOFError) as exc:
             raise ImageError(f"cannot decode the image ({exc}): use a PNG, JPEG, WebP, BMP, GIF or TIFF file") from exc
-    width, height = image.size
-    if width * height > max_pixels:
-        raise ImageError(
-            f"image is {width}×{height} = {width * height:,} pixels, over the limit of {max_pixels:,}: "
-            "downscale it first or raise the pixel limit")
-    if width < 1 or height < 1:
-        raise ImageError(f"image has no pixels ({width}×{height})")
+        check_decodable(image, limits, jpeg, data)
     try:
+        if reader is not None:
+            reader.start()
         image.load()
-        image = ImageOps.exif_transpose(image)
+        image = _upright(image, owned=reader is not None)
         return _to_rgb(image)
-    except (OSError, ValueError, SyntaxError) as exc:
+    except MemoryError:
+        raise ImageDecodeTooLargeError(f"decoding the {image.width}×{image.height} image ran out of memory: downscale "
+                                       "it") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageError(f"cannot decode the image ({exc}): the file looks truncated or corrupt") from exc
 
 
+def _read_source(source: str | os.PathLike | bytes) -> bytes:
+    if isinstance(source, (bytes, bytearray)):
+        data = bytes(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ImageError(f"image file not found: {path}")
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ImageError(f"cannot read the image file {path} ({exc.strerror or exc}): check the path") from None
+    if not data:
+        raise ImageError("the image is empty (0 bytes): send the image file's contents")
+    return data
+
+
+def _upright(image: Image.Image, owned: bool) -> Image.Image:
+    """The image turned as its EXIF orientation says; an image we opened is turned in place (no copy)."""
+    if owned:
+        ImageOps.exif_transpose(image, in_place=True)
+        return image
+    return ImageOps.exif_transpose(image)
+
+
+_HIGH_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+_BAND_PIXELS = 1 << 20  # pixels converted at a time where conversion needs work buffers
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        array = np.asarray(image).astype(np.float64)
-        scale = 255.0 / 65535.0 if image.mode != "F" and array.max(initial=0) > 255 else 1.0
-        image = Image.fromarray(np.clip(np.rint(array * scale), 0, 255).astype(np.uint8), mode="L")
+    """RGB. 16-bit, float and transparent images are converted a band of rows at a time (each band
+    exactly as the whole image would be), so the work buffers stay small beside the RGB result."""
+    if image.mode in _HIGH_DEPTH:
+        peak = max((int(np.asarray(band).max(initial=0)) for band in _bands(image)), default=0) \
+            if image.mode != "F" else 0
+        scale = 255.0 / 65535.0 if peak > 255 else 1.0
+        return _banded(image, lambda band: _eight_bit(band, scale).convert("RGB"))
     # The same rule as transformers.image_transforms.convert_to_rgb.
     if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+        return _banded(image, _on_white)
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _eight_bit(image: Image.Image, scale: float) -> Image.Image:
+    array = np.asarray(image).astype(np.float64)
+    return Image.fromarray(np.clip(np.rint(array * scale), 0, 255).astype(np.uint8), mode="L")
+
+
+def _on_white(image: Image.Image) -> Image.Image:
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _bands(image: Image.Image):
+    rows = max(1, _BAND_PIXELS // image.width)
+    for top in range(0, image.height, rows):
+        yield image.crop((0, top, image.width, min(top + rows, image.height)))
+
+
+def _banded(image: Image.Image, convert) -> Image.Image:
+    if image.width * image.height <= _BAND_PIXELS:
+        return convert(image)
+    out = Image.new("RGB", image.size)
+    top = 0
+    for band in _bands(image):
+        out.paste(convert(band), (0, top))
+        top += band.height
+    return out
 
 
 def _scaled_to_longest_edge(height: int, width: int, longest: int) -> tuple[int, int]:
@@ -180,6 +238,41 @@ def tile_image(image: Image.Image, settings: ImageSettings) -> TiledImage:
             tiles[r * cols + c] = pixels[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile]
     tiles[-1] = np.asarray(_resize(image, tile, tile, settings.resample))
     return TiledImage(tiles, rows, cols)
+
+
+def split_layout(width: int, height: int, settings: ImageSettings) -> tuple[int, int]:
+    """The (rows, cols) ``tile_image`` gives an image of this size, without touching pixels."""
+    tile = settings.tile_size
+    if not settings.do_image_splitting:
+        return 0, 0
+    height, width = _scaled_to_longest_edge(height, width, settings.longest_edge)
+    height, width = _rounded_to_tiles(height, width, tile)
+    if height <= tile and width <= tile:
+        return 0, 0
+    return (height - tile) // tile + 1, (width - tile) // tile + 1
+
+
+def image_size(source: ImageSource) -> tuple[int, int] | None:
+    """The (width, height) ``load_image`` would give, from the header alone (no pixel is decoded),
+    or None when the header cannot be read. EXIF orientation counts when the header carries it: a
+    PNG's eXIf chunk after the pixel data is not seen, so callers treat the size as a prediction."""
+    try:
+        if isinstance(source, Image.Image):
+            return _display_size(source)
+        opened = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else Path(source),
+                            formats=IMAGE_FORMATS)
+        with opened:
+            return _display_size(opened)
+    except Exception:  # noqa: BLE001 - any unreadable header: load_image reports it properly
+        return None
+
+
+def _display_size(image: Image.Image) -> tuple[int, int]:
+    width, height = image.size
+    if image.format == "PNG" and "exif" not in image.info:
+        return width, height  # PngImageFile.getexif() would decode the whole image to look further
+    orientation = image.getexif().get(0x0112, 1)  # ExifTags.Base.Orientation
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 def normalize(tiles: np.ndarray, settings: ImageSettings) -> np.ndarray:

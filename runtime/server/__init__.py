@@ -10,6 +10,16 @@ One room per responsibility:
 - ``metrics``: Metrics, rendered as Prometheus text.
 - ``notify``: SystemdNotifier, sd_notify READY / WATCHDOG / STOPPING over ``$NOTIFY_SOCKET``.
 - ``http``: create_app, the Starlette endpoints, server-sent events, the access log.
+- ``ollama``: the Ollama API beside the OpenAI one (``/api/chat``, ``/api/generate``, ``/api/tags``,
+  ``/api/show``, ``/api/ps``, ``/api/version``): Ollama bodies translated into chat completion bodies
+  for the same reader and queue, NDJSON streams, ``{"error": message}`` errors.
+- ``remote``: fetching remote images (http/https only, public addresses only unless allowed, redirects
+  re-checked, one total deadline, generic errors).
+- ``cors``: CORS for browser apps (``server.cors_origins``), preflights answered before the key check.
+- ``guards``: what a cross-site page or a rebinding DNS name could send: POST must be JSON, the Host
+  allow-list on a keyless loopback server, foreign Origins refused.
+- ``connections``: uvicorn's h11 protocol with header, body, keep-alive and send time limits and a
+  connection cap that evicts idle sockets, so idle or slow clients never lock out /health.
 - ``process``: uvicorn (foreground or BackgroundServer), logging, and the command: add_serve_arguments,
   resolve_config, build_app, serve_command.
 """

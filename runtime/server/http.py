@@ -2,8 +2,9 @@
 
 ``POST /v1/chat/completions`` (``stream: true`` → server-sent events), ``GET /v1/models``,
 ``GET /health`` (200 once the bundle is loaded, 503 while loading, failed or stuck),
-``GET /health/live``, ``GET /metrics`` (Prometheus text). A client that goes away, or a request
-over its time limit, aborts its generation.
+``GET /health/live``, ``GET /metrics`` (Prometheus text), and the Ollama API under ``/api``
+(runtime/server/ollama.py). A client that goes away, or a request over its time limit, aborts its
+generation.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import AsyncIterator, Callable
 
 from rksmolvlm import __version__
 from rksmolvlm.runtime.server_config import ServerConfig
+from rksmolvlm.runtime.server.cors import Cors
+from rksmolvlm.runtime.server.guards import RequestGuard
 from rksmolvlm.runtime.server.metrics import _rss_bytes
 from rksmolvlm.runtime.server.notify import SystemdNotifier
 from rksmolvlm.runtime.server.requests import ApiError, ChatRequest, RequestReader
@@ -39,19 +42,27 @@ def create_app(service: ModelService, config: ServerConfig, *, api_key: str | No
     from starlette.exceptions import HTTPException
     from starlette.routing import Route
 
+    from rksmolvlm.runtime.server.ollama import ollama_routes
+
     api = _Api(service, config, api_key, notifier or SystemdNotifier(None), on_fatal)
     routes = [
         Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
         Route("/v1/models", api.models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", api.retrieve_model, methods=["GET"]),
+        Route("/props", api.props, methods=["GET"]),  # llama.cpp's server properties (Frigate reads them)
         Route("/health", api.health, methods=["GET"]),
         Route("/health/ready", api.health, methods=["GET"]),
         Route("/health/live", api.live, methods=["GET"]),
         Route("/metrics", api.metrics_text, methods=["GET"]),
         Route("/", api.index, methods=["GET"]),
+        *ollama_routes(api),  # /api/*: the Ollama API (runtime/server/ollama.py)
     ]
     app = Starlette(routes=routes, lifespan=api.lifespan,
                     exception_handlers={ApiError: api.on_api_error, HTTPException: api.on_http_error})
+    # Host, Origin and Content-Type checks (runtime/server/guards.py), inside CORS: its refusals carry CORS headers
+    app.add_middleware(RequestGuard, config=config, api_key=api_key, on_refuse=api.note_refused)
+    if config.server.cors_origins:  # inside the request log: preflights are logged and counted too
+        app.add_middleware(Cors, origins=config.server.cors_origins)
     app.add_middleware(_RequestLog, api=api)
     app.state.api = api
     return app
@@ -121,13 +132,18 @@ class _Api:
         _note(request.scope, error=error.code)
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
+    def note_refused(self, scope, error: ApiError) -> None:
+        """A request refused before routing (runtime/server/guards.py): counted and logged like the rest."""
+        self.metrics.inc("rksmolvlm_errors_total", code=error.code)
+        _note(scope, error=error.code)
+
     async def on_api_error(self, request, exc: ApiError):
         return self.error_response(request, exc)
 
     async def on_http_error(self, request, exc):
         if exc.status_code == 404:
             error = ApiError(404, f"no endpoint at {request.url.path}: use /v1/chat/completions, /v1/models, "
-                             "/health or /metrics", "not_found")
+                             "/health, /metrics or the Ollama API under /api", "not_found")
         elif exc.status_code == 405:
             error = ApiError(405, f"{request.method} is not allowed on {request.url.path}", "method_not_allowed",
                              headers=dict(exc.headers or {}))
@@ -150,30 +166,36 @@ class _Api:
             raise ApiError(401, "the API key is not valid: send 'Authorization: Bearer KEY' with the key from the "
                            "server's server.api_key_file", "invalid_api_key", headers=challenge)
 
+    async def admit(self, request, read: Callable[[bytes], object]):
+        """The common entry of the generating endpoints: the key, a ready model, the body within
+        its limit, then ``read(body)`` off the event loop. None when the client left meanwhile."""
+        self.authorize(request)
+        if self.service.state != "ready":
+            raise self.service.unavailable()
+        try:
+            body = await _read_body(request, self.config.limits.max_body_bytes)
+        except _ClientGone:
+            return None
+        return await asyncio.get_running_loop().run_in_executor(None, read, body)
+
     # -- endpoints -----------------------------------------------------------------------------
     async def chat_completions(self, request):
         from starlette.responses import JSONResponse, Response
 
-        self.authorize(request)
-        if self.service.state != "ready":
-            raise self.service.unavailable()
         request_id = request.scope["state"]["request_id"]
-        try:
-            body = await _read_body(request, self.config.limits.max_body_bytes)
-        except _ClientGone:
+        chat = await self.admit(request, self.reader.read)
+        if chat is None:
             return Response(status_code=499)
-        chat = await asyncio.get_running_loop().run_in_executor(None, self.reader.read, body)
         _note(request.scope, images=chat.images, image_bytes=chat.image_bytes, stream=chat.stream,
               max_tokens=chat.config.max_new_tokens)
         job = self.service.submit(chat, asyncio.get_running_loop(), request_id)
         exchange = _Exchange(job, self.service, request.receive, self.config.server.request_timeout_s)
-        handed_over = False
+        if chat.stream:  # the role chunk goes out now: queue wait and prefill do not eat the client's first-byte
+            # timeout; what fails after this point (context, image, 504, 503) is an error event in the stream
+            return _EventStream(self._sse(request, exchange, None, chat), on_close=exchange.close,
+                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
             event = await exchange.next()
-            if chat.stream and event[0] != "error":
-                handed_over = True
-                return _EventStream(self._sse(request, exchange, event, chat),
-                                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             while event[0] == "delta":
                 event = await exchange.next()
             kind, value = event
@@ -184,10 +206,10 @@ class _Api:
         except _ClientGone:
             return Response(status_code=499)
         finally:
-            if not handed_over:
-                exchange.close()
+            exchange.close()
 
     async def _sse(self, request, exchange: "_Exchange", first, chat: ChatRequest) -> AsyncIterator[bytes]:
+        """The stream: the role chunk at once, then the job's events (``first``, if given, then the rest)."""
         request_id = request.scope["state"]["request_id"]
         created = int(time.time())
         base = {"id": f"chatcmpl-{request_id}", "object": "chat.completion.chunk", "created": created,
@@ -202,7 +224,7 @@ class _Api:
 
         try:
             yield chunk({"role": "assistant", "content": ""})
-            event = first
+            event = first if first is not None else await exchange.next()
             while True:
                 kind, value = event
                 if kind == "delta":
@@ -221,6 +243,8 @@ class _Api:
                     self.metrics.inc("rksmolvlm_errors_total", code=value.code)
                     _note(request.scope, error=value.code)
                     yield _sse_data(value.body())
+                    if value.code == "shutting_down":  # the server stops: the stream still ends as streams do
+                        yield b"data: [DONE]\n\n"
                     return
                 event = await exchange.next()
         except _ClientGone:
@@ -245,8 +269,20 @@ class _Api:
         _note(request.scope, prompt_tokens=answer.prompt_tokens, completion_tokens=len(answer.token_ids),
               finish=answer.finish_reason, queue_ms=round(answer.queue_ms))
 
+    def _input_modalities(self) -> list[str]:
+        vision = self.model.details.get("vision_dtype") is not None and self.config.limits.max_images > 0
+        return ["text", "image"] if vision else ["text"]
+
     def _model_card(self) -> dict:
+        """OpenAI's model object plus what clients look for: the context (vLLM's max_model_len,
+        context_length, llama.cpp's meta.n_ctx) and the input modalities (top level and OpenRouter's /
+        llama.cpp's architecture object)."""
+        context, inputs = self.model.max_context, self._input_modalities()
         return {"id": self.model.id, "object": "model", "created": self.model.created, "owned_by": "rksmolvlm",
+                "max_model_len": context, "context_length": context, "input_modalities": inputs,
+                "output_modalities": ["text"],
+                "architecture": {"input_modalities": inputs, "output_modalities": ["text"]},
+                "meta": {"n_ctx": context}, "aliases": list(self.model.aliases),
                 "rksmolvlm": {**self.model.details, "aliases": list(self.model.aliases)}}
 
     async def models(self, request):
@@ -259,10 +295,30 @@ class _Api:
         from starlette.responses import JSONResponse
 
         self.authorize(request)
-        if request.path_params["model_id"] not in self.model.names:
-            raise ApiError(404, f"the model {request.path_params['model_id']!r} is not served here: use "
+        if self.config.server.strict_model_name and request.path_params["model_id"] not in self.model.names:
+            raise ApiError(404, f"the model {request.path_params['model_id'][:64]!r} is not served here: use "
                            f"{self.model.id!r}", "model_not_found", "model")
-        return JSONResponse(self._model_card())
+        return JSONResponse(self._model_card())  # a one-model server answers any name with its model
+
+    async def props(self, request):
+        """What llama.cpp's server reports at GET /props, in its field names: the context, one slot,
+        the modalities and the defaults a request gets."""
+        from starlette.responses import JSONResponse
+
+        self.authorize(request)
+        limits, context = self.config.limits, self.model.max_context
+        # llama.cpp's n_predict -1: until the context ends
+        n_predict = limits.default_max_tokens or (limits.max_tokens if limits.max_tokens < context else -1)
+        params = {"n_predict": n_predict, "max_tokens": n_predict, "temperature": 0.0, "top_k": 0, "top_p": 1.0,
+                  "repeat_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "stop": []}
+        return JSONResponse({
+            "default_generation_settings": {"id": 0, "id_task": -1, "n_ctx": context, "speculative": False,
+                                            "is_processing": bool(self.service.snapshot()["running"]),
+                                            "params": params},
+            "total_slots": 1, "model_path": self.model.id, "model_alias": self.model.id, "chat_template": "",
+            "chat_template_caps": {"supports_tools": False, "supports_tool_calls": False},
+            "modalities": {"vision": "image" in self._input_modalities(), "audio": False},
+            "build_info": _FINGERPRINT, "is_sleeping": False})
 
     async def health(self, request):
         from starlette.responses import JSONResponse
@@ -306,8 +362,9 @@ class _Api:
         from starlette.responses import JSONResponse
 
         return JSONResponse({"name": "rksmolvlm", "version": __version__, "model": self.model.id,
-                             "endpoints": ["POST /v1/chat/completions", "GET /v1/models", "GET /health",
-                                           "GET /metrics"]})
+                             "endpoints": ["POST /v1/chat/completions", "GET /v1/models", "GET /props", "GET /health",
+                                           "GET /metrics", "POST /api/chat", "POST /api/generate", "GET /api/tags",
+                                           "POST /api/show", "GET /api/ps", "GET /api/version"]})
 
 
 _FINGERPRINT = f"rksmolvlm-{__version__}"
@@ -361,12 +418,22 @@ class _Exchange:
         loop = asyncio.get_running_loop()
         self._watcher = loop.create_task(self._watch(receive))
         remaining = max(0.0, job.received + timeout_s - time.monotonic())
-        self._timer = loop.call_later(remaining, job.events.put_nowait, ("timeout", None))
+        self._timer = loop.call_later(remaining, self._expire)
+
+    def _expire(self) -> None:
+        """The deadline: the job is dropped or aborted now, even while the response waits on a slow
+        reader; its answer is the 504."""
+        where = "while running" if self.job.started is not None else "waiting in the queue"
+        self.service.cancel(self.job, "timeout", ApiError(
+            504, f"the request took longer than server.request_timeout_s = {self.timeout_s:g} s ({where}) and was "
+            "stopped: ask for fewer max_tokens or smaller images, or retry when the server is less busy",
+            "request_timeout"))
 
     async def _watch(self, receive) -> None:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
+                self.service.cancel(self.job, "client_disconnect")  # now, not when the response next looks
                 self.job.events.put_nowait(("gone", None))
                 return
 
@@ -377,12 +444,6 @@ class _Exchange:
         if kind == "gone":
             self.service.cancel(self.job, "client_disconnect")
             raise _ClientGone
-        if kind == "timeout":
-            self.service.cancel(self.job, "timeout")
-            where = ("while running" if self.job.started is not None else "waiting in the queue")
-            return "error", ApiError(504, f"the request took longer than server.request_timeout_s = "
-                                     f"{self.timeout_s:g} s ({where}) and was stopped: ask for fewer max_tokens or "
-                                     "smaller images, or retry when the server is less busy", "request_timeout")
         return kind, value
 
     def close(self) -> None:
@@ -395,8 +456,10 @@ class _EventStream:
     """A text/event-stream response that always closes its generator (cancelling the job) when the
     client goes away or the server stops."""
 
-    def __init__(self, chunks: AsyncIterator[bytes], headers: dict[str, str]):
+    def __init__(self, chunks: AsyncIterator[bytes], headers: dict[str, str],
+                 on_close: Callable[[], None] | None = None):
         self.chunks = chunks
+        self.on_close = on_close  # also when the generator never started (closing it would not run its finally)
         self.headers = {"content-type": "text/event-stream; charset=utf-8",
                         **{k.lower(): v for k, v in headers.items()}}
 
@@ -411,13 +474,17 @@ class _EventStream:
             pass
         finally:
             await self.chunks.aclose()
+            if self.on_close is not None:
+                self.on_close()
 
 
 class _RequestLog:
     """ASGI middleware: request ids, one access-log line per request (sizes and counts, never
     content), request counters, and a JSON 500 without a stack trace for anything unexpected."""
 
-    _PATHS = {"/v1/chat/completions", "/v1/models", "/health", "/health/ready", "/health/live", "/metrics", "/"}
+    _PATHS = {"/v1/chat/completions", "/v1/models", "/health", "/health/ready", "/health/live", "/metrics", "/",
+              "/props",
+              "/api/version", "/api/tags", "/api/show", "/api/ps", "/api/chat", "/api/generate"}
 
     def __init__(self, app, api: _Api):
         self.app = app

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ipaddress
 import json
 import logging
 import os
@@ -24,6 +23,8 @@ from rksmolvlm import __version__
 from rksmolvlm.errors import RkSmolVLMError
 from rksmolvlm.runtime.server_config import (CONFIG_ENV, DEFAULT_CONFIG_PATH, ConfigError, ServerConfig, load_config,
                                              read_api_key, with_overrides)
+from rksmolvlm.runtime.server.connections import ConnectionBook, ConnectionLimits, protocol_class
+from rksmolvlm.runtime.server.guards import is_loopback
 from rksmolvlm.runtime.server.http import create_app
 from rksmolvlm.runtime.server.metrics import Metrics
 from rksmolvlm.runtime.server.notify import SystemdNotifier
@@ -74,12 +75,21 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _uvicorn_config(app, config: ServerConfig, log_level: str | None = None):
+def _uvicorn_config(app, config: ServerConfig, book: ConnectionBook, log_level: str | None = None):
+    """uvicorn on our h11 protocol (runtime/server/connections.py: header, body, idle and send time
+    limits, and a connection cap that closes idle sockets rather than refusing requests — so no
+    ``limit_concurrency``, whose 503s idle sockets could trigger). A stop waits for the running
+    request's grace (service.drain) plus time for its answer to go out."""
     uvicorn = _uvicorn()
-    return uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", http="h11", ws="none",
-                          loop="asyncio", limit_concurrency=config.server.max_connections, timeout_keep_alive=5,
-                          timeout_graceful_shutdown=10, server_header=False, proxy_headers=False,
-                          log_level=log_level or config.server.log_level)
+    server = config.server
+    return uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", http=protocol_class(book),
+                          ws="none", loop="asyncio", limit_concurrency=None,
+                          timeout_keep_alive=server.keepalive_timeout_s,
+                          timeout_graceful_shutdown=server.shutdown_grace_s + _ANSWER_AFTER_GRACE_S,
+                          server_header=False, proxy_headers=False, log_level=log_level or server.log_level)
+
+
+_ANSWER_AFTER_GRACE_S = 10.0  # after the grace: the abort lands (a vision stage is not interruptible) and is answered
 
 
 def _server_class():
@@ -90,6 +100,7 @@ def _server_class():
         finishes, and returns (exit 0) instead of re-raising the signal."""
 
         notifier: SystemdNotifier | None = None
+        on_shutdown: Callable[[], None] | None = None
 
         @contextlib.contextmanager
         def capture_signals(self):
@@ -102,6 +113,11 @@ def _server_class():
             finally:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
+
+        async def shutdown(self, sockets=None) -> None:
+            if self.on_shutdown is not None:  # waiting requests get their 503 now, the running one its grace
+                self.on_shutdown()
+            await super().shutdown(sockets)
 
         def handle_exit(self, sig, frame) -> None:
             if self.notifier is not None:
@@ -123,7 +139,10 @@ class BackgroundServer:
         self.host = host
         self._socket = _listen(host, port)
         self.port = self._socket.getsockname()[1]
-        self._server = _server_class()(_uvicorn_config(app, config or ServerConfig(), log_level))
+        config = config or ServerConfig()
+        self.connections = ConnectionBook(ConnectionLimits.from_config(config.server))
+        self._server = _server_class()(_uvicorn_config(app, config, self.connections, log_level))
+        self._server.on_shutdown = _drain_hook(app, config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
                                         name="rksmolvlm-http", daemon=True)
 
@@ -160,6 +179,7 @@ class BackgroundServer:
             time.sleep(0.05)
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Stop as on SIGTERM (the running request gets server.shutdown_grace_s), and wait."""
         self._server.should_exit = True
         if self._thread.is_alive():
             self._thread.join(timeout)
@@ -170,6 +190,19 @@ class BackgroundServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _host_check(server, api_key: str | None) -> str:
+    if api_key is not None or not is_loopback(server.host):
+        return "off (an API key is set, or the server listens beyond loopback)"
+    return "off (allowed_hosts = [\"*\"])" if "*" in server.allowed_hosts else ", ".join(server.allowed_hosts)
+
+
+def _drain_hook(app, config: ServerConfig) -> Callable[[], None] | None:
+    api = getattr(getattr(app, "state", None), "api", None)
+    if api is None:
+        return None
+    return lambda: api.service.drain(config.server.shutdown_grace_s)
 
 
 # ==============================================================================================
@@ -259,13 +292,6 @@ def _check_cores(config: ServerConfig, bundle) -> None:
                           f"(0–{cores - 1}): e.g. npu_cores = {list(range(cores))}")
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def build_app(config: ServerConfig, *, load: Callable[["RuntimeBundle"], "Runner"] | None = None,
               notifier: SystemdNotifier | None = None, on_fatal: Callable[[], None] | None = None):
     """The application for ``config``: the bundle is opened and checked now, its model is loaded by
@@ -316,14 +342,21 @@ def serve_command(args: argparse.Namespace) -> int:
               f"engine: {service.model.engine}\nlisten: {server.host}:{server.port}\n"
               f"api key: {'required' if api_key else 'none (anyone who can connect may use the model)'}\n"
               f"queue: {server.queue_size} waiting, timeout {server.request_timeout_s:g} s\n"
+              f"connections: at most {server.max_connections}; head {server.header_timeout_s:g} s, body "
+              f"{server.body_timeout_s:g} s + 1 s per {server.body_min_rate:,} bytes, idle "
+              f"{server.keepalive_timeout_s:g} s, send {server.send_timeout_s:g} s; stop grace "
+              f"{server.shutdown_grace_s:g} s\n"
+              f"host check: {_host_check(server, api_key)}\n"
               f"limits: {json.dumps(config.to_dict()['limits'])}\nok")
         return 0
-    if api_key is None and not _is_loopback(server.host):
+    if api_key is None and not is_loopback(server.host):
         log.warning("listening on %s without an API key: anyone on the network can use the model; set "
                     "server.api_key_file", server.host)
     sock = _listen(server.host, server.port)
-    uvicorn_server = _server_class()(_uvicorn_config(app, config))
+    book = ConnectionBook(ConnectionLimits.from_config(server))
+    uvicorn_server = _server_class()(_uvicorn_config(app, config, book))
     uvicorn_server.notifier = notifier
+    uvicorn_server.on_shutdown = _drain_hook(app, config)
     host, port = sock.getsockname()[:2]
     log.info("rksmolvlm %s: config %s; listening on http://%s:%d; loading %s (%s engine)%s", __version__, source,
              host, port, bundle.path, service.model.engine, "; API key required" if api_key else "")

@@ -9,9 +9,10 @@ import binascii
 import io
 import json
 import math
-import urllib.error
+import os
+import re
+import stat
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,7 +33,18 @@ IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "i
                "image/gif": "GIF", "image/bmp": "BMP", "image/x-ms-bmp": "BMP", "image/tiff": "TIFF"}
 _PIL_FORMATS = tuple(sorted(set(IMAGE_TYPES.values())))
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_TOOL_ROLES = ("tool", "function")  # a tool's result (legacy: function), rendered as user text
 _MAX_STOPS = 4
+# The DecodeLimits field an image is over → the config key that sets it (in refusal messages).
+_DECODE_LIMIT_KEYS = {"max_decode_bytes": "limits.max_decode_bytes", "max_jpeg_scans": "limits.max_jpeg_scans",
+                      "max_pixels": "limits.max_image_pixels"}
+_MAX_STOP_CHARS = 64  # the text stream holds back any prefix of a stop string: keep them short
+_MAX_SEED = 2**63 - 1  # OpenAI's seed is an int64
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_URL_CONTROL = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
+_GENERIC_TYPES = ("application/octet-stream", "binary/octet-stream", "")
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF87a", "image/gif"),
+          (b"GIF89a", "image/gif"), (b"BM", "image/bmp"), (b"II*\x00", "image/tiff"), (b"MM\x00*", "image/tiff"))
 
 
 # ==============================================================================================
@@ -115,7 +127,10 @@ class RequestReader:
         self.model = model
 
     def read(self, body: bytes) -> ChatRequest:
-        payload = _parse_json(body)
+        return self.read_payload(_parse_json(body))
+
+    def read_payload(self, payload: dict) -> ChatRequest:
+        """A chat completion body already parsed from JSON (the Ollama endpoints translate theirs into one)."""
         self._check_model(payload.get("model"))
         self._refuse_unsupported(payload)
         stream = _bool(payload, "stream", False)
@@ -130,6 +145,7 @@ class RequestReader:
                                "invalid_type", "stream_options")
             include_usage = _bool(options, "include_usage", False, "stream_options.include_usage")
         config = self._generation(payload, self._stops(payload.get("stop")))
+        self._check_sizes(payload.get("messages"))
         drafts = self._messages(payload.get("messages"))
         refs = [part for _, parts in drafts for part in parts if isinstance(part, _ImageRef)]
         if len(refs) > self.limits.max_images:
@@ -146,8 +162,8 @@ class RequestReader:
             return  # the server has one model; curl users may leave it out
         if not isinstance(model, str):
             raise ApiError(400, "model must be a string", "invalid_type", "model")
-        if model not in self.model.names:
-            raise ApiError(404, f"the model {model!r} is not served here: use {self.model.id!r} "
+        if self.config.server.strict_model_name and model not in self.model.names:
+            raise ApiError(404, f"the model {_shown(model)} is not served here: use {self.model.id!r} "
                            "(GET /v1/models lists it)", "model_not_found", "model")
 
     @staticmethod
@@ -156,19 +172,16 @@ class RequestReader:
         if n not in (1, None):
             raise ApiError(400, "n must be 1: this server makes one answer per request (send several requests)",
                            "unsupported_value", "n")
-        for name in ("tools", "functions"):
-            if payload.get(name):
-                raise ApiError(400, f"{name} are not supported by SmolVLM: leave {name} out", "unsupported_parameter",
-                               name)
-        if payload.get("tool_choice") not in (None, "none", "auto"):
-            raise ApiError(400, "tool_choice is not supported: leave it out", "unsupported_parameter", "tool_choice")
+        # tools (legacy: functions) are ignored and the answer is text, unless the request demands a call
+        for choice_name in ("tool_choice", "function_call"):
+            choice = payload.get(choice_name)
+            if choice not in (None, "none", "auto"):
+                raise ApiError(400, f"{choice_name} = {_shown(choice)} demands a tool call, which SmolVLM cannot make: "
+                               f"leave {choice_name} out or set it to \"auto\" or \"none\" (the tools are then "
+                               "ignored and the answer is text)", "unsupported_value", choice_name)
         if payload.get("logprobs"):
             raise ApiError(400, "logprobs are not supported: leave logprobs out (token ids are in the response's "
                            "'rksmolvlm' field)", "unsupported_parameter", "logprobs")
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = payload.get(name)
-            if value not in (None, 0, 0.0):
-                raise ApiError(400, f"{name} is not supported: leave it out or at 0", "unsupported_parameter", name)
         if payload.get("logit_bias"):
             raise ApiError(400, "logit_bias is not supported: leave it out", "unsupported_parameter", "logit_bias")
         fmt = payload.get("response_format")
@@ -181,22 +194,22 @@ class RequestReader:
 
         limits = self.limits
         name = "max_completion_tokens" if payload.get("max_completion_tokens") is not None else "max_tokens"
-        max_tokens = _int(payload, name, limits.default_max_tokens, 1, None)
-        if max_tokens > limits.max_tokens:
-            raise ApiError(400, f"{name} = {max_tokens} is over limits.max_tokens = {limits.max_tokens}: ask for at "
-                           "most that many", "invalid_value", name)
-        if max_tokens >= self.model.max_context:
-            raise ApiError(400, f"{name} = {max_tokens} leaves no room for the prompt in the model's context of "
-                           f"{self.model.max_context} tokens: ask for fewer", "context_length_exceeded", name)
+        # Never refused for being large: capped to limits.max_tokens here and by the runner to the room the
+        # prompt leaves in the context (cap_to_context); absent → default_max_tokens, 0 = until the context ends.
+        default = limits.default_max_tokens or limits.max_tokens
+        max_tokens = min(_int(payload, name, default, 1, None), limits.max_tokens)
         temperature = _number(payload, "temperature", 0.0, 0.0, 2.0)
         top_p = _number(payload, "top_p", 1.0, 0.0, 1.0)
         if top_p == 0:
             raise ApiError(400, "top_p must be above 0 (use temperature 0 for greedy decoding)", "invalid_value",
                            "top_p")
-        top_k = _int(payload, "top_k", 0, 0, None)
-        seed = _int(payload, "seed", None, None, None)
+        top_k = min(_int(payload, "top_k", 0, 0, None), 2**31 - 1)  # librkllmrt's top_k is an int32
+        seed = _int(payload, "seed", None, -_MAX_SEED - 1, _MAX_SEED)
+        frequency = _number(payload, "frequency_penalty", 0.0, -2.0, 2.0)
+        presence = _number(payload, "presence_penalty", 0.0, -2.0, 2.0)
         return GenerationConfig(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                seed=seed, stop=stops)
+                                seed=seed, stop=stops, frequency_penalty=frequency, presence_penalty=presence,
+                                cap_to_context=True)
 
     @staticmethod
     def _stops(stop) -> tuple[str, ...]:
@@ -207,10 +220,17 @@ class RequestReader:
             raise ApiError(400, "stop must be a string or an array of strings", "invalid_type", "stop")
         if len(stops) > _MAX_STOPS:
             raise ApiError(400, f"stop has {len(stops)} strings: send at most {_MAX_STOPS}", "invalid_value", "stop")
-        return tuple(s for s in stops if s)
+        if any(len(s) > _MAX_STOP_CHARS for s in stops):
+            raise ApiError(400, f"a stop string is {max(map(len, stops)):,} characters: send stop strings of at most "
+                           f"{_MAX_STOP_CHARS}", "invalid_value", "stop")
+        return tuple(_clean(s) for s in stops if s)
 
     def _messages(self, messages) -> list[tuple[str, list]]:
-        """(role, parts) per message, checked; a part is a TextPart or an _ImageRef still to fetch."""
+        """(role, parts) per message, checked; a part is a TextPart or an _ImageRef still to fetch.
+
+        Tool history (clients that offer tools keep it even though SmolVLM never calls one): a tool's
+        result becomes a user message "Tool result: …"; an assistant's tool_calls are dropped (its
+        text stays; a message with nothing else is dropped whole)."""
         from rksmolvlm.processing.content import TextPart
 
         if not isinstance(messages, list) or not messages:
@@ -223,40 +243,90 @@ class RequestReader:
             if not isinstance(message, dict):
                 raise ApiError(400, f"{where} must be an object with role and content", "invalid_type", where)
             role = message.get("role")
-            if role not in _ROLES:
-                raise ApiError(400, f"{where}.role is {role!r}: use system, user or assistant (tools are not "
-                               "supported)", "invalid_value", f"{where}.role")
-            if message.get("tool_calls"):
-                raise ApiError(400, f"{where}.tool_calls: tools are not supported", "unsupported_parameter",
-                               f"{where}.tool_calls")
-            content = message.get("content")
-            if content is None or isinstance(content, str):
-                out.append((_ROLES[role], [TextPart(content or "")]))
-                continue
-            if not isinstance(content, list):
-                raise ApiError(400, f"{where}.content must be a string or an array of parts", "invalid_type",
-                               f"{where}.content")
-            parts = []
-            for j, part in enumerate(content):
-                param = f"{where}.content[{j}]"
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind == "text":
-                    text = part.get("text")
-                    if not isinstance(text, str):
-                        raise ApiError(400, f"{param}.text must be a string", "invalid_type", f"{param}.text")
-                    parts.append(TextPart(text))
-                elif kind == "image_url":
-                    ref = part.get("image_url")
-                    url = ref.get("url") if isinstance(ref, dict) else ref
-                    if not isinstance(url, str) or not url:
-                        raise ApiError(400, f"{param}.image_url must be {{\"url\": \"data:image/png;base64,…\"}}",
-                                       "invalid_type", f"{param}.image_url")
-                    parts.append(_ImageRef(url, f"{param}.image_url"))
-                else:
-                    raise ApiError(400, f"{param} has type {kind!r}: use 'text' or 'image_url'", "invalid_value",
-                                   f"{param}.type")
-            out.append((_ROLES[role], parts))
+            if not isinstance(role, str) or (role not in _ROLES and role not in _TOOL_ROLES):
+                raise ApiError(400, f"{where}.role is {_shown(role)}: use system, user, assistant or tool",
+                               "invalid_value", f"{where}.role")
+            parts = self._parts(message.get("content"), where)
+            if role in _TOOL_ROLES:
+                name = message.get("name")
+                label = f"Tool result ({_clean(name)}):" if isinstance(name, str) and 0 < len(name) <= 64 else \
+                    "Tool result:"
+                out.append(("user", [TextPart(label + "\n"), *parts]))
+            elif role == "assistant" and (message.get("tool_calls") or message.get("function_call")) \
+                    and not any(not isinstance(p, TextPart) or p.text.strip() for p in parts):
+                continue  # only calls another model made: nothing SmolVLM can read or continue
+            else:
+                out.append((_ROLES[role], parts))
+        if not out:
+            raise ApiError(400, "messages hold only tool calls: send at least one message with content",
+                           "invalid_value", "messages")
         return out
+
+    def _parts(self, content, where: str) -> list:
+        """A message's content (a string, or an array of text and image parts) as TextParts and _ImageRefs."""
+        from rksmolvlm.processing.content import TextPart
+
+        if content is None or isinstance(content, str):
+            return [TextPart(_clean(content or ""))]
+        if not isinstance(content, list):
+            raise ApiError(400, f"{where}.content must be a string or an array of parts", "invalid_type",
+                           f"{where}.content")
+        parts = []
+        for j, part in enumerate(content):
+            param = f"{where}.content[{j}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in ("text", "input_text"):  # input_text: OpenAI's Responses API
+                text = part.get("text")
+                if not isinstance(text, str):
+                    raise ApiError(400, f"{param}.text must be a string", "invalid_type", f"{param}.text")
+                parts.append(TextPart(_clean(text)))
+            elif kind in ("image_url", "input_image"):  # input_image: {"image_url": "data:…"} (Responses API)
+                ref = part.get("image_url")
+                url = ref.get("url") if isinstance(ref, dict) else ref
+                if not isinstance(url, str) or not url:
+                    raise ApiError(400, f"{param}.image_url must be {{\"url\": \"data:image/png;base64,…\"}}",
+                                   "invalid_type", f"{param}.image_url")
+                # detail: inside image_url (Chat Completions) or beside it (input_image); "auto" when absent
+                detail = ref.get("detail") if isinstance(ref, dict) else part.get("detail")
+                if detail is not None and detail not in _DETAILS:
+                    where_detail = f"{param}.image_url.detail" if isinstance(ref, dict) else f"{param}.detail"
+                    raise ApiError(400, f"{where_detail} is {_shown(detail)}: use \"low\" (one tile), \"high\" (the "
+                                   "image split into tiles) or \"auto\"", "invalid_value", where_detail)
+                parts.append(_ImageRef(_checked_url(url, f"{param}.image_url"), f"{param}.image_url",
+                                       detail or "auto"))
+            else:
+                raise ApiError(400, f"{param} has type {_shown(kind)}: use 'text' or 'image_url'", "invalid_value",
+                               f"{param}.type")
+        return parts
+
+    # -- sizes: what the template and the tokenizer would pay for, refused before any work --------------
+    def _check_sizes(self, messages) -> None:
+        """Message, part and text counts of the raw messages (before they are read: a 19 MB prompt
+        would hold the tokenizer, and the GIL, for seconds)."""
+        limits = self.limits
+        if not isinstance(messages, list):
+            return  # _messages names the problem
+        if len(messages) > limits.max_messages:
+            raise ApiError(400, f"the request has {len(messages):,} messages, over limits.max_messages = "
+                           f"{limits.max_messages:,}: send a shorter conversation", "too_many_messages", "messages")
+        chars = 0
+        for i, message in enumerate(messages):
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, str):
+                chars += len(content)
+            elif isinstance(content, list):
+                if len(content) > limits.max_parts:
+                    raise ApiError(400, f"messages[{i}] has {len(content):,} content parts, over limits.max_parts = "
+                                   f"{limits.max_parts:,}: join its text parts", "too_many_parts",
+                                   f"messages[{i}].content")
+                chars += sum(len(part["text"]) for part in content
+                             if isinstance(part, dict) and isinstance(part.get("text"), str))
+        limit = limits.max_text_chars or 8 * self.model.max_context
+        if chars > limit:
+            where = "limits.max_text_chars" if limits.max_text_chars else \
+                f"8 a token of the model's context of {self.model.max_context:,}; limits.max_text_chars sets it"
+            raise ApiError(400, f"the messages hold {chars:,} characters of text, over the {limit:,} allowed "
+                           f"({where}): send less text", "text_too_long", "messages")
 
     # -- images ----------------------------------------------------------------------------------
     def _image(self, url: str, param: str) -> bytes:
@@ -316,13 +386,18 @@ class RequestReader:
             text = urllib.parse.unquote(parsed.path)
         else:
             text = url
+        if "\x00" in text:  # %00 in a file URL: the OS cannot take it (ValueError, not OSError)
+            raise ApiError(400, f"{param} holds a NUL character: send a plain path", "invalid_image_url", param)
         path = Path(text).resolve()
         base = Path(root).resolve()
         if not path.is_relative_to(base):
             raise ApiError(400, f"{param} is outside images.local_dir ({root}): only images under it may be read",
                            "image_path_not_allowed", param)
-        try:
-            with path.open("rb") as f:
+        try:  # O_NONBLOCK: a FIFO under local_dir must not block the reader; only regular files are read
+            with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    raise ApiError(400, f"{param} is not a regular file: name an image file under images.local_dir",
+                                   "invalid_image", param)
                 data = f.read(self.limits.max_image_bytes + 1)
         except FileNotFoundError:
             raise ApiError(400, f"{param}: no such file under images.local_dir", "invalid_image", param) from None
@@ -333,37 +408,36 @@ class RequestReader:
         return data
 
     def _from_remote(self, url: str, param: str) -> bytes:
+        """An http(s) image, fetched within images.remote_timeout_s in all (runtime/server/remote.py: only
+        public addresses unless images.allow_private_networks, checked redirects, generic errors)."""
+        from rksmolvlm.runtime.server.remote import FetchError, fetch_image
+
         images = self.config.images
         if not images.allow_remote:
             raise ApiError(400, f"{param}: remote image URLs are off (images.allow_remote = false): send the image "
                            "as a data: URI (data:image/png;base64,…)", "remote_images_disabled", param)
-        request = urllib.request.Request(url, headers={"User-Agent": f"rksmolvlm/{__version__}"})
         limit = self.limits.max_image_bytes
         try:
-            with urllib.request.urlopen(request, timeout=images.remote_timeout_s) as response:
-                mime = response.headers.get_content_type()
-                if mime not in IMAGE_TYPES:
-                    raise ApiError(400, f"{param}: the server sent {mime!r}, not an image type this server takes",
-                                   "unsupported_image_type", param)
-                declared = response.headers.get("Content-Length")
-                if declared and declared.isdigit() and int(declared) > limit:
-                    raise self._too_big(int(declared), param)
-                data = response.read(limit + 1)
-        except urllib.error.HTTPError as exc:
-            raise ApiError(400, f"{param}: fetching the image failed with HTTP {exc.code}", "image_fetch_failed",
-                           param) from None
-        except (urllib.error.URLError, TimeoutError, OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise ApiError(400, f"{param}: fetching the image failed ({reason}); the server waits "
-                           f"images.remote_timeout_s = {images.remote_timeout_s} s", "image_fetch_failed",
-                           param) from None
-        if len(data) > limit:
+            fetched = fetch_image(url, timeout_s=images.remote_timeout_s, max_bytes=limit,
+                                  allow_private=images.allow_private_networks, user_agent=f"rksmolvlm/{__version__}")
+        except FetchError as exc:
+            raise ApiError(exc.status, f"{param}: {exc}", exc.code, param) from None
+        if fetched.content_type not in IMAGE_TYPES:
+            raise ApiError(400, f"{param}: the remote server did not answer with an image type (PNG, JPEG, WebP, "
+                           "GIF, BMP or TIFF)", "unsupported_image_type", param)
+        if fetched.content_length is not None and fetched.content_length > limit:
+            raise self._too_big(fetched.content_length, param)
+        if len(fetched.data) > limit:
             raise self._too_big(f"over {limit:,}", param)
-        return data
+        return fetched.data
 
     def _check_image(self, data: bytes, param: str) -> None:
-        """Type, size and pixel count from the header only: nothing is decoded here."""
+        """Type, size, pixel count, side, decode memory and a JPEG's scan count from the header and the
+        marker structure only: nothing is decoded here (rksmolvlm.processing.image_safety)."""
         from PIL import Image, UnidentifiedImageError
+
+        from rksmolvlm.errors import ImageError
+        from rksmolvlm.processing.image_safety import DecodeLimits, check_decodable, check_jpeg
 
         limit = self.limits.max_image_pixels
         if not data:
@@ -371,9 +445,18 @@ class RequestReader:
                            "invalid_image", param)
         if len(data) > self.limits.max_image_bytes:
             raise self._too_big(len(data), param)
+        limits = DecodeLimits(max_pixels=limit, max_decode_bytes=self.limits.max_decode_bytes,
+                              max_jpeg_scans=self.limits.max_jpeg_scans)
         try:
+            jpeg = check_jpeg(data, limits)  # before Pillow walks the markers itself
             with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as image:
                 width, height = image.size
+                if width * height <= limit:
+                    check_decodable(image, limits, jpeg, data)
+        except ImageError as exc:
+            key = _DECODE_LIMIT_KEYS.get(exc.limit)
+            raise ApiError(400, f"{param}: {exc}" + (f" (the server's {key})" if key else ""), exc.code,
+                           param) from None
         except Image.DecompressionBombError:
             raise ApiError(400, f"{param} has more pixels than limits.max_image_pixels = {limit:,} (refused before "
                            "decoding): downscale it", "image_too_many_pixels", param) from None
@@ -385,18 +468,70 @@ class RequestReader:
                            f"limits.max_image_pixels = {limit:,}: downscale it", "image_too_many_pixels", param)
 
 
+_DETAILS = ("auto", "low", "high")  # rksmolvlm.processing.content.DETAILS, without importing Pillow here
+
+
 @dataclass(frozen=True)
 class _ImageRef:
     """An image part as the request names it, before it is fetched and checked."""
 
     url: str
     param: str
+    detail: str = "auto"
+
+
+def _checked_url(url: str, param: str) -> str:
+    """An image URL fit to be fetched: no control characters (NUL, CR/LF; a data: URI's base64 may be wrapped
+    in lines) and a generic data: type (application/octet-stream) replaced by the image type its bytes show."""
+    if url.startswith("data:"):
+        if "\x00" in url:
+            raise ApiError(400, f"{param} holds a NUL character: send the image's standard base64", "invalid_image_url",
+                           param)
+        return _typed_data_uri(url, param)
+    if _URL_CONTROL.search(url):
+        raise ApiError(400, f"{param} holds control characters (NUL, CR, LF, …) or invalid Unicode: send a plain "
+                       "URL or path", "invalid_image_url", param)
+    return url
+
+
+def _typed_data_uri(url: str, param: str) -> str:
+    comma = url.find(",", 5, 512)
+    first = url[5:comma].split(";", 1)[0] if comma > 0 else ""
+    if comma < 0 or first.strip().lower() not in _GENERIC_TYPES:
+        return url
+    head = "".join(url[comma + 1:comma + 65].split())[:16]
+    try:
+        start = base64.b64decode(head[:len(head) // 4 * 4], validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"{param} is not valid base64: encode the image file's bytes with standard base64",
+                       "invalid_image", param) from None
+    kind = next((mime for magic, mime in _MAGIC if start.startswith(magic)), None)
+    if kind is None and start[:4] == b"RIFF" and start[8:12] == b"WEBP":
+        kind = "image/webp"
+    if kind is None:
+        raise ApiError(400, f"{param} is {first.strip()[:40] or 'untyped'} data whose first bytes are not a PNG, "
+                       "JPEG, WebP, GIF, BMP or TIFF image: send an image", "unsupported_image_type", param)
+    return "data:" + kind + url[5 + len(first):]
+
+
+def _clean(text: str) -> str:
+    """Text with lone UTF-16 surrogates (JSON allows "\\ud800"; JavaScript clients send them when they cut a
+    string inside an emoji) replaced by U+FFFD: the tokenizer and the UTF-8 response cannot carry them."""
+    return text if text.isascii() else _SURROGATE.sub("\ufffd", text)
+
+
+def _shown(value) -> str:
+    """A short, safe rendering of a client's value for an error message (never an echo of the request)."""
+    if isinstance(value, (list, dict)):
+        return "an array" if isinstance(value, list) else "an object"
+    text = repr(value[:40] if isinstance(value, str) else value)
+    return text if len(text) <= 48 else text[:45] + "..."
 
 
 def _message(role: str, parts: list, images: dict[_ImageRef, bytes]) -> "Message":
     from rksmolvlm.processing.content import ImagePart, Message
 
-    return Message(role, tuple(ImagePart(images[p]) if isinstance(p, _ImageRef) else p for p in parts))
+    return Message(role, tuple(ImagePart(images[p], p.detail) if isinstance(p, _ImageRef) else p for p in parts))
 
 
 def _parse_json(body: bytes) -> dict:
@@ -407,6 +542,12 @@ def _parse_json(body: bytes) -> dict:
     except json.JSONDecodeError as exc:
         raise ApiError(400, f"the request body is not valid JSON ({exc.msg} at line {exc.lineno}, column "
                        f"{exc.colno}): send a JSON object", "invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the request body's JSON is nested too deeply: a chat request needs a few levels",
+                       "invalid_json") from None
+    except ValueError:  # an integer of more than 4,300 digits (Python's int conversion limit)
+        raise ApiError(400, "the request body holds a number too long to read: send numbers of ordinary size",
+                       "invalid_json") from None
     if not isinstance(payload, dict):
         raise ApiError(400, "the request body must be a JSON object with model and messages", "invalid_json")
     return payload
@@ -431,7 +572,7 @@ def _int(payload: dict, name: str, default, lo, hi):
         raise ApiError(400, f"{name} must be an integer", "invalid_type", name)
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         bounds = f"at least {lo}" if hi is None else f"from {lo} to {hi}"
-        raise ApiError(400, f"{name} = {value} is out of range: use {bounds}", "invalid_value", name)
+        raise ApiError(400, f"{name} = {_shown(value)} is out of range: use {bounds}", "invalid_value", name)
     return value
 
 

@@ -103,6 +103,26 @@ class ModelService:
         self._thread = threading.Thread(target=self._main, name="rksmolvlm-worker", daemon=True)
         self._thread.start()
 
+    def drain(self, grace_s: float) -> None:
+        """Begin stopping (SIGTERM): refuse new jobs and answer the waiting ones with a 503 now; the
+        running one has ``grace_s`` seconds to finish, then it is aborted and answered with the 503."""
+        with self._cond:
+            if self._closing:
+                return
+            self._closing = True
+            if self.state in ("loading", "ready"):
+                self.state = "stopping"
+            drained = list(self._waiting)
+            self._waiting.clear()
+            self._cond.notify_all()
+            current = self._current
+        for job in drained:
+            self._refuse_for_shutdown(job)
+        if current is not None:
+            timer = threading.Timer(grace_s, self._refuse_for_shutdown, (current,))
+            timer.daemon = True
+            timer.start()
+
     def close(self, timeout: float = 30.0) -> None:
         """Refuse new jobs, fail the waiting ones, abort the running one, stop the worker, free the engines."""
         with self._cond:
@@ -111,17 +131,18 @@ class ModelService:
             self._waiting.clear()
             self._cond.notify_all()
         for job in drained:
-            job.cancel_reason = job.cancel_reason or "shutdown"
-            job.finished = True
-            self.metrics.inc("rksmolvlm_dropped_queued_total", reason="shutdown")
-            job.post("error", ApiError(503, "the server is shutting down: retry in a moment", "shutting_down",
-                                       headers={"Retry-After": "5"}))
+            self._refuse_for_shutdown(job)
         current = self._current
         if current is not None:
-            self.cancel(current, "shutdown")
+            self._refuse_for_shutdown(current)
         if self._thread is not None:
             self._thread.join(timeout)
         self.state = "stopped"
+
+    def _refuse_for_shutdown(self, job: Job) -> None:
+        """Drop or abort ``job`` and answer it 503 shutting_down (nothing if it has finished)."""
+        self.cancel(job, "shutdown", ApiError(503, "the server is shutting down: retry in a moment", "shutting_down",
+                                              headers={"Retry-After": "5"}))
 
     def _main(self) -> None:
         try:
@@ -134,8 +155,10 @@ class ModelService:
             self.state = "failed"
             self._on_state("failed")
             return
-        self.state = "ready"
-        self._on_state("ready")
+        with self._cond:
+            if not self._closing:  # a drain during the load keeps "stopping"
+                self.state = "ready"
+        self._on_state(self.state)
         try:
             while True:
                 with self._cond:
@@ -172,18 +195,24 @@ class ModelService:
             self._cond.notify()
             return job
 
-    def cancel(self, job: Job, reason: str) -> None:
-        """Stop ``job``: drop it from the queue, or abort its generation (client gone, timeout, shutdown)."""
+    def cancel(self, job: Job, reason: str, answer: ApiError | None = None) -> bool:
+        """Stop ``job``: drop it from the queue, or abort its generation (client gone, timeout, shutdown);
+        ``answer`` is posted to it first (before the worker's last event). False when it had finished
+        or was already stopped."""
         with self._cond:
             if job.finished or job.cancel_reason:
-                return
+                return False
             job.cancel_reason = reason
-            if job in self._waiting:
-                self._waiting.remove(job)
+            if answer is not None:
+                job.post("error", answer)
+            if job is not self._current:  # waiting (or just taken off the queue by close/drain)
+                if job in self._waiting:
+                    self._waiting.remove(job)
                 job.finished = True
                 self.metrics.inc("rksmolvlm_dropped_queued_total", reason=reason)
             elif job is self._current and self.runner is not None:
                 self.runner.abort()  # under the lock: the worker cannot have moved on to another job
+            return True
 
     def retry_after(self) -> int:
         return max(1, min(300, math.ceil(self._job_seconds * (len(self._waiting) + 1))))
@@ -226,7 +255,7 @@ class ModelService:
                 elif request.stream:
                     job.post("delta", delta)
         except ImageError as exc:
-            return self._fail(job, ApiError(400, str(exc), "invalid_image", "messages"))
+            return self._fail(job, ApiError(400, str(exc), exc.code, "messages"))  # invalid_image or the limit
         except ContextError as exc:
             return self._fail(job, ApiError(400, str(exc), "context_length_exceeded", "messages"))
         except InputError as exc:
@@ -275,6 +304,7 @@ class ModelService:
 def open_runner(bundle: "RuntimeBundle", config: ServerConfig, engine: str) -> "Runner":
     """The runner the server runs: the bundle's engines with the configured cores and library, room
     for the largest max_tokens a request may ask for, and the configured image cache and pixel limit."""
+    from rksmolvlm.processing.image_safety import DecodeLimits
     from rksmolvlm.runtime.engines import EngineOptions, open_engines
     from rksmolvlm.runtime.runner import Runner
 
@@ -282,8 +312,12 @@ def open_runner(bundle: "RuntimeBundle", config: ServerConfig, engine: str) -> "
     options = EngineOptions(library=config.rkllm_library, cores=cores, max_new_tokens=config.limits.max_tokens)
     vision, llm = open_engines(bundle, engine, options)
     try:
+        limits = config.limits
+        decode = DecodeLimits(max_pixels=limits.max_image_pixels, max_decode_bytes=limits.max_decode_bytes,
+                              max_jpeg_scans=limits.max_jpeg_scans)
         return Runner(bundle, vision, llm, image_cache_size=config.image_cache_size,
-                      max_pixels=config.limits.max_image_pixels)
+                      max_pixels=limits.max_image_pixels, default_detail=config.images.default_detail,
+                      fit_answer_tokens=config.images.fit_answer_tokens, decode_limits=decode)
     except BaseException:
         for part in (vision, llm):
             with contextlib.suppress(Exception):

@@ -1,0 +1,242 @@
+"""What decoding an image will cost, judged before a pixel is decoded, and the limits it must fit.
+
+An image can be small on the wire and ruinous to decode: a progressive JPEG makes the decoder walk
+every block of the image once per scan (134,000 scans: 11 minutes), a 97 KB 16-bit PNG decodes to
+gigabytes, a 1×50,000,000 PNG gives the resizer a 2.4 GB coefficient table. So before decoding:
+the JPEG's segment structure is walked and its scans counted (``inspect_jpeg``), and the memory the
+decode takes is computed from the mode and the size (``decode_bytes``); ``check_decodable`` refuses
+what is over the limits with an ImageError subclass whose ``code`` names the refusal. While
+decoding, ``DeadlineReader`` stops a decode that outlives its time budget (it is checked whenever
+the decoder asks for more input, every 64 KiB). Depends on Pillow only.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+from dataclasses import dataclass
+
+from PIL import Image
+
+from rksmolvlm.errors import ImageDecodeTooLargeError, ImageError, ImageTooComplexError, ImageTooManyPixelsError
+
+__all__ = ["DecodeLimits", "JpegStructure", "DeadlineReader", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_DECODE_BYTES",
+           "DEFAULT_MAX_JPEG_SCANS", "DEFAULT_MAX_DECODE_SECONDS", "MAX_IMAGE_SIDE", "MAX_JPEG_SEGMENTS",
+           "inspect_jpeg", "jpeg_scan_limit", "decode_bytes", "check_decodable", "check_jpeg", "check_tiff_jpeg"]
+
+DEFAULT_MAX_PIXELS = 100_000_000
+DEFAULT_MAX_DECODE_BYTES = 512 * 1024 * 1024
+# Encoders write about 10 scans (libjpeg's default script) and rarely more than 20; every scan costs a
+# pass over the whole image (up to 64 coefficient visits per 8×8 block for a refinement scan:
+# about 2 ns a pixel on a desktop core, more on the board's). Above SCAN_REFERENCE_PIXELS an image may
+# have proportionally fewer scans (never fewer than MIN_JPEG_SCANS), so the scans of one image cost
+# at most about max_jpeg_scans passes over 10 megapixels.
+DEFAULT_MAX_JPEG_SCANS = 100
+SCAN_REFERENCE_PIXELS = 10_000_000
+MIN_JPEG_SCANS = 16
+DEFAULT_MAX_DECODE_SECONDS = 30.0
+# The largest side JPEG and GIF can hold. A longer side buys nothing (the processor resizes to ≤ 4096)
+# and costs the Lanczos resizer 48 bytes of coefficients per source pixel along it.
+MAX_IMAGE_SIDE = 65_535
+# Marker segments (RSTn excluded) before the first EOI: real files have a few dozen (ICC profiles and
+# extended XMP split into 64 KiB APPn chunks included); the walk stops here to stay cheap.
+MAX_JPEG_SEGMENTS = 4096
+
+_HIGH_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+_RESIZE_BYTES_PER_SIDE_PIXEL = 48  # Pillow's Lanczos: 6 taps × 8-byte doubles per source pixel, per axis
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """The limits one image must fit before and while it is decoded."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
+    max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS
+    max_decode_seconds: float = DEFAULT_MAX_DECODE_SECONDS
+
+
+@dataclass(frozen=True)
+class JpegStructure:
+    """What the marker segments of a JPEG's first image say: scans (SOS markers), segments (markers
+    other than RSTn), the frame (SOF) size, components and whether it is progressive. ``complete``
+    is false when the walk stopped early (past ``stop_after`` scans or ``MAX_JPEG_SEGMENTS``)."""
+
+    scans: int
+    segments: int
+    progressive: bool = False
+    components: int = 0
+    width: int = 0
+    height: int = 0
+    complete: bool = True
+
+
+# A marker: 0xFF then a code that is neither a stuffed zero, a fill byte (0xFF) nor RSTn (0xD0–0xD7,
+# which only occur inside entropy-coded data). Entropy-coded data holds no other 0xFF pair (the
+# encoder stuffs a zero after every 0xFF data byte), so searching for this pattern skips it exactly.
+_MARKER = re.compile(rb"\xff[\x01-\xcf\xd8-\xfe]")
+_PARAMETERLESS = frozenset((0x01, 0xD8, 0xD9))  # TEM, SOI, EOI (RSTn never match _MARKER)
+_PROGRESSIVE_SOF = frozenset((0xC2, 0xC6, 0xCA, 0xCE))
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # not DHT, JPG, DAC
+
+
+def inspect_jpeg(data: bytes, stop_after: int | None = None) -> JpegStructure:
+    """Walk a JPEG's marker segments from SOI to the first EOI, skipping each segment by its length
+    and each scan's entropy-coded data by the marker rule; count the scans. Stops early (``complete``
+    false) once more than ``stop_after`` scans or ``MAX_JPEG_SEGMENTS`` segments are seen, so a
+    hostile file costs at most that many steps. Data that does not start with SOI gives 0 scans."""
+    if not data.startswith(b"\xff\xd8"):
+        return JpegStructure(0, 0)
+    scans = segments = components = width = height = 0
+    progressive = False
+    pos, size = 2, len(data)
+    while True:
+        found = _MARKER.search(data, pos)
+        if found is None:
+            break  # truncated: the decoder stops here too
+        code, pos = data[found.start() + 1], found.end()
+        if code == 0xD9:
+            break
+        segments += 1
+        if segments > MAX_JPEG_SEGMENTS or (stop_after is not None and scans > stop_after):
+            return JpegStructure(scans, segments, progressive, components, width, height, False)
+        if code in _PARAMETERLESS:
+            continue
+        if pos + 2 > size:
+            break
+        length = int.from_bytes(data[pos:pos + 2], "big")
+        if length < 2:
+            break  # the decoder refuses a bad length
+        if code == 0xDA:
+            scans += 1
+        elif code in _SOF and pos + 8 <= size and not components:  # the first frame header counts
+            progressive = code in _PROGRESSIVE_SOF
+            height, width = int.from_bytes(data[pos + 3:pos + 5], "big"), int.from_bytes(data[pos + 5:pos + 7], "big")
+            components = data[pos + 7]
+        pos += length
+    complete = stop_after is None or scans <= stop_after
+    return JpegStructure(scans, segments, progressive, components, width, height, complete)
+
+
+def jpeg_scan_limit(max_scans: int, pixels: int) -> int:
+    """The scans a JPEG of ``pixels`` may have: ``max_scans`` up to SCAN_REFERENCE_PIXELS, then
+    proportionally fewer (at least MIN_JPEG_SCANS, never more than ``max_scans``)."""
+    if pixels <= SCAN_REFERENCE_PIXELS:
+        return max_scans
+    return min(max_scans, max(MIN_JPEG_SCANS, max_scans * SCAN_REFERENCE_PIXELS // pixels))
+
+
+def decode_bytes(mode: str, size: tuple[int, int], *, transparency: bool = False,
+                 progressive_components: int = 0) -> int:
+    """Peak memory of decoding an image of this mode and size and turning it into the RGB image the
+    processor tiles, in bytes (``load_image``'s path; every term is a buffer that exists at once):
+
+    - the decoded image as Pillow stores it: 1 byte a pixel for 1/L/P, 2 for 16-bit, 4 for the rest
+      (Pillow keeps RGB in 4 bytes);
+    - during a progressive JPEG decode, libjpeg's whole-image coefficient buffer (2 bytes a sample);
+    - then the larger of: the EXIF-rotated copy, and the conversion to RGB (4 bytes a pixel; 16-bit,
+      float and transparent images are converted in bands of rows, so their work buffers are small);
+    - the Lanczos resize to the processor's size: coefficient tables of 48 bytes a source pixel along
+      each side (a 50,000,000-pixel side alone needs 2.4 GB).
+
+    The tiles and resized copies are not counted: their size follows the processor's longest edge
+    (at most 4096), not the input."""
+    width, height = size
+    pixels = width * height
+    stored = pixels * (1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4)
+    converted = 0 if mode == "RGB" and not transparency else pixels * 4
+    coefficients = pixels * 2 * progressive_components
+    resize = _RESIZE_BYTES_PER_SIDE_PIXEL * (width + height)
+    return stored + max(coefficients, stored, converted) + resize
+
+
+def check_jpeg(data: bytes, limits: DecodeLimits) -> JpegStructure | None:
+    """The structure of ``data`` if it is a JPEG, after refusing one with more scans than
+    ``limits.max_jpeg_scans`` (or a segment count no encoder writes); None for other formats."""
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    jpeg = inspect_jpeg(data, stop_after=limits.max_jpeg_scans)
+    if jpeg.segments > MAX_JPEG_SEGMENTS:
+        raise ImageTooComplexError(f"the JPEG has more than {MAX_JPEG_SEGMENTS:,} marker segments (encoders write a "
+                                   "few dozen): re-encode it")
+    allowed = jpeg_scan_limit(limits.max_jpeg_scans, jpeg.width * jpeg.height)
+    if jpeg.scans > allowed:
+        count = f"{jpeg.scans:,}" if jpeg.complete else f"more than {jpeg.scans - 1:,}"
+        size = f" for its {jpeg.width}×{jpeg.height} pixels" if allowed < limits.max_jpeg_scans else ""
+        raise ImageTooComplexError(f"the JPEG has {count} scans, over the {allowed:,} allowed{size} (encoders write "
+                                   "about 10; each scan is a pass over the whole image), refused before decoding: "
+                                   "re-encode it (e.g. as a baseline JPEG)", limit="max_jpeg_scans")
+    return jpeg
+
+
+def check_decodable(image: Image.Image, limits: DecodeLimits, jpeg: JpegStructure | None = None,
+                    data: bytes | None = None) -> int:
+    """Refuse an opened, not yet decoded image whose pixel count, side or decode memory is over
+    ``limits`` (or, given its ``data``, a TIFF hiding progressive JPEG strips); the decode bytes
+    otherwise. ``jpeg`` is ``check_jpeg``'s answer for its bytes."""
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageError(f"image has no pixels ({width}×{height})")
+    if width * height > limits.max_pixels:
+        raise ImageTooManyPixelsError(
+            f"image is {width}×{height} = {width * height:,} pixels, over the limit of {limits.max_pixels:,}: "
+            "downscale it first or raise the pixel limit", limit="max_pixels")
+    if max(width, height) > MAX_IMAGE_SIDE:
+        raise ImageDecodeTooLargeError(
+            f"image is {width}×{height}: a side over {MAX_IMAGE_SIDE:,} pixels only costs memory (the model sees at "
+            "most 4096): crop or downscale it")
+    if data is not None and image.format == "TIFF":
+        check_tiff_jpeg(image, data)
+    progressive = jpeg.components if jpeg is not None and jpeg.progressive else 0
+    if jpeg is None and image.format in ("JPEG", "MPO") and image.info.get("progressive"):
+        progressive = len(image.getbands())
+    transparency = image.info.get("transparency") is not None
+    cost = decode_bytes(image.mode, image.size, transparency=transparency, progressive_components=progressive)
+    if cost > limits.max_decode_bytes:
+        fix = "send it with 8 bits a channel or downscale it" if image.mode in _HIGH_DEPTH else "downscale it"
+        raise ImageDecodeTooLargeError(
+            f"image is {width}×{height} in mode {image.mode}: decoding it takes about {_mib(cost)} of memory, over the "
+            f"decode budget of {_mib(limits.max_decode_bytes)}: {fix}", limit="max_decode_bytes")
+    return cost
+
+
+def check_tiff_jpeg(image: Image.Image, data: bytes) -> None:
+    """Refuse a JPEG-compressed TIFF whose strips (or tiles) hold progressive JPEG: libtiff decodes
+    up to 100 scans a strip, each a pass over it, and no TIFF writer makes them (TIFF's JPEG
+    compression is baseline)."""
+    tags = getattr(image, "tag_v2", None)
+    compression = tags.get(259) if tags is not None else None
+    if compression not in (6, 7):  # old-style and new-style JPEG
+        return
+    offsets, counts = tags.get(273) or tags.get(324) or (), tags.get(279) or tags.get(325) or ()
+    if compression == 6 and 513 in tags:  # old-style: one JPEG interchange stream
+        offsets, counts = (tags[513],), (tags.get(514, len(data)),)
+    for offset, count in zip(offsets, counts):
+        strip = inspect_jpeg(data[offset:offset + count], stop_after=4)  # sequential: a scan a component at most
+        if strip.progressive or not strip.complete:
+            raise ImageTooComplexError("the TIFF's JPEG-compressed strips are progressive (multi-scan), which no TIFF "
+                                       "writer makes and each scan costs a pass over the strip: re-encode it")
+
+
+class DeadlineReader(io.BytesIO):
+    """Image bytes for ``Image.open`` that stop the decode once ``seconds`` have passed since
+    ``start()``: Pillow asks for input every 64 KiB, so a decode stops within one block's work."""
+
+    def __init__(self, data: bytes, seconds: float):
+        super().__init__(data)
+        self.seconds = seconds
+        self.deadline: float | None = None
+
+    def start(self) -> None:
+        self.deadline = time.monotonic() + self.seconds
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise ImageTooComplexError(f"decoding the image took over {self.seconds:g} s, its time budget: send a "
+                                       "smaller or simpler image", limit="max_decode_seconds")
+        return super().read(size)
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1024 * 1024):,.0f} MiB"

@@ -1,0 +1,154 @@
+"""Guards: requests a web page could make the browser send, refused before any endpoint runs.
+
+A page on any site can make the visitor's browser send a "simple" cross-site request (a form post,
+``fetch`` with ``mode: "no-cors"``) to a server on the visitor's own machine or network; with DNS
+rebinding it can even read the answers, its own host name now resolving to 127.0.0.1. Three checks:
+
+- ``Content-Type``: a POST must carry ``application/json`` (else 415 ``unsupported_media_type``).
+  The types a page may send without a CORS preflight are text/plain, form data and none at all.
+- ``Host``: when the server listens on loopback without an API key, the Host header must be one of
+  ``server.allowed_hosts`` (any port; default localhost, 127.0.0.1, [::1]), else 403
+  ``host_not_allowed`` — a rebinding page's requests carry the page's own host name.
+- ``Origin``: without an API key, a state-changing request (POST, PUT, PATCH, DELETE) that a browser
+  sent from another origin must come from an origin ``server.cors_origins`` allows, else 403
+  ``origin_not_allowed``. Programs (curl, SDKs) send no Origin; same-origin requests are allowed.
+
+With an API key a page cannot authenticate, so the Host and Origin checks are left to the key.
+Refusals have the OpenAI error body, or Ollama's ``{"error": "..."}`` under /api/.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from typing import Callable, Sequence
+from urllib.parse import urlsplit
+
+from rksmolvlm.runtime.server.cors import CorsPolicy
+from rksmolvlm.runtime.server.requests import ApiError
+from rksmolvlm.runtime.server_config import ServerConfig
+
+__all__ = ["RequestGuard", "HostPolicy", "is_loopback"]
+
+_STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
+
+
+def is_loopback(host: str) -> bool:
+    """True for a listening address only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower().rstrip(".") == "localhost"
+
+
+def _split_host(value: str) -> tuple[str, str | None] | None:
+    """``host[:port]`` (``[v6]:port`` too) → (lower-case name without a trailing dot, port or None)."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        name, bracket, rest = value[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            return None
+        port = rest[1:] or None
+    else:
+        name, colon, port = value.partition(":")
+        port = port if colon else None
+        if ":" in (port or ""):
+            return None
+    if port is not None and not port.isdigit():
+        return None
+    return name.rstrip("."), port
+
+
+class HostPolicy:
+    """``server.allowed_hosts``: names (any port) or ``name:port``; ``*`` allows any."""
+
+    def __init__(self, allowed: Sequence[str]):
+        self.any = "*" in allowed
+        self.entries = [entry for entry in (_split_host(a) for a in allowed if a != "*") if entry]
+
+    def allows(self, host: str) -> bool:
+        if self.any:
+            return True
+        parsed = _split_host(host)
+        if parsed is None:
+            return False
+        name, port = parsed
+        return any(name == n and (p is None or p == port) for n, p in self.entries)
+
+
+class RequestGuard:
+    """ASGI middleware applying the three checks of the module docstring."""
+
+    def __init__(self, app, config: ServerConfig, api_key: str | None,
+                 on_refuse: Callable[[dict, ApiError], None] | None = None):
+        self.app = app
+        server = config.server
+        self.hosts = HostPolicy(server.allowed_hosts)
+        self.check_host = api_key is None and is_loopback(server.host) and not self.hosts.any
+        self.check_origin = api_key is None
+        self.origins = CorsPolicy(server.cors_origins)
+        self.allowed_hosts = list(server.allowed_hosts)
+        self.on_refuse = on_refuse or (lambda scope, error: None)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            error = self.check(scope)
+            if error is not None:
+                self.on_refuse(scope, error)
+                return await _answer(send, error, ollama=scope["path"].startswith("/api/"))
+        await self.app(scope, receive, send)
+
+    def check(self, scope) -> ApiError | None:
+        """The error a request gets, or None to let it through."""
+        headers: dict[str, str] = {}
+        for key, value in scope.get("headers", []):
+            headers.setdefault(key.decode("latin-1").lower(), value.decode("latin-1"))
+        method = scope["method"]
+        host = headers.get("host")
+        if self.check_host and host is not None and not self.hosts.allows(host):
+            return ApiError(403, f"the Host header {host[:100]!r} is not a name this server answers to: it listens on "
+                            "loopback without an API key, so only server.allowed_hosts = "
+                            f"{self.allowed_hosts} are (a web page using DNS rebinding sends its own name); if you "
+                            "reach the server by this name on purpose, add it to server.allowed_hosts",
+                            "host_not_allowed", type="permission_error")
+        origin = headers.get("origin")
+        if (self.check_origin and origin is not None and method in _STATE_CHANGING
+                and not self.origins.allows(origin) and not _same_origin(origin, host)):
+            return ApiError(403, f"a web page on {origin[:100]!r} may not call this API (a browser sent this request "
+                            "for it): add the origin to server.cors_origins, or set server.api_key_file",
+                            "origin_not_allowed", type="permission_error")
+        if method in _WITH_BODY:
+            media_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+            if media_type != "application/json":
+                shown = repr(headers["content-type"][:100]) if "content-type" in headers else "none"
+                return ApiError(415, f"the request body must be JSON sent with 'Content-Type: application/json' (this "
+                                f"request has {shown}); e.g. curl -H 'Content-Type: application/json' -d @body.json",
+                                "unsupported_media_type")
+        return None
+
+
+def _same_origin(origin: str, host: str | None) -> bool:
+    """True when a browser's Origin names this server as the client reached it (the Host header)."""
+    if host is None:
+        return False
+    try:
+        parts = urlsplit(origin)
+        port = parts.port
+    except ValueError:
+        return False
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return False
+    ours = _split_host(host)
+    if ours is None:
+        return False
+    default = "443" if parts.scheme == "https" else "80"
+    return parts.hostname.rstrip(".") == ours[0] and str(port or default) == (ours[1] or "80")
+
+
+async def _answer(send, error: ApiError, ollama: bool) -> None:
+    body = json.dumps({"error": error.message} if ollama else error.body()).encode()  # Ollama's form under /api
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in error.headers.items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
