@@ -228,8 +228,24 @@ def _under_journald(stream) -> bool:
         return False
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is when a record is logged (not when the handler was made):
+    a replaced stdout (a test's capture, a redirected console) never leaves a closed stream behind."""
+
+    def __init__(self):
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:  # logging.StreamHandler assigns it once; sys.stdout is the stream
+        pass
+
+
 def _configure_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _StdoutHandler()
     if _under_journald(sys.stdout):
         handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
     else:
