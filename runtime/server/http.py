@@ -178,6 +178,13 @@ class _Api:
             return None
         return await asyncio.get_running_loop().run_in_executor(None, read, body)
 
+    def enqueue(self, request, chat: ChatRequest) -> "_Exchange":
+        """Note what the request holds, queue its job, and watch its client and deadline."""
+        _note(request.scope, images=chat.images, image_bytes=chat.image_bytes, stream=chat.stream,
+              max_tokens=chat.config.max_new_tokens)
+        job = self.service.submit(chat, asyncio.get_running_loop(), request.scope["state"]["request_id"])
+        return _Exchange(job, self.service, request.receive, self.config.server.request_timeout_s)
+
     # -- endpoints -----------------------------------------------------------------------------
     async def chat_completions(self, request):
         from starlette.responses import JSONResponse, Response
@@ -186,23 +193,15 @@ class _Api:
         chat = await self.admit(request, self.reader.read)
         if chat is None:
             return Response(status_code=499)
-        _note(request.scope, images=chat.images, image_bytes=chat.image_bytes, stream=chat.stream,
-              max_tokens=chat.config.max_new_tokens)
-        job = self.service.submit(chat, asyncio.get_running_loop(), request_id)
-        exchange = _Exchange(job, self.service, request.receive, self.config.server.request_timeout_s)
+        exchange = self.enqueue(request, chat)
         if chat.stream:  # the role chunk goes out now: queue wait and prefill do not eat the client's first-byte
             # timeout; what fails after this point (context, image, 504, 503) is an error event in the stream
             return _EventStream(self._sse(request, exchange, None, chat), on_close=exchange.close,
                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
-            event = await exchange.next()
-            while event[0] == "delta":
-                event = await exchange.next()
-            kind, value = event
-            if kind == "error":
-                raise value
-            self._note_answer(request, value)
-            return JSONResponse(self._completion(value, request_id))
+            answer = await exchange.answer()
+            self._note_answer(request, answer)
+            return JSONResponse(self._completion(answer, request_id))
         except _ClientGone:
             return Response(status_code=499)
         finally:
@@ -445,6 +444,16 @@ class _Exchange:
             self.service.cancel(self.job, "client_disconnect")
             raise _ClientGone
         return kind, value
+
+    async def answer(self) -> Answer:
+        """The finished answer of a non-streaming request (its text deltas passed over); raises the
+        job's ApiError, or _ClientGone."""
+        kind, value = await self.next()
+        while kind == "delta":
+            kind, value = await self.next()
+        if kind == "error":
+            raise value
+        return value
 
     def close(self) -> None:
         self._watcher.cancel()

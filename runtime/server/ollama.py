@@ -19,7 +19,6 @@ and always answers through the bundle's chat template); an empty chat or prompt 
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import datetime
 import hashlib
@@ -290,34 +289,27 @@ class OllamaApi:
         from starlette.responses import JSONResponse, Response
 
         started = time.monotonic_ns()
-        request_id = request.scope["state"]["request_id"]
         admitted = await self.api.admit(request, lambda body: self._read(body, translate))
         if admitted is None:
             return Response(status_code=499)
         translation, chat = admitted
-        loop = asyncio.get_running_loop()
         head = {"model": translation.model, "created_at": _now()}
         if chat is None:  # Ollama's "load the model": it is loaded
             return JSONResponse({**head, **content(""), "done": True, "done_reason": "load"})
-        _note(request.scope, images=chat.images, image_bytes=chat.image_bytes, stream=chat.stream,
-              max_tokens=chat.config.max_new_tokens)
-        job = self.service.submit(chat, loop, request_id)
-        exchange = _Exchange(job, self.service, request.receive, self.config.server.request_timeout_s)
+        exchange = self.api.enqueue(request, chat)
         if chat.stream:  # as on the OpenAI side, the first line goes out now: queue wait and prefill do not eat
             # the client's first-byte timeout; what fails after this point is an {"error"} line
             return _EventStream(self._lines(request, exchange, translation, content, started), on_close=exchange.close,
                                 headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache",
                                          "X-Accel-Buffering": "no"})
         try:
-            event = await exchange.next()
-            while event[0] == "delta":
-                event = await exchange.next()
-            kind, value = event
-            if kind == "error":
-                raise translation.rename(value)
-            self.api._note_answer(request, value)
+            try:
+                answer = await exchange.answer()
+            except ApiError as exc:
+                raise translation.rename(exc) from None
+            self.api._note_answer(request, answer)
             head["created_at"] = _now()
-            return JSONResponse({**head, **content(value.text), **_final(value, started)})
+            return JSONResponse({**head, **content(answer.text), **_final(answer, started)})
         except _ClientGone:
             return Response(status_code=499)
         finally:
