@@ -265,6 +265,7 @@ class Runner:
             result.reused_tokens = turn.held_tokens
             result.prefill_ids = list(turn.prompt.ids)
             stream = TextStream(self.bundle.tokenizer, config.stop_ids, config.max_new_tokens, config.stop, started)
+            result.token_ids = stream.token_ids  # the stream's own list: filled as ids arrive
             tokens = self.llm.generate(embeddings, config, keep_history=turn.held_tokens > 0, stats=stats)
             stopped_early = False
             try:
@@ -272,7 +273,6 @@ class Runner:
                     if self._abort.is_set():  # an abort that raced the engine's start
                         self.llm.abort()
                     delta = stream.push(token)
-                    result.token_ids = stream.token_ids
                     if delta:
                         result.text += delta
                         yield delta
@@ -290,7 +290,6 @@ class Runner:
                 result.text += tail
                 yield tail
             stats.first_token_ms = stream.first_token_ms
-            result.token_ids = stream.token_ids
             result.finish_reason = stream.finish_reason
             if result.finish_reason == "abort" or stopped_early:
                 self._forget()

@@ -325,3 +325,14 @@ def minimal_manifest() -> dict:
                    "global_image": "<global-img>", "end_of_utterance": "<end_of_utterance>", "eos_ids": [2]},
         "chat_template": "", "tokenizer": "tokenizer.json",
     }
+
+
+HEALTH_LIMIT_S = 0.1  # /health answers within 100 ms throughout a hostile case
+
+
+def health_within_limit(latencies: list[float], slowest_s: float = 0.5) -> bool:
+    """Every /health probe within HEALTH_LIMIT_S, but for rare scheduling hiccups of the test
+    process or a loaded machine: one probe in twenty, never past ``slowest_s``. A lock-out shows as
+    refusals or seconds, which this still catches."""
+    slow = [t for t in latencies if t >= HEALTH_LIMIT_S]
+    return bool(latencies) and len(slow) <= max(1, len(latencies) // 20) and max(latencies) < slowest_s
