@@ -26,7 +26,12 @@ def checkpoint_assembler(checkpoint: Checkpoint) -> Assembler:
     tokens = PromptTokens(t.image, t.image_id, t.fake_image, t.global_image, checkpoint.vision.image_seq_len,
                           t.end_of_utterance)
     tokenizer = TextTokenizer(checkpoint.path / "tokenizer.json")
-    return Assembler(ChatTemplate(checkpoint.chat_template), tokenizer, tokens)
+    video_template = None
+    if checkpoint.video is not None:
+        from rksmolvlm.convert.pipeline import video_chat_template
+
+        video_template = ChatTemplate(video_chat_template())
+    return Assembler(ChatTemplate(checkpoint.chat_template), tokenizer, tokens, video_template)
 
 
 def _decoder_max_abs(checkpoint: Checkpoint, decoder_dir: Path) -> float:
@@ -76,18 +81,24 @@ def convert_llm(checkpoint: Checkpoint, recipe: LlmRecipe, options, bundle: Path
     fmt = options.llm_dataset_format or dataset_format_for(info)
     with progress.step(f"rendering the decoder calibration set ({fmt} format)"):
         samples = load_samples(options.llm_prompts)
-        images = Path(options.calibration) if options.llm_prompts and options.calibration else shipped_images_dir()
+        own = Path(options.calibration) if options.llm_prompts and options.calibration else None
+        images = own or shipped_images_dir()
         embedded = fmt != "text"
         rendered = render_samples(samples, images, checkpoint_assembler(checkpoint), checkpoint.image,
                                   table=EmbeddingTable(bundle / EMBED_FILE) if embedded else None,
-                                  features=towers.features if embedded else None, max_tokens=recipe.max_context)
+                                  features=towers.features if embedded else None, max_tokens=recipe.max_context,
+                                  video=checkpoint.video, videos_dir=own)  # own clips beside own images
         towers.release()
         dataset = write_dataset(rendered, fmt, work / "llm-calibration")
         tokens = sum(len(r.ids) for r in rendered)
         image_tokens = sum(int(np.sum(np.asarray(r.ids) == checkpoint.tokens.image_id)) for r in rendered)
-        progress.note(f"{len(rendered)} of {len(samples)} samples, {tokens} tokens ({image_tokens} image tokens)")
+        skipped = f"; skipped: {len(rendered.skipped_no_video)} with video (the model takes none)" \
+            if rendered.skipped_no_video else ""
+        progress.note(f"{len(rendered)} of {len(samples)} samples, {tokens} tokens ({image_tokens} image tokens)"
+                      f"{skipped}")
     report["calibration"] = {"format": fmt, "samples": len(rendered), "tokens": tokens, "image_tokens": image_tokens,
-                             "skipped_over_context": len(samples) - len(rendered)}
+                             "skipped_over_context": len(rendered.skipped_over_context),
+                             "skipped_no_video": len(rendered.skipped_no_video)}
     with progress.step(f"building {LLM_FILE} ({recipe.dtype}, {recipe.target}) with rkllm-toolkit {info.version}"):
         build = build_rkllm(decoder_dir, bundle / LLM_FILE, recipe, dataset, info)
     report.update(seconds=build.seconds, toolkit_version=info.version)

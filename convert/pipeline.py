@@ -275,10 +275,28 @@ def _convert_vision(checkpoint: Checkpoint, profile: BoardProfile, options: Conv
     return section, report
 
 
+def video_chat_template() -> str:
+    """The template transformers renders every conversation with a video with (SmolVLM2's hub chat
+    templates have no video branch; its processor falls back to this one)."""
+    from transformers.models.smolvlm import processing_smolvlm
+
+    return processing_smolvlm.DEFAULT_CHAT_TEMPLATE
+
+
+def video_manifest(settings) -> dict:
+    """The manifest's ``video`` section (read back by rksmolvlm/manifest.py)."""
+    return {"settings": {"fps": float(settings.fps), "max_frames": int(settings.max_frames),
+                         "skip_secs": float(settings.skip_secs), "longest_edge": int(settings.longest_edge),
+                         "frame_size": int(settings.frame_size), "image_mean": [float(v) for v in settings.image_mean],
+                         "image_std": [float(v) for v in settings.image_std],
+                         "rescale_factor": float(settings.rescale_factor)},
+            "chat_template": video_chat_template()}
+
+
 def _manifest(checkpoint: Checkpoint, profile: BoardProfile, options: ConvertOptions, versions: dict,
               vision: dict | None, llm: dict | None) -> dict:
     toolkit = llm.get("toolkit_version") if llm else None
-    return {
+    manifest = {
         "source": {"model_id": checkpoint.model_id, "revision": checkpoint.revision,
                    "weights": {name: {"sha256": sha} for name, sha in checkpoint.weights.items()}},
         "model": {"family": checkpoint.family, "architecture": checkpoint.architecture,
@@ -304,3 +322,6 @@ def _manifest(checkpoint: Checkpoint, profile: BoardProfile, options: ConvertOpt
         "chat_template": checkpoint.chat_template,
         "tokenizer": TOKENIZER_FILE,
     }
+    if checkpoint.video is not None:
+        manifest["video"] = video_manifest(checkpoint.video)
+    return manifest

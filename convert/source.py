@@ -7,11 +7,15 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 from rksmolvlm.errors import CheckpointError
 from rksmolvlm.hashing import sha256_file
 from rksmolvlm.processing.image import ImageSettings
+
+if TYPE_CHECKING:  # the video settings' module is imported where a bundle has video
+    from rksmolvlm.processing.video_frames import VideoSettings
 
 __all__ = [
     "Checkpoint", "VisionGeometry", "TextGeometry", "SpecialTokens",
@@ -98,6 +102,7 @@ class Checkpoint:
     chat_template: str
     weights: dict[str, str] = field(default_factory=dict)  # file name → sha256
     config: dict = field(default_factory=dict)
+    video: "VideoSettings | None" = None  # SmolVLM2 checkpoints (their processor samples videos)
 
     def describe(self) -> str:
         return (f"{self.model_id} ({self.architecture}, {self.size_label}, tile {self.vision.tile_size}, "
@@ -203,7 +208,24 @@ def _read(path: Path, model_id: str, revision: str | None, hash_weights: bool) -
         size_label=_SIZE_BY_TEXT_HIDDEN.get(text.hidden_size, f"custom-{text.hidden_size}"),
         vision=vision, text=text, image=image, tokens=tokens, chat_template=_read_chat_template(path),
         weights={p.name: sha256_file(p) if hash_weights else "" for p in weights}, config=config,
+        video=_read_video_settings(path, family, pre),
     )
+
+
+def _read_video_settings(path: Path, family: str, pre: dict):
+    """The video processor's settings of a SmolVLM2 checkpoint (its video_preprocessor_config.json, else
+    the video_sampling of preprocessor_config.json, as transformers loads them); None for models
+    without video."""
+    from rksmolvlm.processing.video_frames import VideoSettings
+
+    video_pre = _load_json(path / "video_preprocessor_config.json", required=False) or pre
+    if family != "smolvlm" or not video_pre.get("video_sampling"):
+        return None
+    try:
+        return VideoSettings.from_preprocessor(video_pre)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: the video processor settings cannot be read ({exc}): fix "
+                              "video_preprocessor_config.json / preprocessor_config.json 'video_sampling'") from exc
 
 
 def _weight_files(path: Path) -> list[Path]:

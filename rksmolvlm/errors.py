@@ -68,3 +68,45 @@ class ImageTooComplexError(ImageError):
     or a decode that outlived its time budget."""
 
     code = "image_too_complex"
+
+
+class VideoError(RkSmolVLMError):
+    """A video that cannot be read or is out of the allowed limits. ``code`` is the error code the
+    server answers with (HTTP 400); each kind of refusal has a subclass of its own."""
+
+    code = "invalid_video"
+
+    def __init__(self, *args, limit: str | None = None):
+        super().__init__(*args)
+        self.limit = limit  # the VideoLimits field the video is over, if any (e.g. "max_duration_seconds")
+
+
+class VideoTooLongError(VideoError):
+    """A video whose duration or frame count is over the limit (from the header or the packet scan)."""
+
+    code = "video_too_long"
+
+
+class VideoTooLargeError(VideoError):
+    """A video with too many bytes, or frames with too many pixels or too long a side."""
+
+    code = "video_too_large"
+
+
+class VideoTooComplexError(VideoError):
+    """A video whose reading outlived its time budget or needed too many container packets."""
+
+    code = "video_too_complex"
+
+
+class UnsupportedVideoError(VideoError):
+    """A video we cannot decode exactly as the reference does: codec, pixel format or bit depth,
+    odd frame size, rotation, colour matrix, or a stream that changes these mid-way."""
+
+    code = "unsupported_video"
+
+
+class NoVideoStreamError(VideoError):
+    """A readable media file without a video stream (audio only, subtitles only, cover art only)."""
+
+    code = "no_video_stream"

@@ -12,11 +12,14 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rksmolvlm.errors import BundleError
 from rksmolvlm.processing.image import ImageSettings
 from rksmolvlm.processing.prompt import PromptTokens
+
+if TYPE_CHECKING:  # the video settings' module is imported where a bundle has video
+    from rksmolvlm.processing.video_frames import VideoSettings
 
 __all__ = ["SCHEMA_VERSION", "MANIFEST", "Manifest", "SourceInfo", "ModelInfo", "TargetInfo", "VisionPart",
            "LlmPart", "ProcessorInfo", "TokenInfo", "FileRecord", "confined_path"]
@@ -83,6 +86,15 @@ class ProcessorInfo:
 
 
 @dataclass(frozen=True)
+class VideoPartInfo:
+    """What video input needs (SmolVLM2 bundles only): the frame pipeline's settings and the chat
+    template transformers renders conversations with a video with (its DEFAULT_CHAT_TEMPLATE)."""
+
+    settings: "VideoSettings"
+    chat_template: str
+
+
+@dataclass(frozen=True)
 class TokenInfo:
     prompt: PromptTokens
     eos_ids: tuple[int, ...]
@@ -109,6 +121,7 @@ class Manifest:
     chat_template: str
     tokenizer: str
     files: dict[str, FileRecord]
+    video: VideoPartInfo | None = None
 
     @classmethod
     def read(cls, root: str | os.PathLike) -> "Manifest":
@@ -163,6 +176,7 @@ class Manifest:
             chat_template=top.str("chat_template"),
             tokenizer=top.file("tokenizer", records),
             files=records,
+            video=_video(top.optional_obj("video")),
         )
         manifest._check_consistency()
         return manifest
@@ -207,6 +221,10 @@ class Manifest:
                               "Copy the bundle again (e.g. rsync -a) or convert it again")
 
     def _check_consistency(self) -> None:
+        if self.video is not None and self.video.settings.frame_size != self.processor.image.tile_size:
+            raise BundleError(f"{MANIFEST}: 'video.settings.frame_size' {self.video.settings.frame_size} differs from "
+                              f"the tile size {self.processor.image.tile_size}: frames are unsplit tiles; convert the "
+                              "bundle again")
         if self.vision is not None and self.vision.output_shape[1:] != (self.model.image_seq_len,
                                                                          self.model.text_hidden_size):
             raise BundleError(f"{MANIFEST}: 'vision.output.shape' {list(self.vision.output_shape)} disagrees with "
@@ -273,6 +291,25 @@ def _processor(p: "_Obj") -> ProcessorInfo:
         rescale_factor=p.float("rescale_factor"), image_mean=tuple(mean), image_std=tuple(std),
         video_sampling=dict(video.data) if video else {})
     return ProcessorInfo(settings, p.int("image_seq_len", 1))
+
+
+def _video(v: "_Obj | None") -> VideoPartInfo | None:
+    if v is None:
+        return None
+    from rksmolvlm.processing.video_frames import VideoSettings
+
+    s = v.obj("settings")
+    fps = s.float("fps")
+    skip = s.float("skip_secs")
+    if fps <= 0 or skip < 0:
+        raise BundleError(f"{MANIFEST}: 'video.settings' has fps {fps} and skip_secs {skip}: fps must be above 0 and "
+                          "skip_secs at least 0; convert the bundle again")
+    settings = VideoSettings(fps=fps, max_frames=s.int("max_frames", 1), skip_secs=skip,
+                             longest_edge=s.int("longest_edge", 1), frame_size=s.int("frame_size", 1),
+                             image_mean=tuple(s.float_list("image_mean", 3)),
+                             image_std=tuple(s.float_list("image_std", 3)),
+                             rescale_factor=s.float("rescale_factor"))
+    return VideoPartInfo(settings, v.str("chat_template"))
 
 
 def _tokens(t: "_Obj", image_seq_len: int) -> TokenInfo:

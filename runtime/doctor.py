@@ -161,6 +161,12 @@ def run_doctor(manifest: "Manifest | None" = None, root: str | os.PathLike = "/"
                            "pip install rknn-toolkit-lite2 (or 'rksmolvlm[board]')"))
     else:
         out.append(Finding("ok", "rknn-toolkit-lite2", "rknnlite importable"))
+    if manifest is not None and manifest.video is not None:  # a SmolVLM2 bundle: videos need PyAV
+        if importlib.util.find_spec("av") is None:
+            out.append(Finding("warn", "pyav", "the av (PyAV) package is not importable: the bundle takes videos, "
+                               "which will be refused", "pip install 'av>=17.1,<19' (or 'rksmolvlm[board]')"))
+        else:
+            out.append(Finding("ok", "pyav", "av importable (video decoding)"))
 
     # Memory
     try:

@@ -67,7 +67,10 @@ class PerfStats:
 
     vision_tiles: int = 0
     vision_ms: float = 0.0
-    vision_cached_images: int = 0
+    vision_cached_images: int = 0  # images whose features came from the cache
+    video_cached_frames: int = 0  # video frames whose features came from the cache
+    video_frames: int = 0  # video frames decoded and encoded (of vision_tiles)
+    video_decode_ms: float = 0.0  # decoding and resizing them
     prefill_tokens: int = 0
     prefill_ms: float = 0.0
     generate_tokens: int = 0

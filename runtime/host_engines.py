@@ -23,7 +23,7 @@ __all__ = ["OnnxVisionEncoder", "TorchLlmEngine", "make_host_engines"]
 class OnnxVisionEncoder:
     """The bundle's ``vision.onnx`` (normalized float NCHW input) in onnxruntime."""
 
-    def __init__(self, onnx_path: Path, settings: ImageSettings, threads: int | None = None):
+    def __init__(self, onnx_path: Path, settings: ImageSettings, threads: int | None = None, video_settings=None):
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -37,9 +37,19 @@ class OnnxVisionEncoder:
         self.input_name = self.session.get_inputs()[0].name
         self.batch = int(self.session.get_inputs()[0].shape[0])
         self.settings = settings
+        self.video_settings = video_settings
 
     def encode(self, tiles: np.ndarray) -> np.ndarray:
-        x = normalize(tiles, self.settings)
+        return self._run(normalize(tiles, self.settings))
+
+    def encode_frames(self, frames: np.ndarray) -> np.ndarray:
+        """Video frames (unsplit tiles): normalised as transformers' video processor does (its fused
+        ``(x − 127.5)/127.5``, one float32 rounding away from the image path's on some levels)."""
+        from rksmolvlm.processing.video_frames import normalize_frames
+
+        return self._run(normalize_frames(frames, self.video_settings))
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
         outs = [self.session.run(None, {self.input_name: x[i:i + self.batch]})[0] for i in range(0, len(x), self.batch)]
         return np.concatenate(outs, axis=0).astype(np.float32, copy=False)
 
@@ -161,5 +171,6 @@ def make_host_engines(bundle, options) -> tuple[OnnxVisionEncoder, TorchLlmEngin
     if not manifest.vision.onnx or not manifest.llm.decoder_dir:
         raise BundleError(f"{bundle.path} has no host-preview files (vision.onnx, decoder/): convert with "
                           "--host-preview, or run on the board with --engine npu")
-    vision = OnnxVisionEncoder(bundle.file(manifest.vision.onnx), bundle.settings, options.threads)
+    vision = OnnxVisionEncoder(bundle.file(manifest.vision.onnx), bundle.settings, options.threads,
+                               bundle.video_settings)
     return vision, TorchLlmEngine(bundle.file(manifest.llm.decoder_dir), options.threads)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 from rksmolvlm.manifest import Manifest
@@ -12,6 +13,9 @@ from rksmolvlm.processing.assembler import Assembler
 from rksmolvlm.processing.embed import EmbeddingTable
 from rksmolvlm.processing.image import ImageSettings
 from rksmolvlm.processing.prompt import ChatTemplate, TextTokenizer
+
+if TYPE_CHECKING:  # the video settings' module is imported where a bundle has video
+    from rksmolvlm.processing.video_frames import VideoSettings
 
 __all__ = ["RuntimeBundle"]
 
@@ -41,6 +45,13 @@ class RuntimeBundle:
         except Exception as exc:  # jinja2.TemplateSyntaxError
             raise BundleError(f"manifest.json: 'chat_template' is not a valid Jinja template ({exc}): convert the "
                               "bundle again") from exc
+        video_template = None
+        if manifest.video is not None:
+            try:
+                video_template = ChatTemplate(manifest.video.chat_template)
+            except Exception as exc:  # jinja2.TemplateSyntaxError
+                raise BundleError(f"manifest.json: 'video.chat_template' is not a valid Jinja template ({exc}): "
+                                  "convert the bundle again") from exc
         tokens = manifest.tokens.prompt
         for name, content, want in (("image", tokens.image, tokens.image_id),
                                     ("fake_image", tokens.fake_image, None),
@@ -50,11 +61,16 @@ class RuntimeBundle:
                 raise BundleError(f"manifest.json: 'tokens.{name}' ({content!r}{f', id {want}' if want is not None else ''}) "
                                   f"is {'not a token' if got is None else f'id {got}'} in the bundle's tokenizer.json: "
                                   "the two disagree; convert the bundle again")
-        return cls(manifest.root, manifest, tokenizer, Assembler(template, tokenizer, tokens))
+        return cls(manifest.root, manifest, tokenizer, Assembler(template, tokenizer, tokens, video_template))
 
     @property
     def settings(self) -> ImageSettings:
         return self.manifest.processor.image
+
+    @property
+    def video_settings(self) -> "VideoSettings | None":
+        """The frame pipeline's settings; None when the model takes no video."""
+        return self.manifest.video.settings if self.manifest.video is not None else None
 
     @property
     def stop_ids(self) -> tuple[int, ...]:

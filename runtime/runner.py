@@ -31,8 +31,8 @@ from typing import Any, Iterator, Sequence
 
 
 from rksmolvlm.errors import RkSmolVLMError
-from rksmolvlm.processing.assembler import Prompt, PromptError
-from rksmolvlm.processing.content import ImagePart, Message, TextPart, conversation, image_parts
+from rksmolvlm.processing.assembler import ImageChunk, Prompt, PromptError
+from rksmolvlm.processing.content import ImagePart, Message, TextPart, VideoPart, conversation, media_parts
 from rksmolvlm.processing.embed import EmbeddingTable
 from rksmolvlm.processing.image import DEFAULT_MAX_PIXELS
 from rksmolvlm.processing.image_safety import DecodeLimits
@@ -40,6 +40,7 @@ from rksmolvlm.runtime.engines import GenerationConfig, LlmEngine, PerfStats, Vi
 from rksmolvlm.runtime.loader import RuntimeBundle
 from rksmolvlm.runtime.text_stream import TextStream
 from rksmolvlm.runtime.vision import UNSPLIT, ImageEncoder, PreparedImage
+from rksmolvlm.runtime.video import VideoEncoder, VideoOptions, VideoPlan
 
 __all__ = ["Runner", "Session", "Generation", "ContextError", "InputError", "DEFAULT_DETAILS", "choose_unsplit"]
 
@@ -83,6 +84,7 @@ class _Turn:
 
     prompt: Prompt
     images: list[PreparedImage]
+    videos: list[VideoPlan]
     held_tokens: int  # already in the KV cache
     full_text: str  # the whole conversation's rendered prompt
 
@@ -105,7 +107,8 @@ class Runner:
     def __init__(self, bundle: RuntimeBundle, vision: VisionEncoder, llm: LlmEngine, *,
                  image_cache_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS,
                  table: EmbeddingTable | None = None, default_detail: str = "auto-fit",
-                 fit_answer_tokens: int = 256, decode_limits: DecodeLimits | None = None):
+                 fit_answer_tokens: int = 256, decode_limits: DecodeLimits | None = None,
+                 video: VideoOptions | None = None):
         if default_detail not in DEFAULT_DETAILS:
             raise ValueError(f"default_detail {default_detail!r} is not one of {', '.join(DEFAULT_DETAILS)}")
         self.default_detail = default_detail
@@ -113,6 +116,8 @@ class Runner:
         self.bundle = bundle
         self.assembler = bundle.assembler
         self.images = ImageEncoder(vision, bundle.settings, image_cache_size, max_pixels, decode_limits)
+        video_settings = bundle.video_settings
+        self.videos = VideoEncoder(vision, video_settings, video) if video_settings is not None else None
         self.llm = llm
         if table is None:
             own = llm.embedding_table() if hasattr(llm, "embedding_table") else None
@@ -165,36 +170,46 @@ class Runner:
             turn = self._continuation(session._held, messages, config)
             if turn is not None:
                 return turn
-        prompt, prepared = self._fit(image_parts(messages), lambda layouts: self.assembler.assemble(messages, layouts),
-                                     0, config)
-        return _Turn(prompt, prepared, 0, prompt.text)
+        prompt, prepared, videos = self._fit(media_parts(messages),
+                                             lambda layouts: self.assembler.assemble(messages, layouts), 0, config)
+        return _Turn(prompt, prepared, videos, 0, prompt.text)
 
-    def _fit(self, parts: list[ImagePart], build, held: int, config: GenerationConfig
-             ) -> tuple[Prompt, list[PreparedImage]]:
-        """Choose how each image is tiled (see the module docstring), tile them, and assemble the
-        prompt with ``build(layouts)``."""
-        splits = [self._detail(p) != "low" for p in parts]
-        layouts = [self.images.layout(p, s) for p, s in zip(parts, splits)]  # exact or from the header
+    def _fit(self, media: list, build, held: int, config: GenerationConfig
+             ) -> tuple[Prompt, list[PreparedImage], list[VideoPlan]]:
+        """Plan the videos' frames, choose how each image is tiled (see the module docstring), tile
+        the images, and assemble the prompt with ``build(layouts)`` (one layout per media part)."""
+        images = [i for i, p in enumerate(media) if isinstance(p, ImagePart)]
+        plans = {i: self._video_plan(p) for i, p in enumerate(media) if isinstance(p, VideoPart)}
+        splits = {i: self._detail(media[i]) != "low" for i in images}
+        layouts = [plans[i].layout if i in plans else self.images.layout(p, splits[i])  # exact or from the header
+                   for i, p in enumerate(media)]
         prompt = self._assemble(lambda: build(layouts))
         # The answer's room: all of max_new_tokens, or when the answer may be capped to the room left
         # (the server's requests), a usual answer's: max_tokens is a ceiling, not a wish worth detail.
         room = min(config.max_new_tokens, self.fit_answer_tokens) if config.cap_to_context else config.max_new_tokens
         excess = held + len(prompt) + room - self.bundle.max_context
-        flexible = {i for i, p in enumerate(parts) if self._detail(p) == "fit" and layouts[i] != UNSPLIT}
+        flexible = {i for i in images if self._detail(media[i]) == "fit" and layouts[i] != UNSPLIT}
         if flexible and excess > 0:
             unsplit = [UNSPLIT if i in flexible else layout for i, layout in enumerate(layouts)]
             smallest = self._assemble(lambda: build(unsplit))
             savings = [len(a.ids) - len(b.ids) for a, b in zip(prompt.images, smallest.images)]
-            chosen = choose_unsplit(savings, excess)
-            if chosen is None:  # not even all unsplit fit: as small as it gets, the context check refuses it
-                chosen = flexible
-            for i in chosen:
+            chosen = choose_unsplit(savings, excess)  # ordinals among the images
+            chosen = flexible if chosen is None else {images[k] for k in chosen}
+            for i in chosen:  # not even all unsplit fit: as small as it gets, the context check refuses it
                 splits[i], layouts[i] = False, UNSPLIT
             prompt = smallest if chosen == flexible else self._assemble(lambda: build(layouts))
-        prepared = self.images.prepare(parts, splits)
-        if [p.layout for p in prepared] != layouts:  # a header that did not tell the whole truth (image_size)
-            prompt = self._assemble(lambda: build([p.layout for p in prepared]))
-        return prompt, prepared
+        prepared = self.images.prepare([media[i] for i in images], [splits[i] for i in images])
+        if [p.layout for p in prepared] != [layouts[i] for i in images]:  # a header that did not tell all (image_size)
+            for i, p in zip(images, prepared):
+                layouts[i] = p.layout
+            prompt = self._assemble(lambda: build(layouts))
+        return prompt, prepared, [plans[i] for i in sorted(plans)]
+
+    def _video_plan(self, part: VideoPart) -> VideoPlan:
+        if self.videos is None:
+            raise InputError("this bundle's model does not take video (only SmolVLM2 checkpoints do): send frames "
+                             "as images, or convert a SmolVLM2 checkpoint")
+        return self.videos.plan(part)
 
     def _detail(self, part: ImagePart) -> str:
         """The part's detail with "auto" resolved: "high", "low" or "fit"."""
@@ -218,10 +233,11 @@ class Runner:
         after = split[1]
         if held.stopped:  # the stop token is already in the cache
             after = after.removeprefix(self.assembler.tokens.end_of_utterance)
-        parts = image_parts(messages[n + 1:])
-        prompt, prepared = self._fit(parts, lambda layouts: self.assembler.assemble_rendered(after, parts, layouts),
-                                     self.llm.history_tokens, config)
-        return _Turn(prompt, prepared, self.llm.history_tokens, rendered.text)
+        parts = media_parts(messages[n + 1:])
+        prompt, prepared, videos = self._fit(
+            parts, lambda layouts: self.assembler.assemble_rendered(after, parts, layouts), self.llm.history_tokens,
+            config)
+        return _Turn(prompt, prepared, videos, self.llm.history_tokens, rendered.text)
 
     @staticmethod
     def _assemble(build):
@@ -245,17 +261,17 @@ class Runner:
                 config = replace(config, max_new_tokens=room)  # the answer ends with finish_reason "length"
             if room < 1:
                 raise ContextError(f"the prompt is {len(turn.prompt)} tokens: it fills the context of {context} and "
-                                   "leaves no room for an answer; send fewer or smaller images or a shorter "
-                                   "conversation")
+                                   "leaves no room for an answer; send fewer or smaller images, fewer video "
+                                   "frames (max_frames) or a shorter conversation")
             if len(turn.prompt) + turn.held_tokens + config.max_new_tokens > context:
                 raise ContextError(
                     f"the prompt is {len(turn.prompt)} tokens and max_new_tokens is {config.max_new_tokens}: together "
-                    f"over the context of {context}; send fewer or smaller images, a shorter conversation or a "
-                    "smaller max_new_tokens")
+                    f"over the context of {context}; send fewer or smaller images, fewer video frames (max_frames), a "
+                    "shorter conversation or a smaller max_new_tokens")
             if session is not None:
                 session._held = None  # invalid until this turn completes
             self._owner = session
-            features = self.images.encode(turn.images, stats, self._abort.is_set)
+            features = self._features(turn, stats)
             if features is None or self._abort.is_set():  # aborted before the prefill
                 result.finish_reason = "abort"
                 self._forget()
@@ -297,6 +313,17 @@ class Runner:
                 eou = self.bundle.tokenizer.token_id(self.assembler.tokens.end_of_utterance)
                 session._held = _Held(_signature(messages), turn.full_text, result.text, stream.token_ids[-1:] == [eou])
 
+    def _features(self, turn: _Turn, stats: PerfStats) -> list | None:
+        """One feature array per image and per video of the prompt, in prompt order; None if aborted."""
+        images = self.images.encode(turn.images, stats, self._abort.is_set)
+        if images is None:
+            return None
+        videos = self.videos.encode(turn.videos, stats, self._abort.is_set) if turn.videos else []
+        if videos is None:
+            return None
+        images, videos = iter(images), iter(videos)
+        return [next(images) if isinstance(chunk, ImageChunk) else next(videos) for chunk in turn.prompt.media]
+
     def _forget(self) -> None:
         """The KV cache no longer holds a conversation anyone can continue."""
         self.llm.clear_history()
@@ -326,7 +353,8 @@ class Session:
 def _signature(messages: Sequence[Message]) -> list[tuple]:
     """Messages reduced to what identifies them: roles, texts, image content hashes and details."""
     return [(m.role, tuple(("text", p.text) if isinstance(p, TextPart) else
-                           ("image", p.key, p.detail) if isinstance(p, ImagePart) else ("other", id(p))
+                           ("image", p.key, p.detail) if isinstance(p, ImagePart) else
+                           ("video", p.key, p.fps, p.max_frames) if isinstance(p, VideoPart) else ("other", id(p))
                            for p in m.parts))
             for m in messages]
 

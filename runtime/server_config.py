@@ -20,11 +20,15 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rksmolvlm.errors import RkSmolVLMError
 
+if TYPE_CHECKING:  # the config is read for `serve --help`: PyAV and numpy load on use
+    from rksmolvlm.processing.video import VideoLimits
+
 __all__ = [
-    "ServerConfig", "ServerSection", "Limits", "ImageSources", "ConfigError",
+    "ServerConfig", "ServerSection", "Limits", "ImageSources", "VideoSection", "ConfigError", "VIDEO_LIMIT_KEYS",
     "DEFAULT_CONFIG_PATH", "CONFIG_ENV", "load_config", "config_from_dict", "with_overrides", "schema_keys",
     "read_api_key",
 ]
@@ -134,6 +138,51 @@ class ImageSources:
 
 
 @dataclass(frozen=True)
+class VideoSection:
+    """Video input (SmolVLM2 bundles): the defaults a request's sampling gets and the limits every
+    video is held to (``VIDEO_LIMIT_KEYS``: rksmolvlm.processing.video.VideoLimits' fields)."""
+
+    enabled: bool = _key(True, "accept video_url parts (SmolVLM2 bundles only; other models answer them with 400 "
+                         "video_not_supported)")
+    fps: float | None = _key(None, "frames sampled per second of video when a request does not say (unset: the "
+                             "checkpoint's, 1 on the SmolVLM2 checkpoints)", min=0.001, max=1000)
+    max_frames: int = _key(16, "the most frames sampled from one video when a request does not say (16 unsplit "
+                           "frames ≈ 1,100 prompt tokens on 256M/500M and 16 tower passes); a request may ask for "
+                           "more, capped to the checkpoint's own limit (64)", min=1, max=4096)
+    max_videos: int = _key(1, "videos in one request", min=1, max=64)
+    max_bytes: int = _key(14 * MIB, "encoded size of one video; for a model that takes video, the request body "
+                          "limit is raised above limits.max_body_bytes when needed to carry one as a data: URI (4/3 "
+                          "of it)", min=1, max=4096 * MIB, kind="size")
+    max_duration_seconds: float = _key(600.0, "length of one video, read from the container before any frame is "
+                                       "decoded", min=0.1, max=86400)
+    max_stream_frames: int = _key(36_000, "frames in one video's stream (10 minutes at 60 fps), from the header, "
+                                  "then counted in the packet scan before any frame is decoded", min=1,
+                                  max=100_000_000)
+    max_frame_pixels: int = _key(8_294_400, "pixels of one frame (width × height; 3840×2160 = 8,294,400), read from "
+                                 "the stream header before decoding", min=1, max=100_000_000)
+    max_side: int = _key(4096, "longest side of a frame in pixels, read from the stream header", min=1, max=65535)
+    max_decode_seconds: float = _key(60.0, "seconds one reading of a video may take (opening, the packet scan, "
+                                     "decoding the sampled frames); then it stops with 400 video_too_complex",
+                                     min=0.1, max=3600)
+    max_output_bytes: int = _key(512 * MIB, "memory the decoded frames of one video take (RGB: frames × width × "
+                                 "height × 3); 16 frames of 3840×2160 take 380 MiB", min=MIB, max=64 * 1024 * MIB,
+                                 kind="size")
+    cache_frames: int = _key(256, "video frames whose vision features are kept, so a second question about a clip "
+                             "decodes and encodes nothing", min=0, max=65536)
+
+    def limits(self) -> "VideoLimits":
+        """The limits as rksmolvlm.processing.video takes them."""
+        from rksmolvlm.processing.video import VideoLimits
+
+        return VideoLimits(**{name: getattr(self, name) for name in VIDEO_LIMIT_KEYS})
+
+
+# The [video] keys that are VideoLimits fields (the same names: a VideoError's ``limit`` is video.<name>).
+VIDEO_LIMIT_KEYS = ("max_bytes", "max_duration_seconds", "max_stream_frames", "max_frame_pixels", "max_side",
+                    "max_decode_seconds", "max_output_bytes")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     bundle: str | None = _key(None, "bundle directory (BUNDLE on the command line overrides it)", kind="path")
     engine: str = _key("auto", "npu on the board, host = x86 preview; auto picks", choices=("auto", "host", "npu"))
@@ -146,12 +195,21 @@ class ServerConfig:
     server: ServerSection = field(default_factory=ServerSection)
     limits: Limits = field(default_factory=Limits)
     images: ImageSources = field(default_factory=ImageSources)
+    video: VideoSection = field(default_factory=VideoSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def body_limit(self, takes_video: bool) -> int:
+        """The request body limit: limits.max_body_bytes, raised for a model that takes video (with
+        video.enabled) to what one video of video.max_bytes needs as a data: URI."""
+        if not (takes_video and self.video.enabled):
+            return self.limits.max_body_bytes
+        return max(self.limits.max_body_bytes, (self.video.max_bytes + 2) // 3 * 4 + 64 * 1024)
 
-_SECTIONS: dict[str, type] = {"server": ServerSection, "limits": Limits, "images": ImageSources}
+
+_SECTIONS: dict[str, type] = {"server": ServerSection, "limits": Limits, "images": ImageSources,
+                              "video": VideoSection}
 
 
 def schema_keys() -> dict[str, dataclasses.Field]:

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from rksmolvlm.calibration.decoder_set import load_samples
 from rksmolvlm.bundle import read_manifest, staging_dirs
 from rksmolvlm.cli import main
 from rksmolvlm.convert.source import open_checkpoint
@@ -45,6 +46,10 @@ def test_full_bundle_with_the_toolkit(tiny_checkpoints, calibration_dir, tmp_pat
     report = json.loads((out / "report.json").read_text())["llm"]
     assert report["calibration"]["format"] == fmt
     assert report["calibration"]["image_tokens"] > 0
+    # the shipped video samples are rendered for SmolVLM2 and skipped (and counted) for models without video
+    video_samples = sum(s.kind == "video" for s in load_samples())
+    assert report["calibration"]["skipped_no_video"] == (0 if name == "smolvlm2" else video_samples)
+    assert (manifest.video is not None) == (name == "smolvlm2")
     assert report["decoder_max_abs"] < 1e-5
     assert (out / "llm.rkllm").read_bytes().endswith(f"rkllm-toolkit version: {version}".encode())
     assert "decoder" not in {p.split("/")[0] for p in manifest.files}  # only with --host-preview

@@ -90,3 +90,20 @@ def test_off_a_board_says_so(tmp_path):
     findings = run_doctor(MANIFEST, tmp_path)
     assert findings[0].status == "info" and "not a Rockchip board" in findings[0].message
     assert not any(f.status == "fail" for f in findings)
+
+
+def test_a_video_bundle_needs_pyav(tmp_path, monkeypatch):
+    import dataclasses
+    import importlib.util
+
+    from rksmolvlm.manifest import VideoPartInfo
+    from rksmolvlm.processing.video_frames import VideoSettings
+
+    video = dataclasses.replace(MANIFEST, video=VideoPartInfo(VideoSettings(1.0, 64, 2048, 512), "{{ messages }}"))
+    board = _board(tmp_path)
+    assert _by_check(run_doctor(video, board))["pyav"].status == "ok"
+    assert "pyav" not in _by_check(run_doctor(MANIFEST, board))  # an image-only bundle does not need it
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "av" else real(n, *a))
+    finding = _by_check(run_doctor(video, board))["pyav"]
+    assert finding.status == "warn" and "refused" in finding.message and "pip install" in finding.fix

@@ -53,7 +53,7 @@ def test_conversation_shapes(tmp_path):
     assert user.joined_text == "Look: ok?"
     assert messages[2] is record
     assert messages[3] == Message("user", (TextPart(""),))
-    assert isinstance(messages[4].parts[0], VideoPart) and messages[4].parts[0].source == "clip.mp4"
+    assert isinstance(messages[4].parts[0], VideoPart) and messages[4].parts[0].source == tmp_path / "clip.mp4"
     assert image_parts(messages) == [user.parts[1], user.parts[2]]
 
 

@@ -1,5 +1,6 @@
 """``rksmolvlm chat BUNDLE``: an interactive chat that streams its answers and keeps the KV cache
-across turns (a runner session). /image PATH attaches an image, /reset starts over, /quit ends;
+across turns (a runner session). /image PATH attaches an image, /video PATH a video (SmolVLM2
+bundles), /reset starts over, /quit ends;
 Ctrl-C stops the answer being written."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ __all__ = ["add_parser", "run"]
 
 
 def add_parser(verbs) -> None:
-    p = verbs.add_parser("chat", help="interactive chat with streaming (/image PATH, /reset, /quit)")
+    p = verbs.add_parser("chat", help="interactive chat with streaming (/image PATH, /video PATH, /reset, /quit)")
     add_runtime_arguments(p)
     p.set_defaults(run=run)
 
@@ -29,13 +30,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _repl(runner, config) -> int:
-    from rksmolvlm.processing.content import ImagePart, Message, TextPart
+    from rksmolvlm.processing.content import ImagePart, Message, TextPart, VideoPart
 
     session = runner.session()
     messages: list[Message] = []
-    pending: list[ImagePart] = []
-    print("rksmolvlm chat — /image PATH attaches an image to your next message, /reset starts over, /quit ends",
-          file=sys.stderr)
+    pending: list[ImagePart | VideoPart] = []
+    print("rksmolvlm chat — /image PATH or /video PATH attaches an image or a video to your next message, /reset "
+          "starts over, /quit ends", file=sys.stderr)
     while True:
         try:
             line = input("you> ").strip()
@@ -56,6 +57,13 @@ def _repl(runner, config) -> int:
                 print(f"no such image: {path}", file=sys.stderr)
                 continue
             pending.append(ImagePart(path))
+            continue
+        if line.startswith("/video "):
+            path = Path(line[len("/video "):].strip()).expanduser()
+            if not path.is_file():
+                print(f"no such video: {path}", file=sys.stderr)
+                continue
+            pending.append(VideoPart(path))
             continue
         messages.append(Message("user", (*pending, TextPart(line))))
         pending = []

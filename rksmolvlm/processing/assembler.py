@@ -6,6 +6,17 @@ Each ``<image>`` the chat template writes becomes an image chunk: its tile block
 (``Idefics3Processor.replace_image_token`` / ``SmolVLMProcessor._prompt_split_image``) tokenized
 once per (rows, cols). The image blocks start and end with an added token, so tokenizing the text
 between them separately gives the same ids as tokenizing the whole prompt.
+
+Each ``<video>`` (SmolVLM2; conversations with a video are rendered with the bundle's video chat
+template, as transformers renders them with its DEFAULT_CHAT_TEMPLATE) becomes what
+``SmolVLMProcessor.replace_video_token`` writes: an intro sentence (frame count in words, duration),
+then per frame a timestamp line and one unsplit image block (a frame chunk), then a blank line. The
+intro and the blank line are plain text that the tokenizer merges with the text around them, so they
+join the neighbouring text runs instead of being tokenized alone.
+
+Where transformers is not self-consistent, each part is expanded on its own: two videos each announce
+their own frame count (transformers announces the longest video's count for every video of a batch),
+and images next to a video keep their own pixels and split (transformers replaces them by the video's).
 """
 
 from __future__ import annotations
@@ -15,12 +26,14 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from rksmolvlm.processing.content import ImagePart, Message, VideoPart, image_parts
-from rksmolvlm.processing.embed import EmbeddingTable, splice
-from rksmolvlm.processing.prompt import (ChatTemplate, PromptTokens, Rendered, Segment, TextTokenizer,
-                                         expand_image)
+import re
 
-__all__ = ["Assembler", "Prompt", "TextChunk", "ImageChunk", "Layout", "PromptError"]
+from rksmolvlm.processing.content import ImagePart, Message, VideoPart, media_parts
+from rksmolvlm.processing.embed import EmbeddingTable, splice
+from rksmolvlm.processing.prompt import (VIDEO_OUTRO, VIDEO_PLACEHOLDER, ChatTemplate, PromptTokens, Rendered, Segment,
+                                         TextTokenizer, expand_image, frame_label, video_intro)
+
+__all__ = ["Assembler", "Prompt", "TextChunk", "ImageChunk", "FrameChunk", "Layout", "VideoLayout", "PromptError"]
 
 
 class PromptError(ValueError):
@@ -40,6 +53,18 @@ class Layout:
 
 
 @dataclass(frozen=True)
+class VideoLayout:
+    """What a video's prompt needs: the sampled frames' timestamps (seconds) and the video's duration."""
+
+    timestamps: tuple[float, ...]
+    duration: float
+
+    @property
+    def frames(self) -> int:
+        return len(self.timestamps)
+
+
+@dataclass(frozen=True)
 class TextChunk:
     ids: tuple[int, ...]
 
@@ -51,7 +76,15 @@ class ImageChunk:
     ids: tuple[int, ...]  # the expansion: wrapper tokens, row/col markers and image tokens
 
 
-Chunk = Union[TextChunk, ImageChunk]
+@dataclass(frozen=True)
+class FrameChunk:
+    video: VideoPart
+    layout: VideoLayout
+    frame: int  # its place among the video's sampled frames
+    ids: tuple[int, ...]  # one unsplit image block
+
+
+Chunk = Union[TextChunk, ImageChunk, FrameChunk]
 
 
 @dataclass
@@ -72,70 +105,131 @@ class Prompt:
     def images(self) -> list[ImageChunk]:
         return [c for c in self.chunks if isinstance(c, ImageChunk)]
 
+    @property
+    def frames(self) -> list[FrameChunk]:
+        return [c for c in self.chunks if isinstance(c, FrameChunk)]
+
+    @property
+    def media(self) -> list[Union[ImageChunk, FrameChunk]]:
+        """One chunk per image and per video (its first frame), in prompt order: what ``embed`` takes
+        one feature array for."""
+        return [c for c in self.chunks if isinstance(c, ImageChunk) or (isinstance(c, FrameChunk) and c.frame == 0)]
+
 
 class Assembler:
     """Renders, expands and tokenizes prompts for one model, and splices image features in."""
 
-    def __init__(self, template: ChatTemplate, tokenizer: TextTokenizer, tokens: PromptTokens):
+    def __init__(self, template: ChatTemplate, tokenizer: TextTokenizer, tokens: PromptTokens,
+                 video_template: ChatTemplate | None = None):
         self.template = template
+        self.video_template = video_template  # None: the model takes no video
         self.tokenizer = tokenizer
         self.tokens = tokens
         self._expansions: dict[Layout, tuple[int, ...]] = {}
+        self._placeholders = re.compile("|".join(map(re.escape, (tokens.image, VIDEO_PLACEHOLDER))))
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> Rendered:
+        template = self.template
         if any(isinstance(p, VideoPart) for m in messages for p in m.parts):
-            raise PromptError("video input is not supported by this version of rksmolvlm: send frames as images")
+            if self.video_template is None:
+                raise PromptError("this bundle's model does not take video (only SmolVLM2 checkpoints do, converted "
+                                  "by rksmolvlm 0.1 with video support): send frames as images, or convert a "
+                                  "SmolVLM2 checkpoint")
+            template = self.video_template
         import jinja2
 
         try:
-            return self.template.render(messages, add_generation_prompt)
+            return template.render(messages, add_generation_prompt)
         except jinja2.TemplateError as exc:  # the template's own raise_exception, or a template bug
             raise PromptError(f"the chat template refused the conversation: {exc}") from exc
 
-    def assemble(self, messages: Sequence[Message], layouts: Sequence[Layout],
+    def assemble(self, messages: Sequence[Message], layouts: Sequence[Layout | VideoLayout],
                  add_generation_prompt: bool = True) -> Prompt:
-        """The prompt of a whole conversation; ``layouts`` holds one Layout per image part, in order."""
-        return self.assemble_rendered(self.render(messages, add_generation_prompt), image_parts(messages), layouts)
+        """The prompt of a whole conversation; ``layouts`` holds one Layout per image part and one
+        VideoLayout per video part, in prompt order."""
+        return self.assemble_rendered(self.render(messages, add_generation_prompt), media_parts(messages), layouts)
 
-    def assemble_rendered(self, rendered: Rendered, images: Sequence[ImagePart], layouts: Sequence[Layout]) -> Prompt:
-        """Chunks of an already rendered prompt whose image placeholders belong to ``images``."""
-        if len(images) != len(layouts):
-            raise PromptError(f"{len(images)} images but {len(layouts)} layouts")
-        placeholder = self.tokens.image
+    def assemble_rendered(self, rendered: Rendered, media: Sequence[ImagePart | VideoPart],
+                          layouts: Sequence[Layout | VideoLayout]) -> Prompt:
+        """Chunks of an already rendered prompt whose placeholders belong to ``media`` (image and
+        video parts in prompt order), laid out as ``layouts`` say."""
+        if len(media) != len(layouts):
+            raise PromptError(f"{len(media)} images and videos but {len(layouts)} layouts")
+        for part, layout in zip(media, layouts):
+            if isinstance(part, VideoPart) != isinstance(layout, VideoLayout):
+                raise PromptError(f"a {'video' if isinstance(part, VideoPart) else 'image'} part was given a "
+                                  f"{type(layout).__name__}")
+        images = [p for p in media if isinstance(p, ImagePart)]
+        videos = [(p, l) for p, l in zip(media, layouts) if isinstance(p, VideoPart)]
+        image_layouts = [l for p, l in zip(media, layouts) if isinstance(p, ImagePart)]
         chunks: list[Chunk] = []
         run: list[Segment] = []
-        n = 0
+        n_images = n_videos = 0
+
+        def flush():
+            chunks.append(TextChunk(tuple(self.tokenizer.encode(Rendered(tuple(run))))))
+            run.clear()
+
         for segment in rendered.segments:
             if not segment.trusted:
                 run.append(segment)
                 continue
-            pieces = segment.text.split(placeholder)
-            for k, piece in enumerate(pieces):
-                if k:  # a placeholder stood before this piece
-                    if n >= len(images):
+            position = 0
+            for match in self._placeholders.finditer(segment.text):
+                if match.start() > position:
+                    run.append(Segment(segment.text[position:match.start()]))
+                position = match.end()
+                if match.group(0) == VIDEO_PLACEHOLDER:
+                    if n_videos >= len(videos):
+                        raise PromptError(f"the chat template wrote more video placeholders than the "
+                                          f"{len(videos)} videos of the conversation")
+                    video, layout = videos[n_videos]
+                    n_videos += 1
+                    if not layout.frames:
+                        raise PromptError("a video with no sampled frames")
+                    label = video_intro(layout.frames, layout.duration)
+                    for k, seconds in enumerate(layout.timestamps):
+                        run.append(Segment(label + frame_label(seconds)))
+                        label = ""
+                        flush()
+                        chunks.append(FrameChunk(video, layout, k, self._expansion(Layout(0, 0))))
+                    run.append(Segment(VIDEO_OUTRO))
+                else:
+                    if n_images >= len(images):
                         raise PromptError(f"the chat template wrote more image placeholders than the "
                                           f"{len(images)} images of the conversation")
-                    chunks.append(TextChunk(tuple(self.tokenizer.encode(Rendered(tuple(run))))))
-                    run = []
-                    chunks.append(ImageChunk(images[n], layouts[n], self._expansion(layouts[n])))
-                    n += 1
-                if piece:
-                    run.append(Segment(piece))
-        if n != len(images):
-            raise PromptError(f"the chat template wrote {n} image placeholders for {len(images)} images: the "
-                              "bundle's chat template does not render image parts")
-        chunks.append(TextChunk(tuple(self.tokenizer.encode(Rendered(tuple(run))))))
+                    flush()
+                    chunks.append(ImageChunk(images[n_images], image_layouts[n_images],
+                                             self._expansion(image_layouts[n_images])))
+                    n_images += 1
+            if position < len(segment.text):
+                run.append(Segment(segment.text[position:]))
+        if n_images != len(images):
+            raise PromptError(f"the chat template wrote {n_images} image placeholders for {len(images)} images: "
+                              "the bundle's chat template does not render image parts")
+        if n_videos != len(videos):
+            raise PromptError(f"the chat template wrote {n_videos} video placeholders for {len(videos)} videos: "
+                              "the bundle's video chat template does not render video parts")
+        flush()
         return Prompt([c for c in chunks if c.ids], rendered.text)
 
     def expanded_text(self, prompt: Prompt) -> str:
-        """The prompt as one text with every image placeholder replaced by its tile blocks (what a
-        text-only consumer such as rkllm-toolkit's text calibration format reads)."""
-        pieces = prompt.text.split(self.tokens.image)
-        layouts = [chunk.layout for chunk in prompt.images]
-        if len(pieces) - 1 != len(layouts):
-            raise PromptError("user text holds the image placeholder: the prompt has no single-text form")
-        return pieces[0] + "".join(expand_image(l.rows, l.cols, self.tokens) + piece
-                                   for l, piece in zip(layouts, pieces[1:]))
+        """The prompt as one text with every image and video placeholder replaced by its expansion
+        (what a text-only consumer such as rkllm-toolkit's text calibration format reads)."""
+        media = [c.layout for c in prompt.media]
+        pieces = self._placeholders.split(prompt.text)
+        if len(pieces) - 1 != len(media):
+            raise PromptError("user text holds an image or video placeholder: the prompt has no single-text form")
+        out = [pieces[0]]
+        for layout, piece in zip(media, pieces[1:]):
+            if isinstance(layout, VideoLayout):
+                block = expand_image(0, 0, self.tokens)
+                out.append(video_intro(layout.frames, layout.duration)
+                           + "".join(frame_label(t) + block for t in layout.timestamps) + VIDEO_OUTRO)
+            else:
+                out.append(expand_image(layout.rows, layout.cols, self.tokens))
+            out.append(piece)
+        return "".join(out)
 
     def _expansion(self, layout: Layout) -> tuple[int, ...]:
         ids = self._expansions.get(layout)
@@ -149,11 +243,12 @@ class Assembler:
         return ids
 
     def embed(self, prompt: Prompt, table: EmbeddingTable, features: Sequence[np.ndarray]) -> np.ndarray:
-        """The decoder input: token embeddings (float32) with each image's features ((tiles, seq,
-        hidden), one array per image chunk, in order) at its image-token positions."""
-        images = prompt.images
-        if len(features) != len(images):
-            raise PromptError(f"{len(images)} images in the prompt but features for {len(features)}")
+        """The decoder input: token embeddings (float32) with the features of each image ((tiles, seq,
+        hidden)) and each video ((frames, seq, hidden)) — one array per ``prompt.media`` entry, in
+        order — at the image-token positions."""
+        media = prompt.media
+        if len(features) != len(media):
+            raise PromptError(f"{len(media)} images and videos in the prompt but features for {len(features)}")
         stacked = np.concatenate([np.asarray(f, dtype=np.float32).reshape(-1, table.hidden_size)
                                   for f in features]) if features else None
         return splice(table.lookup(prompt.ids), prompt.ids, self.tokens.image_id, stacked, in_place=True)

@@ -1,4 +1,4 @@
-"""The typed input of every request: messages made of text, image and (later) video parts.
+"""The typed input of every request: messages made of text, image and video parts.
 
 ``Message``/``TextPart``/``ImagePart``/``VideoPart`` are what the assembler, the runner, the
 calibration builder and the server pass around. ``conversation`` is the one place that reads the
@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence, Union
 from PIL import Image
 
 __all__ = ["TextPart", "ImagePart", "VideoPart", "Part", "Message", "ROLES", "DETAILS", "conversation",
-           "image_parts"]
+           "image_parts", "media_parts"]
 
 ROLES = ("system", "user", "assistant")
 # OpenAI's image detail: "low" = one unsplit tile, "high" = the processor's full split, "auto" = the
@@ -34,8 +34,38 @@ class TextPart:
     text: str
 
 
+def _source_bytes(source, what: str) -> bytes:
+    """The bytes of a media source: bytes as they are, a file read whole."""
+    if isinstance(source, (bytes, bytearray)):
+        return bytes(source)
+    path = Path(source)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        if what == "image":
+            from rksmolvlm.errors import ImageError as Error
+        else:
+            from rksmolvlm.errors import VideoError as Error
+        raise Error(f"cannot read the {what} file {path} ({exc.strerror or exc}): check the path") from None
+
+
+class _Keyed:
+    """``key``: the sha256 of the part's bytes (``data()``), computed once."""
+
+    _key: list
+
+    @property
+    def key(self) -> str:
+        if not self._key:
+            self._key.append(hashlib.sha256(self.data()).hexdigest())
+        return self._key[0]
+
+    def data(self) -> bytes:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True, eq=False)
-class ImagePart:
+class ImagePart(_Keyed):
     """An image as the user gave it: a file path, the file's bytes or a PIL image, and how much
     detail it wants (``DETAILS``). Its ``key`` is the sha256 of the bytes (of the PNG encoding for
     a PIL image): equal images share features (per split mode: the feature cache adds the mode)."""
@@ -48,34 +78,38 @@ class ImagePart:
         if self.detail not in DETAILS:
             raise ValueError(f"image detail {self.detail!r} is not one of {', '.join(DETAILS)}")
 
-    @property
-    def key(self) -> str:
-        if not self._key:
-            self._key.append(hashlib.sha256(self.data()).hexdigest())
-        return self._key[0]
-
     def data(self) -> bytes:
         source = self.source
-        if isinstance(source, (bytes, bytearray)):
-            return bytes(source)
         if isinstance(source, Image.Image):
             buffer = io.BytesIO()
             source.save(buffer, format="PNG")
             return buffer.getvalue()
-        path = Path(source)
-        try:
-            return path.read_bytes()
-        except OSError as exc:
-            from rksmolvlm.errors import ImageError
-
-            raise ImageError(f"cannot read the image file {path} ({exc.strerror or exc}): check the path") from None
+        return _source_bytes(source, "image")
 
 
 @dataclass(frozen=True, eq=False)
-class VideoPart:
-    """A video (SmolVLM2). Carried through the input types; the assembler does not expand it yet."""
+class VideoPart(_Keyed):
+    """A video (SmolVLM2 checkpoints): a file path or the file's bytes, with optional sampling
+    settings of its own (frames per second to sample, the most frames to take; None: the runner's
+    defaults, bounded by the checkpoint's). Its ``key`` is the sha256 of the bytes."""
 
-    source: Any
+    source: Union[str, os.PathLike, bytes]
+    fps: float | None = None
+    max_frames: int | None = None
+    _key: list = field(default_factory=list, repr=False, compare=False)
+
+    def __post_init__(self):
+        if isinstance(self.source, Image.Image) or self.source is None:
+            raise ValueError("a video part needs a file path or the file's bytes")
+        if self.fps is not None and (isinstance(self.fps, bool) or not isinstance(self.fps, (int, float))
+                                     or not 0 < self.fps <= 1000):
+            raise ValueError(f"video fps {self.fps!r} must be a number above 0 (frames sampled per second)")
+        if self.max_frames is not None and (isinstance(self.max_frames, bool) or not isinstance(self.max_frames, int)
+                                            or self.max_frames < 1):
+            raise ValueError(f"video max_frames {self.max_frames!r} must be a whole number of at least 1")
+
+    def data(self) -> bytes:
+        return _source_bytes(self.source, "video")
 
 
 Part = Union[TextPart, ImagePart, VideoPart]
@@ -132,9 +166,17 @@ def conversation(messages: Sequence[Any], resolve: Callable[[Any], ImageSource] 
                     raise ValueError(f"message {i} part {j}: detail {detail!r} is not one of {', '.join(DETAILS)}")
                 parts.append(ImagePart(resolve(part["image"]) if resolve else part["image"], detail))
             elif kind == "video":
-                parts.append(VideoPart(part.get("video")))
+                source = part.get("video", part.get("path"))
+                if source is None:
+                    raise ValueError(f"message {i} part {j}: a video part needs its source under 'video' "
+                                     "(a path or bytes)")
+                try:
+                    parts.append(VideoPart(resolve(source) if resolve else source, part.get("fps"),
+                                           part.get("max_frames")))
+                except ValueError as exc:
+                    raise ValueError(f"message {i} part {j}: {exc}") from None
             else:
-                raise ValueError(f"message {i} part {j} has type {kind!r}: use 'text' or 'image'")
+                raise ValueError(f"message {i} part {j} has type {kind!r}: use 'text', 'image' or 'video'")
         out.append(Message(role, tuple(parts)))
     return out
 
@@ -142,3 +184,8 @@ def conversation(messages: Sequence[Any], resolve: Callable[[Any], ImageSource] 
 def image_parts(messages: Sequence[Message]) -> list[ImagePart]:
     """Every image part, in prompt order."""
     return [p for m in messages for p in m.parts if isinstance(p, ImagePart)]
+
+
+def media_parts(messages: Sequence[Message]) -> list[ImagePart | VideoPart]:
+    """Every image and video part, in prompt order."""
+    return [p for m in messages for p in m.parts if isinstance(p, (ImagePart, VideoPart))]

@@ -20,7 +20,13 @@ from typing import Any, Sequence
 
 from rksmolvlm.processing.content import ImagePart, Message, TextPart, VideoPart
 
-__all__ = ["PromptTokens", "ChatTemplate", "Rendered", "Segment", "TextTokenizer", "expand_image"]
+__all__ = ["PromptTokens", "ChatTemplate", "Rendered", "Segment", "TextTokenizer", "expand_image", "VIDEO_PLACEHOLDER",
+           "number_words", "video_intro", "frame_label", "VIDEO_OUTRO"]
+
+# What a chat template writes for a video part (transformers' processor: the tokenizer's video_token,
+# "<video>" for every SmolVLM2 tokenizer); the assembler replaces it by the frames.
+VIDEO_PLACEHOLDER = "<video>"
+VIDEO_OUTRO = "\n\n"  # after a video's last frame (transformers' DEFAULT_MEDIA_OUTTRO)
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,57 @@ def expand_image(rows: int, cols: int, tokens: PromptTokens) -> str:
         parts.extend(f"{tokens.fake_image}<row_{r + 1}_col_{c + 1}>{run}" for c in range(cols))
         parts.append("\n")
     return "".join(parts) + "\n" + global_block
+
+
+_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+         "sixteen seventeen eighteen nineteen").split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+
+def _below_thousand(n: int) -> str:
+    hundreds, rest = divmod(n, 100)
+    if rest < 20:
+        tail = _ONES[rest]
+    else:
+        tens, ones = divmod(rest, 10)
+        tail = _TENS[tens] + (f"-{_ONES[ones]}" if ones else "")
+    if not hundreds:
+        return tail
+    return f"{_ONES[hundreds]} hundred" + (f" and {tail}" if rest else "")
+
+
+def number_words(n: int) -> str:
+    """``n`` (0 ≤ n < 10⁹) in English words as num2words writes it ("sixty-four", "one hundred and
+    one", "one thousand, two hundred and thirty-four"): the frame count of a video's intro."""
+    if not 0 <= n < 10**9:
+        raise ValueError(f"{n} is out of the range number_words spells (0 to 999,999,999)")
+    if n < 1000:
+        return _below_thousand(n)
+    groups = []
+    for scale in ("", " thousand", " million"):
+        n, group = divmod(n, 1000)
+        groups.append((group, scale))
+        if not n:
+            break
+    words = [f"{_below_thousand(g)}{scale}" for g, scale in reversed(groups) if g]
+    last = groups[0][0]
+    if 0 < last < 100 and len(words) > 1:  # "one thousand and one": the last group joins with "and"
+        return ", ".join(words[:-1]) + " and " + words[-1]
+    return ", ".join(words)
+
+
+def video_intro(frames: int, duration: float) -> str:
+    """The sentence before a video's frames (transformers' DEFAULT_VIDEO_INTRO): the frame count in
+    words and the duration in whole seconds as H:MM:SS."""
+    from datetime import timedelta
+
+    return (f"You are provided the following series of {number_words(frames)} frames from a "
+            f"{timedelta(seconds=int(duration))} [H:MM:SS] video.\n")
+
+
+def frame_label(seconds: float) -> str:
+    """The text before one frame (transformers' FRAME_TIMESTAMP_MESSAGE): minutes and seconds."""
+    return f"\nFrame from {int(seconds // 60):02d}:{int(seconds % 60):02d}:"
 
 
 @dataclass(frozen=True)

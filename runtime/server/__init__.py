@@ -3,8 +3,9 @@
 One room per responsibility:
 
 - ``requests``: ApiError, ChatRequest, ServedModel, RequestReader — every request is checked (body
-  size, JSON, parameters, image type, bytes and pixel count, read from the header, never decoded)
-  before it may queue, and refused with an OpenAI-style error body naming the limit.
+  size, JSON, parameters, image type, bytes and pixel count, read from the header, never decoded; a
+  video's bytes and container, no frame decoded) before it may queue, and refused with an
+  OpenAI-style error body naming the limit.
 - ``service``: ModelService, the worker thread that owns the runner (and so the NPU) and runs one
   request at a time from a bounded queue (full: 429 with Retry-After); Answer, Job, open_runner.
 - ``metrics``: Metrics, rendered as Prometheus text.
@@ -13,7 +14,7 @@ One room per responsibility:
 - ``ollama``: the Ollama API beside the OpenAI one (``/api/chat``, ``/api/generate``, ``/api/tags``,
   ``/api/show``, ``/api/ps``, ``/api/version``): Ollama bodies translated into chat completion bodies
   for the same reader and queue, NDJSON streams, ``{"error": message}`` errors.
-- ``remote``: fetching remote images (http/https only, public addresses only unless allowed, redirects
+- ``remote``: fetching remote images and videos (http/https only, public addresses only unless allowed, redirects
   re-checked, one total deadline, generic errors).
 - ``cors``: CORS for browser apps (``server.cors_origins``), preflights answered before the key check.
 - ``guards``: what a cross-site page or a rebinding DNS name could send: POST must be JSON, the Host

@@ -19,12 +19,12 @@ import uuid
 from typing import AsyncIterator, Callable
 
 from rksmolvlm import __version__
-from rksmolvlm.runtime.server_config import ServerConfig
+from rksmolvlm.runtime.server_config import VIDEO_LIMIT_KEYS, ServerConfig
 from rksmolvlm.runtime.server.cors import Cors
 from rksmolvlm.runtime.server.guards import RequestGuard
 from rksmolvlm.runtime.server.metrics import _rss_bytes
 from rksmolvlm.runtime.server.notify import SystemdNotifier
-from rksmolvlm.runtime.server.requests import ApiError, ChatRequest, RequestReader
+from rksmolvlm.runtime.server.requests import ApiError, ChatRequest, RequestReader, video_decoder_available
 from rksmolvlm.runtime.server.service import Answer, Job, ModelService
 
 __all__ = ["create_app"]
@@ -78,6 +78,7 @@ class _Api:
         self.model = service.model
         self.metrics = service.metrics
         self.reader = RequestReader(config, service.model)
+        self.body_limit = config.body_limit(self._takes_video())  # a video's data: URI must get through
         self.api_key = api_key
         self.notifier = notifier
         self.on_fatal = on_fatal
@@ -166,14 +167,15 @@ class _Api:
             raise ApiError(401, "the API key is not valid: send 'Authorization: Bearer KEY' with the key from the "
                            "server's server.api_key_file", "invalid_api_key", headers=challenge)
 
-    async def admit(self, request, read: Callable[[bytes], object]):
+    async def admit(self, request, read: Callable[[bytes], object], limit: int | None = None):
         """The common entry of the generating endpoints: the key, a ready model, the body within
-        its limit, then ``read(body)`` off the event loop. None when the client left meanwhile."""
+        its limit (``body_limit`` unless given), then ``read(body)`` off the event loop. None when
+        the client left meanwhile."""
         self.authorize(request)
         if self.service.state != "ready":
             raise self.service.unavailable()
         try:
-            body = await _read_body(request, self.config.limits.max_body_bytes)
+            body = await _read_body(request, limit or self.body_limit, self.config.limits.max_body_bytes)
         except _ClientGone:
             return None
         return await asyncio.get_running_loop().run_in_executor(None, read, body)
@@ -182,6 +184,8 @@ class _Api:
         """Note what the request holds, queue its job, and watch its client and deadline."""
         _note(request.scope, images=chat.images, image_bytes=chat.image_bytes, stream=chat.stream,
               max_tokens=chat.config.max_new_tokens)
+        if chat.videos:
+            _note(request.scope, videos=chat.videos, video_bytes=chat.video_bytes)
         job = self.service.submit(chat, asyncio.get_running_loop(), request.scope["state"]["request_id"])
         return _Exchange(job, self.service, request.receive, self.config.server.request_timeout_s)
 
@@ -269,8 +273,28 @@ class _Api:
               finish=answer.finish_reason, queue_ms=round(answer.queue_ms))
 
     def _input_modalities(self) -> list[str]:
-        vision = self.model.details.get("vision_dtype") is not None and self.config.limits.max_images > 0
-        return ["text", "image"] if vision else ["text"]
+        vision = self.model.details.get("vision_dtype") is not None
+        images = ["image"] if vision and self.config.limits.max_images > 0 else []
+        return ["text", *images, *(["video"] if vision and self._takes_video() else [])]
+
+    def _takes_video(self) -> bool:
+        return self.model.video is not None and self.config.video.enabled and video_decoder_available()
+
+    def _media_limits(self) -> dict:
+        """What a client may send besides text: the image limits and, for a model that takes video, the
+        video sampling defaults (the request's own fps/max_frames win; max_frames at most the checkpoint's)
+        and limits."""
+        limits, video = self.config.limits, self.config.video
+        images = {"max_images": limits.max_images, "max_image_bytes": limits.max_image_bytes,
+                  "max_image_pixels": limits.max_image_pixels, "max_body_bytes": limits.max_body_bytes}
+        if not self._takes_video():
+            return {"images": images, "video": None}
+        checkpoint = self.model.video
+        return {"images": images, "video": {
+            "fps": video.fps if video.fps is not None else checkpoint["fps"],
+            "max_frames": min(video.max_frames, checkpoint["max_frames"]),
+            "checkpoint_max_frames": checkpoint["max_frames"], "max_videos": video.max_videos,
+            **{name: getattr(video, name) for name in VIDEO_LIMIT_KEYS}}}
 
     def _model_card(self) -> dict:
         """OpenAI's model object plus what clients look for: the context (vLLM's max_model_len,
@@ -282,7 +306,7 @@ class _Api:
                 "output_modalities": ["text"],
                 "architecture": {"input_modalities": inputs, "output_modalities": ["text"]},
                 "meta": {"n_ctx": context}, "aliases": list(self.model.aliases),
-                "rksmolvlm": {**self.model.details, "aliases": list(self.model.aliases)}}
+                "rksmolvlm": {**self.model.details, "aliases": list(self.model.aliases), **self._media_limits()}}
 
     async def models(self, request):
         from starlette.responses import JSONResponse
@@ -382,13 +406,16 @@ def _note(scope, **fields) -> None:
     scope.setdefault("state", {}).setdefault("log", {}).update(fields)
 
 
-async def _read_body(request, limit: int) -> bytes:
+async def _read_body(request, limit: int, configured: int | None = None) -> bytes:
     """The request body, refused with 413 past ``limit`` bytes (after letting the client finish
-    sending up to a bound, so it can read the answer)."""
+    sending up to a bound, so it can read the answer); ``configured`` is limits.max_body_bytes when
+    ``limit`` was raised above it to carry a video."""
     from starlette.requests import ClientDisconnect
 
-    too_big = ApiError(413, f"the request body is over limits.max_body_bytes = {limit:,} bytes: send smaller or "
-                       "fewer images (or raise the limit in the server config)", "request_too_large")
+    where = f"limits.max_body_bytes = {limit:,}" if configured in (None, limit) else \
+        f"{limit:,} (limits.max_body_bytes, raised to carry one video of video.max_bytes)"
+    too_big = ApiError(413, f"the request body is over {where} bytes: send smaller or fewer images or videos (or "
+                       "raise the limit in the server config)", "request_too_large")
     declared = request.headers.get("content-length", "")
     chunks, size = [], 0
     try:

@@ -26,6 +26,8 @@ _METRICS: dict[str, tuple[str, str, tuple | None]] = {
     "rksmolvlm_completion_tokens_total": ("counter", "Tokens generated.", None),
     "rksmolvlm_vision_tiles_total": ("counter", "Image tiles encoded by the vision tower.", None),
     "rksmolvlm_vision_seconds_total": ("counter", "Seconds spent in the vision tower.", None),
+    "rksmolvlm_video_frames_total": ("counter", "Video frames in prompts, by source (decoded, cache).", None),
+    "rksmolvlm_video_decode_seconds_total": ("counter", "Seconds spent decoding and resizing video frames.", None),
     "rksmolvlm_queue_wait_seconds": ("histogram", "Seconds a request waited in the queue.", _SECONDS),
     "rksmolvlm_time_to_first_token_seconds": ("histogram", "Seconds from arrival to the first token.", _SECONDS),
     "rksmolvlm_decode_tokens_per_second": ("histogram", "Decode speed of each request (tokens/s).", _RATES),

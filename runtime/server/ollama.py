@@ -289,7 +289,9 @@ class OllamaApi:
         from starlette.responses import JSONResponse, Response
 
         started = time.monotonic_ns()
-        admitted = await self.api.admit(request, lambda body: self._read(body, translate))
+        # Ollama bodies carry no video: limits.max_body_bytes as configured
+        admitted = await self.api.admit(request, lambda body: self._read(body, translate),
+                                        self.config.limits.max_body_bytes)
         if admitted is None:
             return Response(status_code=499)
         translation, chat = admitted

@@ -308,6 +308,24 @@ def _check_cores(config: ServerConfig, bundle) -> None:
                           f"(0–{cores - 1}): e.g. npu_cores = {list(range(cores))}")
 
 
+def _video_line(config: ServerConfig, bundle) -> str:
+    if bundle.video_settings is None:
+        return "not taken by this model (SmolVLM2 bundles only)"
+    if not config.video.enabled:
+        return "off (video.enabled = false)"
+    return json.dumps(config.to_dict()["video"])
+
+
+def _load_video_decoder() -> None:
+    """Import PyAV while the model loads: its import holds the GIL for a few hundred milliseconds, which
+    the first video request would otherwise spend with /health waiting."""
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        log.warning("this model takes video, but PyAV is not installed: video requests will be refused until "
+                    "'pip install av' (or set video.enabled = false)")
+
+
 def build_app(config: ServerConfig, *, load: Callable[["RuntimeBundle"], "Runner"] | None = None,
               notifier: SystemdNotifier | None = None, on_fatal: Callable[[], None] | None = None):
     """The application for ``config``: the bundle is opened and checked now, its model is loaded by
@@ -326,7 +344,14 @@ def build_app(config: ServerConfig, *, load: Callable[["RuntimeBundle"], "Runner
     api_key = read_api_key(server.api_key_file) if server.api_key_file else None
     model = ServedModel.from_bundle(bundle, server.model_name, engine)
     load = load or (lambda b: open_runner(b, config, engine))
-    service = ModelService(lambda: load(bundle), model, server.queue_size, Metrics(), server.stall_timeout_s)
+
+    def loading() -> "Runner":
+        runner = load(bundle)
+        if model.video is not None and config.video.enabled:
+            _load_video_decoder()
+        return runner
+
+    service = ModelService(loading, model, server.queue_size, Metrics(), server.stall_timeout_s)
     app = create_app(service, config, api_key=api_key, notifier=notifier, on_fatal=on_fatal)
     app.state.service = service
     app.state.bundle = bundle
@@ -363,7 +388,8 @@ def serve_command(args: argparse.Namespace) -> int:
               f"{server.keepalive_timeout_s:g} s, send {server.send_timeout_s:g} s; stop grace "
               f"{server.shutdown_grace_s:g} s\n"
               f"host check: {_host_check(server, api_key)}\n"
-              f"limits: {json.dumps(config.to_dict()['limits'])}\nok")
+              f"limits: {json.dumps(config.to_dict()['limits'])}\n"
+              f"video: {_video_line(config, bundle)}\nok")
         return 0
     if api_key is None and not is_loopback(server.host):
         log.warning("listening on %s without an API key: anyone on the network can use the model; set "

@@ -1,4 +1,4 @@
-"""Remote images (``images.allow_remote``): one fetch of an http(s) URL, bounded in every way.
+"""Remote images and videos (``images.allow_remote``): one fetch of an http(s) URL, bounded in every way.
 
 - Only http and https, without credentials, spaces or control characters in the URL.
 - The host is resolved once and every address checked: loopback, private, link-local, multicast,
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from rksmolvlm.errors import RkSmolVLMError
 
-__all__ = ["FetchError", "Fetched", "fetch_image", "MAX_REDIRECTS", "is_public_address"]
+__all__ = ["FetchError", "Fetched", "fetch", "fetch_image", "MAX_REDIRECTS", "is_public_address"]
 
 MAX_REDIRECTS = 3
 _REDIRECTS = (301, 302, 303, 307, 308)
@@ -37,7 +37,8 @@ _RESOLVER = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_pre
 
 
 class FetchError(RkSmolVLMError):
-    """A remote image that cannot be fetched: ``code`` is the API error code, ``status`` the HTTP status."""
+    """A remote image or video that cannot be fetched: ``code`` is the API error code, ``status`` the HTTP
+    status."""
 
     def __init__(self, message: str, code: str = "image_fetch_failed", status: int = 400):
         super().__init__(message)
@@ -55,25 +56,36 @@ class Fetched:
 
 def fetch_image(url: str, *, timeout_s: float, max_bytes: int, allow_private: bool = False,
                 user_agent: str = "rksmolvlm") -> Fetched:
+    """``fetch`` of an image."""
+    return fetch(url, timeout_s=timeout_s, max_bytes=max_bytes, allow_private=allow_private, user_agent=user_agent)
+
+
+def fetch(url: str, *, timeout_s: float, max_bytes: int, allow_private: bool = False, user_agent: str = "rksmolvlm",
+          what: str = "image") -> Fetched:
     """GET ``url`` (following up to MAX_REDIRECTS checked redirects) within ``timeout_s`` in all;
-    the body is read up to ``max_bytes + 1`` bytes (the caller refuses the extra byte)."""
+    the body is read up to ``max_bytes + 1`` bytes (the caller refuses the extra byte). ``what``
+    ("image" or "video") names the thing in messages and error codes (``{what}_fetch_failed``,
+    ``{what}_url_not_allowed``, ``invalid_{what}_url``) and the Accept header."""
     deadline = time.monotonic() + timeout_s
     for _ in range(MAX_REDIRECTS + 1):
-        target = _Target.parse(url)
-        address = _resolve(target, deadline, allow_private)
-        status, location, fetched = _get(target, address, deadline, timeout_s, max_bytes, user_agent)
+        target = _Target.parse(url, what)
+        address = _resolve(target, deadline, allow_private, what)
+        status, location, fetched = _get(target, address, deadline, timeout_s, max_bytes, user_agent, what)
         if status in _REDIRECTS:
             if not location:
-                raise FetchError(f"the image URL answered a redirect (HTTP {status}) without a location")
+                raise FetchError(f"the {what} URL answered a redirect (HTTP {status}) without a location",
+                                 f"{what}_fetch_failed")
             url = urllib.parse.urljoin(target.url, location.strip())
             if not url.lower().startswith(("http://", "https://")):
-                raise FetchError("the image URL redirects to a URL that is not http(s): only http and https are "
-                                 "fetched", "image_url_not_allowed")
+                raise FetchError(f"the {what} URL redirects to a URL that is not http(s): only http and https are "
+                                 "fetched", f"{what}_url_not_allowed")
             continue
         if status != 200:
-            raise FetchError(f"fetching the image failed: the remote server answered HTTP {status}")
+            raise FetchError(f"fetching the {what} failed: the remote server answered HTTP {status}",
+                             f"{what}_fetch_failed")
         return fetched
-    raise FetchError(f"the image URL redirects more than {MAX_REDIRECTS} times: link the image itself")
+    raise FetchError(f"the {what} URL redirects more than {MAX_REDIRECTS} times: link the {what} itself",
+                     f"{what}_fetch_failed")
 
 
 def is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -100,24 +112,24 @@ class _Target:
     path: str
 
     @classmethod
-    def parse(cls, url: str) -> "_Target":
+    def parse(cls, url: str, what: str = "image") -> "_Target":
+        invalid = f"invalid_{what}_url"
         if _UNSAFE_URL.search(url):
-            raise FetchError("the image URL holds spaces or control characters: percent-encode them",
-                             "invalid_image_url")
+            raise FetchError(f"the {what} URL holds spaces or control characters: percent-encode them", invalid)
         try:
             parts = urllib.parse.urlsplit(url)
             port = parts.port
         except ValueError:
-            raise FetchError("the image URL is not a valid http(s) URL", "invalid_image_url") from None
+            raise FetchError(f"the {what} URL is not a valid http(s) URL", invalid) from None
         scheme = parts.scheme.lower()
         if scheme not in ("http", "https"):
-            raise FetchError("only http and https image URLs are fetched", "image_url_not_allowed")
+            raise FetchError(f"only http and https {what} URLs are fetched", f"{what}_url_not_allowed")
         if parts.username is not None or parts.password is not None:
-            raise FetchError("the image URL holds credentials (user@host): they are never sent, leave them out",
-                             "invalid_image_url")
+            raise FetchError(f"the {what} URL holds credentials (user@host): they are never sent, leave them out",
+                             invalid)
         host = parts.hostname
         if not host:
-            raise FetchError("the image URL has no host", "invalid_image_url")
+            raise FetchError(f"the {what} URL has no host", invalid)
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query
@@ -129,7 +141,7 @@ class _Target:
         return host if self.port == (443 if self.https else 80) else f"{host}:{self.port}"
 
 
-def _resolve(target: _Target, deadline: float, allow_private: bool) -> str:
+def _resolve(target: _Target, deadline: float, allow_private: bool, what: str = "image") -> str:
     """The address to connect to: the host's first address, after every address it resolves to
     passed the check (a name with one private address among public ones is refused whole)."""
     try:
@@ -143,16 +155,17 @@ def _resolve(target: _Target, deadline: float, allow_private: bool) -> str:
         try:
             infos = lookup.result(timeout=max(0.0, deadline - time.monotonic()))
         except concurrent.futures.TimeoutError:
-            raise FetchError("fetching the image timed out (looking up its host)") from None
+            raise FetchError(f"fetching the {what} timed out (looking up its host)", f"{what}_fetch_failed") from None
         except (OSError, UnicodeError):
-            raise FetchError("fetching the image failed: its host name does not resolve") from None
+            raise FetchError(f"fetching the {what} failed: its host name does not resolve",
+                             f"{what}_fetch_failed") from None
         addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
         if not addresses:
-            raise FetchError("fetching the image failed: its host name does not resolve")
+            raise FetchError(f"fetching the {what} failed: its host name does not resolve", f"{what}_fetch_failed")
     if not allow_private and not all(map(is_public_address, addresses)):
-        raise FetchError("the image URL's host is not a public address (loopback, private, link-local or reserved): "
-                         "such URLs are refused unless images.allow_private_networks is true",
-                         "image_url_not_allowed")
+        raise FetchError(f"the {what} URL's host is not a public address (loopback, private, link-local or "
+                         "reserved): such URLs are refused unless images.allow_private_networks is true",
+                         f"{what}_url_not_allowed")
     return str(addresses[0])
 
 
@@ -192,11 +205,13 @@ def _shut(sock: socket.socket) -> None:
 
 
 def _get(target: _Target, address: str, deadline: float, timeout_s: float, max_bytes: int,
-         user_agent: str) -> tuple[int, str | None, Fetched | None]:
+         user_agent: str, what: str = "image") -> tuple[int, str | None, Fetched | None]:
     """(status, Location, the fetched body when 200) of one GET to ``address``."""
+    failed = f"{what}_fetch_failed"
+    timed_out = f"fetching the {what} timed out (images.remote_timeout_s = {timeout_s:g} s in all)"
     remaining = deadline - time.monotonic()
     if remaining <= 0:
-        raise FetchError(f"fetching the image timed out (images.remote_timeout_s = {timeout_s:g} s in all)")
+        raise FetchError(timed_out, failed)
     watchdog = _Watchdog(deadline)
     sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
     connection = None
@@ -213,7 +228,7 @@ def _get(target: _Target, address: str, deadline: float, timeout_s: float, max_b
         connection.putrequest("GET", target.path, skip_host=True, skip_accept_encoding=True)
         connection.putheader("Host", target.host_header)
         connection.putheader("User-Agent", user_agent)
-        connection.putheader("Accept", "image/*")
+        connection.putheader("Accept", f"{what}/*")
         connection.putheader("Accept-Encoding", "identity")
         connection.endheaders()
         response = connection.getresponse()
@@ -235,19 +250,18 @@ def _get(target: _Target, address: str, deadline: float, timeout_s: float, max_b
             chunks.append(chunk)
             size += len(chunk)
         if watchdog.fired:
-            raise FetchError(f"fetching the image timed out (images.remote_timeout_s = {timeout_s:g} s in all)")
+            raise FetchError(timed_out, failed)
         return status, None, Fetched(content_type, declared, b"".join(chunks))
     except FetchError:
         raise
     except ssl.SSLError:
-        raise FetchError("fetching the image failed: the TLS connection or the server's certificate was refused") \
-            from None
+        raise FetchError(f"fetching the {what} failed: the TLS connection or the server's certificate was refused",
+                         failed) from None
     except (OSError, http.client.HTTPException, ValueError):
         if watchdog.fired or time.monotonic() >= deadline:
-            raise FetchError(f"fetching the image timed out (images.remote_timeout_s = {timeout_s:g} s in all)") \
-                from None
-        raise FetchError("fetching the image failed: the remote server could not be reached or broke off the "
-                         "answer") from None
+            raise FetchError(timed_out, failed) from None
+        raise FetchError(f"fetching the {what} failed: the remote server could not be reached or broke off the "
+                         "answer", failed) from None
     finally:
         watchdog.cancel()
         if connection is not None:

@@ -1,11 +1,19 @@
 """Requests: the JSON body of a chat completion → a checked ChatRequest, every limit (body, JSON,
-parameters, image type, bytes and pixel count) checked before the request may queue; ApiError is
-the OpenAI-style error every refusal is answered with."""
+parameters, image type, bytes and pixel count; a video's bytes and its container's duration, frame
+count and frame size) checked before the request may queue; ApiError is the OpenAI-style error every
+refusal is answered with.
+
+Videos (SmolVLM2 bundles) come as vLLM's ``{"type": "video_url", "video_url": {"url": …}}`` parts,
+from the same sources as images (data: URIs, files under images.local_dir, remote URLs when allowed);
+their sampling is the part's ``video_url.fps``/``max_frames``, else the request's vLLM-style
+``mm_processor_kwargs`` (``fps``, ``num_frames`` or ``max_frames``), else the server's ``[video]``
+defaults — a max_frames above the checkpoint's own limit is capped by the runner."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import json
 import math
@@ -26,7 +34,8 @@ if TYPE_CHECKING:  # the module is imported for `rksmolvlm --help`: numpy and fr
     from rksmolvlm.runtime.engines import GenerationConfig
     from rksmolvlm.runtime.loader import RuntimeBundle
 
-__all__ = ["ApiError", "ChatRequest", "ServedModel", "RequestReader", "IMAGE_TYPES"]
+__all__ = ["ApiError", "ChatRequest", "ServedModel", "RequestReader", "IMAGE_TYPES", "VIDEO_STATUS", "video_api_error",
+           "video_decoder_available"]
 
 # MIME type → Pillow format; nothing else is ever handed to the decoder.
 IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WEBP",
@@ -43,6 +52,10 @@ _MAX_SEED = 2**63 - 1  # OpenAI's seed is an int64
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _URL_CONTROL = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
 _GENERIC_TYPES = ("application/octet-stream", "binary/octet-stream", "")
+# A VideoError whose limit is the byte size is a 413, as an image over its byte limit; every other one a 400.
+VIDEO_STATUS = {"max_bytes": 413}
+_MM_KWARGS = ("fps", "num_frames", "max_frames")  # what mm_processor_kwargs may hold (vLLM's names and ours)
+_MAX_FPS = 1000.0  # rksmolvlm.processing.content.VideoPart's bound
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF87a", "image/gif"),
           (b"GIF89a", "image/gif"), (b"BM", "image/bmp"), (b"II*\x00", "image/tiff"), (b"MM\x00*", "image/tiff"))
 
@@ -83,6 +96,8 @@ class ChatRequest:
     include_usage: bool = False
     images: int = 0
     image_bytes: int = 0
+    videos: int = 0
+    video_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -95,6 +110,7 @@ class ServedModel:
     created: int
     engine: str
     details: dict = field(default_factory=dict)
+    video: dict | None = None  # the checkpoint's video sampling (fps, max_frames, …); None: the model takes no video
 
     @classmethod
     def from_bundle(cls, bundle: RuntimeBundle, name: str | None, engine: str) -> "ServedModel":
@@ -110,7 +126,10 @@ class ServedModel:
                    "max_context": bundle.max_context, "engine": engine}
         ident = name or source
         aliases = tuple(dict.fromkeys(a for a in (source, bundle.path.name) if a != ident))
-        return cls(ident, aliases, bundle.max_context, created, engine, details)
+        video = manifest.video.settings if manifest.video is not None else None
+        sampling = None if video is None else {"fps": video.fps, "max_frames": video.max_frames,
+                                               "skip_secs": video.skip_secs, "frame_size": video.frame_size}
+        return cls(ident, aliases, bundle.max_context, created, engine, details, sampling)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -145,6 +164,7 @@ class RequestReader:
                                "invalid_type", "stream_options")
             include_usage = _bool(options, "include_usage", False, "stream_options.include_usage")
         config = self._generation(payload, self._stops(payload.get("stop")))
+        sampling = _mm_processor_kwargs(payload.get("mm_processor_kwargs"))
         self._check_sizes(payload.get("messages"))
         drafts = self._messages(payload.get("messages"))
         refs = [part for _, parts in drafts for part in parts if isinstance(part, _ImageRef)]
@@ -152,9 +172,13 @@ class RequestReader:
             raise ApiError(400, f"the request has {len(refs)} images, over limits.max_images = "
                            f"{self.limits.max_images}: send at most {self.limits.max_images} per request",
                            "too_many_images", "messages")
+        clips = [part for _, parts in drafts for part in parts if isinstance(part, _VideoRef)]
+        self._check_video_count(clips)
         images = {ref: self._image(ref.url, ref.param) for ref in refs}  # refs differ by param
-        messages = [_message(role, parts, images) for role, parts in drafts]
-        return ChatRequest(messages, config, stream, include_usage, len(refs), sum(map(len, images.values())))
+        videos = {ref: self._video(ref.url, ref.param) for ref in clips}
+        messages = [_message(role, parts, images, videos, sampling) for role, parts in drafts]
+        return ChatRequest(messages, config, stream, include_usage, len(refs), sum(map(len, images.values())),
+                           len(clips), sum(map(len, videos.values())))
 
     # -- fields ----------------------------------------------------------------------------------
     def _check_model(self, model) -> None:
@@ -226,7 +250,7 @@ class RequestReader:
         return tuple(_clean(s) for s in stops if s)
 
     def _messages(self, messages) -> list[tuple[str, list]]:
-        """(role, parts) per message, checked; a part is a TextPart or an _ImageRef still to fetch.
+        """(role, parts) per message, checked; a part is a TextPart, or an _ImageRef or _VideoRef still to fetch.
 
         Tool history (clients that offer tools keep it even though SmolVLM never calls one): a tool's
         result becomes a user message "Tool result: …"; an assistant's tool_calls are dropped (its
@@ -263,7 +287,8 @@ class RequestReader:
         return out
 
     def _parts(self, content, where: str) -> list:
-        """A message's content (a string, or an array of text and image parts) as TextParts and _ImageRefs."""
+        """A message's content (a string, or an array of text, image and video parts) as TextParts, _ImageRefs
+        and _VideoRefs."""
         from rksmolvlm.processing.content import TextPart
 
         if content is None or isinstance(content, str):
@@ -294,9 +319,19 @@ class RequestReader:
                                    "image split into tiles) or \"auto\"", "invalid_value", where_detail)
                 parts.append(_ImageRef(_checked_url(url, f"{param}.image_url"), f"{param}.image_url",
                                        detail or "auto"))
+            elif kind == "video_url":  # vLLM's video part: {"video_url": {"url": …, "fps"?, "max_frames"?}}
+                ref = part.get("video_url")
+                url = ref.get("url") if isinstance(ref, dict) else ref
+                if not isinstance(url, str) or not url:
+                    raise ApiError(400, f"{param}.video_url must be {{\"url\": \"data:video/mp4;base64,…\"}}",
+                                   "invalid_type", f"{param}.video_url")
+                own = ref if isinstance(ref, dict) else {}
+                parts.append(_VideoRef(_checked_video_url(url, f"{param}.video_url"), f"{param}.video_url",
+                                       _fps(own.get("fps"), f"{param}.video_url.fps"),
+                                       _max_frames(own.get("max_frames"), f"{param}.video_url.max_frames")))
             else:
-                raise ApiError(400, f"{param} has type {_shown(kind)}: use 'text' or 'image_url'", "invalid_value",
-                               f"{param}.type")
+                raise ApiError(400, f"{param} has type {_shown(kind)}: use 'text' or 'image_url' (or 'video_url' for a "
+                               "model that takes video)", "invalid_value", f"{param}.type")
         return parts
 
     # -- sizes: what the template and the tokenizer would pay for, refused before any work --------------
@@ -329,24 +364,35 @@ class RequestReader:
                            f"({where}): send less text", "text_too_long", "messages")
 
     # -- images ----------------------------------------------------------------------------------
-    def _image(self, url: str, param: str) -> bytes:
+    def _media(self, url: str, param: str, kind: str, from_data_uri, from_remote) -> bytes:
+        """The bytes of an image or video URL: a data: URI, a remote URL or a local file."""
         if url.startswith("data:"):
-            data = self._from_data_uri(url, param)
-        elif url.startswith(("http://", "https://")):
-            data = self._from_remote(url, param)
-        elif url.startswith("file://") or url.startswith("/"):
-            data = self._from_local(url, param)
-        else:
-            scheme = url.split(":", 1)[0][:16] if ":" in url else "a relative path"
-            raise ApiError(400, f"{param}: {scheme!r} images are not supported: send a data: URI "
-                           "(data:image/png;base64,…)", "invalid_image_url", param)
+            return from_data_uri(url, param)
+        if url.startswith(("http://", "https://")):
+            return from_remote(url, param)
+        if url.startswith("file://") or url.startswith("/"):
+            return self._from_local(url, param, kind)
+        scheme = url.split(":", 1)[0][:16] if ":" in url else "a relative path"
+        example = "data:image/png;base64,…" if kind == "image" else "data:video/mp4;base64,…"
+        raise ApiError(400, f"{param}: {scheme!r} {kind}s are not supported: send a data: URI ({example})",
+                       f"invalid_{kind}_url", param)
+
+    def _image(self, url: str, param: str) -> bytes:
+        data = self._media(url, param, "image", self._from_data_uri, self._from_remote)
         self._check_image(data, param)
         return data
 
-    def _too_big(self, size: int | str, param: str) -> ApiError:
-        return ApiError(413, f"{param} is {size if isinstance(size, str) else f'{size:,}'} bytes, over "
-                        f"limits.max_image_bytes = {self.limits.max_image_bytes:,}: send a smaller image "
-                        "(downscale or compress it)", "image_too_large", param)
+    def _too_big(self, size: int | str, param: str, what: str = "image") -> ApiError:
+        shown = size if isinstance(size, str) else f"{size:,}"
+        if what == "video":
+            return ApiError(413, f"{param} is {shown} bytes, over video.max_bytes = {self.config.video.max_bytes:,}: "
+                            "send a shorter or more compressed video", "video_too_large", param)
+        return ApiError(413, f"{param} is {shown} bytes, over limits.max_image_bytes = "
+                        f"{self.limits.max_image_bytes:,}: send a smaller image (downscale or compress it)",
+                        "image_too_large", param)
+
+    def _max_bytes(self, what: str) -> int:
+        return self.config.video.max_bytes if what == "video" else self.limits.max_image_bytes
 
     def _from_data_uri(self, url: str, param: str) -> bytes:
         header, comma, payload = url[5:].partition(",")
@@ -355,6 +401,10 @@ class RequestReader:
                            "invalid_image_url", param)
         fields = [f.strip().lower() for f in header.split(";")]
         mime = fields[0] or "text/plain"
+        if mime.startswith("video/"):
+            raise ApiError(400, f"{param} has the type {mime[:64]!r}: a video goes in a video_url part, "
+                           "{\"type\": \"video_url\", \"video_url\": {\"url\": \"data:video/mp4;base64,…\"}}",
+                           "unsupported_image_type", param)
         if mime not in IMAGE_TYPES:
             raise ApiError(400, f"{param} has the type {mime[:64]!r}: send image/png, image/jpeg, image/webp, "
                            "image/gif, image/bmp or image/tiff", "unsupported_image_type", param)
@@ -363,48 +413,45 @@ class RequestReader:
                            "invalid_image_url", param)
         if len(payload) // 4 * 3 > self.limits.max_image_bytes + 3:
             raise self._too_big(f"about {len(payload) // 4 * 3:,}", param)
-        try:
-            return base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            try:  # some clients wrap base64 in lines
-                return base64.b64decode("".join(payload.split()), validate=True)
-            except (binascii.Error, ValueError):
-                raise ApiError(400, f"{param} is not valid base64: encode the image file's bytes with standard "
-                               "base64", "invalid_image", param) from None
+        return _base64(payload, param, "image")
 
-    def _from_local(self, url: str, param: str) -> bytes:
+    def _from_local(self, url: str, param: str, what: str = "image") -> bytes:
+        """A file under images.local_dir (images and videos alike), read up to the byte limit of ``what``."""
         root = self.config.images.local_dir
+        example = "data:video/mp4;base64,…" if what == "video" else "data:image/png;base64,…"
         if not root:
-            raise ApiError(400, f"{param}: local image paths are off: send the image as a data: URI, or set "
-                           "images.local_dir in the server config to the directory they may come from",
-                           "local_images_disabled", param)
+            raise ApiError(400, f"{param}: local {what} paths are off: send the {what} as a data: URI ({example}), "
+                           "or set images.local_dir in the server config to the directory they may come from",
+                           f"local_{what}s_disabled", param)
         if url.startswith("file://"):
             parsed = urllib.parse.urlparse(url)
             if parsed.netloc not in ("", "localhost"):
-                raise ApiError(400, f"{param}: file URLs must name this machine (file:///path)", "invalid_image_url",
+                raise ApiError(400, f"{param}: file URLs must name this machine (file:///path)", f"invalid_{what}_url",
                                param)
             text = urllib.parse.unquote(parsed.path)
         else:
             text = url
         if "\x00" in text:  # %00 in a file URL: the OS cannot take it (ValueError, not OSError)
-            raise ApiError(400, f"{param} holds a NUL character: send a plain path", "invalid_image_url", param)
+            raise ApiError(400, f"{param} holds a NUL character: send a plain path", f"invalid_{what}_url", param)
         path = Path(text).resolve()
         base = Path(root).resolve()
         if not path.is_relative_to(base):
-            raise ApiError(400, f"{param} is outside images.local_dir ({root}): only images under it may be read",
-                           "image_path_not_allowed", param)
+            raise ApiError(400, f"{param} is outside images.local_dir ({root}): only {what}s under it may be read",
+                           f"{what}_path_not_allowed", param)
+        limit = self._max_bytes(what)
         try:  # O_NONBLOCK: a FIFO under local_dir must not block the reader; only regular files are read
             with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
                 if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                    raise ApiError(400, f"{param} is not a regular file: name an image file under images.local_dir",
-                                   "invalid_image", param)
-                data = f.read(self.limits.max_image_bytes + 1)
+                    article = "a video" if what == "video" else "an image"
+                    raise ApiError(400, f"{param} is not a regular file: name {article} file under images.local_dir",
+                                   f"invalid_{what}", param)
+                data = f.read(limit + 1)
         except FileNotFoundError:
-            raise ApiError(400, f"{param}: no such file under images.local_dir", "invalid_image", param) from None
+            raise ApiError(400, f"{param}: no such file under images.local_dir", f"invalid_{what}", param) from None
         except OSError as exc:
-            raise ApiError(400, f"{param}: cannot read the file ({exc.strerror})", "invalid_image", param) from None
-        if len(data) > self.limits.max_image_bytes:
-            raise self._too_big(f"over {self.limits.max_image_bytes:,}", param)
+            raise ApiError(400, f"{param}: cannot read the file ({exc.strerror})", f"invalid_{what}", param) from None
+        if len(data) > limit:
+            raise self._too_big(f"over {limit:,}", param, what)
         return data
 
     def _from_remote(self, url: str, param: str) -> bytes:
@@ -461,11 +508,119 @@ class RequestReader:
             raise ApiError(400, f"{param} has more pixels than limits.max_image_pixels = {limit:,} (refused before "
                            "decoding): downscale it", "image_too_many_pixels", param) from None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
+            if _looks_like_video(data):
+                raise ApiError(400, f"{param} is a video, not an image: send it as a video_url part of POST "
+                               "/v1/chat/completions (the Ollama API has no field for videos)",
+                               "unsupported_image_type", param) from None
             raise ApiError(400, f"{param} cannot be read as a PNG, JPEG, WebP, GIF, BMP or TIFF image: the data is "
                            "corrupt or in another format", "invalid_image", param) from None
         if width * height > limit:
             raise ApiError(400, f"{param} is {width}×{height} = {width * height:,} pixels, over "
                            f"limits.max_image_pixels = {limit:,}: downscale it", "image_too_many_pixels", param)
+
+
+    # -- videos ----------------------------------------------------------------------------------
+    def _check_video_count(self, clips: list["_VideoRef"]) -> None:
+        """Videos are wanted: the model takes them, the server allows them, not too many — refused
+        before any video is fetched."""
+        if not clips:
+            return
+        param = clips[0].param
+        if self.model.video is None:
+            raise ApiError(400, f"{param}: this model ({self.model.id}) does not take video (only SmolVLM2 "
+                           "checkpoints do): send frames as image_url parts, or serve a bundle converted from a "
+                           "SmolVLM2 checkpoint", "video_not_supported", param)
+        video = self.config.video
+        if not video.enabled:
+            raise ApiError(400, f"{param}: video input is off on this server (video.enabled = false): send frames as "
+                           "image_url parts", "video_disabled", param)
+        if not video_decoder_available():
+            raise ApiError(501, f"{param}: this server cannot read videos: PyAV is not installed (pip install av on "
+                           "the server)", "video_decoder_missing", param, "server_error")
+        if len(clips) > video.max_videos:
+            raise ApiError(400, f"the request has {len(clips)} videos, over video.max_videos = {video.max_videos}: "
+                           f"send at most {video.max_videos} per request", "too_many_videos", "messages")
+
+    def _video(self, url: str, param: str) -> bytes:
+        data = self._media(url, param, "video", self._video_from_data_uri, self._video_from_remote)
+        self._check_video(data, param)
+        return data
+
+    def _video_from_data_uri(self, url: str, param: str) -> bytes:
+        header, comma, payload = url[5:].partition(",")
+        if not comma:
+            raise ApiError(400, f"{param} is not a valid data: URI: write data:video/mp4;base64,<base64 bytes>",
+                           "invalid_video_url", param)
+        fields = [f.strip().lower() for f in header.split(";")]
+        mime = fields[0]
+        if not (mime.startswith("video/") or mime in _GENERIC_TYPES):  # the container is read from the bytes
+            hint = "an image goes in an image_url part" if mime.startswith("image/") else "send a video"
+            raise ApiError(400, f"{param} has the type {mime[:64]!r}: {hint} (data:video/mp4;base64,…; any video/* "
+                           "type)", "unsupported_video_type", param)
+        if "base64" not in fields[1:]:
+            raise ApiError(400, f"{param} must be base64-encoded: write data:{mime or 'video/mp4'};base64,<base64 "
+                           "bytes>", "invalid_video_url", param)
+        limit = self.config.video.max_bytes
+        if len(payload) // 4 * 3 > limit + 3:
+            raise self._too_big(f"about {len(payload) // 4 * 3:,}", param, "video")
+        return _base64(payload, param, "video")
+
+    def _video_from_remote(self, url: str, param: str) -> bytes:
+        """An http(s) video, fetched as remote images are (runtime/server/remote.py), up to video.max_bytes."""
+        from rksmolvlm.runtime.server.remote import FetchError, fetch
+
+        images = self.config.images
+        if not images.allow_remote:
+            raise ApiError(400, f"{param}: remote video URLs are off (images.allow_remote = false): send the video "
+                           "as a data: URI (data:video/mp4;base64,…)", "remote_videos_disabled", param)
+        limit = self.config.video.max_bytes
+        try:
+            fetched = fetch(url, timeout_s=images.remote_timeout_s, max_bytes=limit, what="video",
+                            allow_private=images.allow_private_networks, user_agent=f"rksmolvlm/{__version__}")
+        except FetchError as exc:
+            raise ApiError(exc.status, f"{param}: {exc}", exc.code, param) from None
+        kind = fetched.content_type
+        if not (kind.startswith("video/") or kind in _GENERIC_TYPES):
+            raise ApiError(400, f"{param}: the remote server did not answer with a video type (video/*)",
+                           "unsupported_video_type", param)
+        if fetched.content_length is not None and fetched.content_length > limit:
+            raise self._too_big(fetched.content_length, param, "video")
+        if len(fetched.data) > limit:
+            raise self._too_big(f"over {limit:,}", param, "video")
+        return fetched.data
+
+    def _check_video(self, data: bytes, param: str) -> None:
+        """Size, then the container read without decoding a frame (rksmolvlm.processing.video.probe_video):
+        a video stream, its duration, frame count and frame size within the [video] limits."""
+        from rksmolvlm.errors import VideoError
+        from rksmolvlm.processing.video import probe_video
+
+        if not data:
+            raise ApiError(400, f"{param}: the video is empty (0 bytes): send the video file's contents",
+                           "invalid_video", param)
+        if len(data) > self.config.video.max_bytes:
+            raise self._too_big(len(data), param, "video")
+        try:
+            probe_video(data, self.config.video.limits())
+        except VideoError as exc:
+            raise video_api_error(exc, param) from None
+
+
+@functools.lru_cache(maxsize=1)
+def video_decoder_available() -> bool:
+    """PyAV is installed (looked up, not imported: the import is paid while the model loads)."""
+    import importlib.util
+
+    return importlib.util.find_spec("av") is not None
+
+
+def video_api_error(exc, param: str | None) -> ApiError:
+    """A VideoError as the API answers it: its code, 413 for the byte limit else 400, the message naming the
+    server's config key of the limit it is over."""
+    limit = getattr(exc, "limit", None)
+    key = f" (the server's video.{limit})" if limit else ""
+    where = f"{param}: " if param else ""
+    return ApiError(VIDEO_STATUS.get(limit, 400), f"{where}{exc}{key}", exc.code, param)
 
 
 _DETAILS = ("auto", "low", "high")  # rksmolvlm.processing.content.DETAILS, without importing Pillow here
@@ -478,6 +633,100 @@ class _ImageRef:
     url: str
     param: str
     detail: str = "auto"
+
+
+@dataclass(frozen=True)
+class _VideoRef:
+    """A video part as the request names it, before it is fetched and checked: its own sampling, if any."""
+
+    url: str
+    param: str
+    fps: float | None = None
+    max_frames: int | None = None
+
+
+def _checked_video_url(url: str, param: str) -> str:
+    """A video URL fit to be fetched: no control characters (a data: URI's base64 may be wrapped in lines, but
+    holds no NUL)."""
+    bad = "\x00" in url if url.startswith("data:") else _URL_CONTROL.search(url) is not None
+    if bad:
+        raise ApiError(400, f"{param} holds control characters (NUL, CR, LF, …) or invalid Unicode: send a plain "
+                       "URL or path, or standard base64", "invalid_video_url", param)
+    return url
+
+
+def _fps(value, param: str) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ApiError(400, f"{param} must be a number (frames sampled per second of video)", "invalid_type", param)
+    if not 0 < value <= _MAX_FPS:
+        raise ApiError(400, f"{param} = {_shown(value)} is out of range: use a number above 0 and at most "
+                       f"{_MAX_FPS:g} (frames sampled per second of video; 1 samples one frame a second)",
+                       "invalid_value", param)
+    return float(value)
+
+
+def _max_frames(value, param: str) -> int | None:
+    """A whole number of at least 1; a large one is kept (the runner caps it to the checkpoint's limit)."""
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ApiError(400, f"{param} must be an integer (the most frames sampled from the video)", "invalid_type",
+                       param)
+    if value < 1:
+        raise ApiError(400, f"{param} = {_shown(value)} is out of range: use at least 1 (larger values are capped to "
+                       "the model's own limit)", "invalid_value", param)
+    return min(value, 2**31 - 1)
+
+
+def _mm_processor_kwargs(value) -> tuple[float | None, int | None]:
+    """vLLM's top-level ``mm_processor_kwargs``: the (fps, max_frames) every video of the request gets unless
+    its video_url says otherwise. ``num_frames`` (vLLM's name) and ``max_frames`` mean the same here: the
+    most frames sampled (fewer when fps × duration is less)."""
+    if value is None:
+        return None, None
+    if not isinstance(value, dict):
+        raise ApiError(400, "mm_processor_kwargs must be an object like {\"fps\": 1, \"num_frames\": 16}",
+                       "invalid_type", "mm_processor_kwargs")
+    for name in value:
+        if name not in _MM_KWARGS:
+            where = f"mm_processor_kwargs.{str(name)[:40]}"
+            raise ApiError(400, f"{where} is not supported: this server reads fps and num_frames (or max_frames) "
+                           "there", "unsupported_parameter", where)
+    counts = {name: _max_frames(value.get(name), f"mm_processor_kwargs.{name}")
+              for name in ("num_frames", "max_frames")}
+    if None not in counts.values() and counts["num_frames"] != counts["max_frames"]:
+        raise ApiError(400, "mm_processor_kwargs has both num_frames and max_frames, with different values: send "
+                       "one of them", "invalid_value", "mm_processor_kwargs.max_frames")
+    frames = counts["max_frames"] if counts["max_frames"] is not None else counts["num_frames"]
+    return _fps(value.get("fps"), "mm_processor_kwargs.fps"), frames
+
+
+# Leading bytes of video containers (ISO BMFF's ftyp box is checked apart): Matroska/WebM, AVI, FLV, MPEG-PS.
+_VIDEO_MAGIC = (b"\x1a\x45\xdf\xa3", b"FLV\x01", b"\x00\x00\x01\xba")
+_IMAGE_BRANDS = (b"avif", b"avis", b"heic", b"heix", b"mif1", b"msf1", b"heim", b"heis", b"hevc", b"hevx")
+
+
+def _base64(payload: str, param: str, kind: str) -> bytes:
+    """A data URI's base64 payload (also when a client wrapped it in lines)."""
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        try:
+            return base64.b64decode("".join(payload.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(400, f"{param} is not valid base64: encode the {kind} file's bytes with standard base64",
+                           f"invalid_{kind}", param) from None
+
+
+def _looks_like_video(data: bytes) -> bool:
+    """True when ``data`` starts like a video container (MP4/MOV/3GP, Matroska/WebM, AVI, FLV, MPEG-PS)."""
+    if data[4:8] == b"ftyp":
+        return data[8:12] not in _IMAGE_BRANDS
+    return data.startswith(_VIDEO_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"AVI ")
 
 
 def _checked_url(url: str, param: str) -> str:
@@ -528,10 +777,19 @@ def _shown(value) -> str:
     return text if len(text) <= 48 else text[:45] + "..."
 
 
-def _message(role: str, parts: list, images: dict[_ImageRef, bytes]) -> "Message":
-    from rksmolvlm.processing.content import ImagePart, Message
+def _message(role: str, parts: list, images: dict[_ImageRef, bytes], videos: dict[_VideoRef, bytes],
+             sampling: tuple[float | None, int | None]) -> "Message":
+    from rksmolvlm.processing.content import ImagePart, Message, VideoPart
 
-    return Message(role, tuple(ImagePart(images[p], p.detail) if isinstance(p, _ImageRef) else p for p in parts))
+    def typed(p):
+        if isinstance(p, _ImageRef):
+            return ImagePart(images[p], p.detail)
+        if isinstance(p, _VideoRef):  # its own sampling, else the request's mm_processor_kwargs
+            return VideoPart(videos[p], p.fps if p.fps is not None else sampling[0],
+                             p.max_frames if p.max_frames is not None else sampling[1])
+        return p
+
+    return Message(role, tuple(typed(p) for p in parts))
 
 
 def _parse_json(body: bytes) -> dict:

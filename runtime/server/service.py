@@ -22,8 +22,9 @@ if TYPE_CHECKING:  # imported for `rksmolvlm --help`: numpy, torch and friends l
     from rksmolvlm.runtime.loader import RuntimeBundle
     from rksmolvlm.runtime.runner import Runner
     from rksmolvlm.runtime.server.metrics import Metrics
+    from rksmolvlm.runtime.video import VideoOptions
 
-__all__ = ["Answer", "Job", "ModelService", "open_runner"]
+__all__ = ["Answer", "Job", "ModelService", "open_runner", "video_options"]
 
 log = logging.getLogger("rksmolvlm.server")
 
@@ -236,7 +237,9 @@ class ModelService:
                     "capacity": self.queue_size}
 
     def _run(self, job: Job) -> None:
+        from rksmolvlm.errors import VideoError
         from rksmolvlm.runtime.runner import ContextError, InputError
+        from rksmolvlm.runtime.server.requests import video_api_error
 
         request = job.request
         job.started = self._progress = time.monotonic()
@@ -256,6 +259,8 @@ class ModelService:
                     job.post("delta", delta)
         except ImageError as exc:
             return self._fail(job, ApiError(400, str(exc), exc.code, "messages"))  # invalid_image or the limit
+        except VideoError as exc:  # the reader probed it; decoding the sampled frames can still fail or run out
+            return self._fail(job, video_api_error(exc, "messages"))
         except ContextError as exc:
             return self._fail(job, ApiError(400, str(exc), "context_length_exceeded", "messages"))
         except InputError as exc:
@@ -294,6 +299,10 @@ class ModelService:
             m.observe("rksmolvlm_time_to_first_token_seconds", result.queue_ms / 1000 + s.first_token_ms / 1000)
         if s.generate_tokens > 1 and s.generate_ms > 0:
             m.observe("rksmolvlm_decode_tokens_per_second", (s.generate_tokens - 1) / (s.generate_ms / 1000))
+        if s.video_frames or s.video_cached_frames:
+            m.inc("rksmolvlm_video_frames_total", s.video_frames, source="decoded")
+            m.inc("rksmolvlm_video_frames_total", s.video_cached_frames, source="cache")
+            m.inc("rksmolvlm_video_decode_seconds_total", s.video_decode_ms / 1000)
         if s.vision_tiles:
             m.inc("rksmolvlm_vision_tiles_total", s.vision_tiles)
             m.inc("rksmolvlm_vision_seconds_total", s.vision_ms / 1000)
@@ -301,9 +310,19 @@ class ModelService:
         m.observe("rksmolvlm_generation_seconds", seconds)
 
 
+def video_options(config: ServerConfig) -> "VideoOptions":
+    """The runner's video defaults and limits from the ``[video]`` section."""
+    from rksmolvlm.runtime.video import VideoOptions
+
+    video = config.video
+    return VideoOptions(fps=video.fps, max_frames=video.max_frames, limits=video.limits(),
+                        cache_frames=video.cache_frames)
+
+
 def open_runner(bundle: "RuntimeBundle", config: ServerConfig, engine: str) -> "Runner":
     """The runner the server runs: the bundle's engines with the configured cores and library, room
-    for the largest max_tokens a request may ask for, and the configured image cache and pixel limit."""
+    for the largest max_tokens a request may ask for, the configured image cache and pixel limit, and
+    the ``[video]`` defaults and limits (SmolVLM2 bundles)."""
     from rksmolvlm.processing.image_safety import DecodeLimits
     from rksmolvlm.runtime.engines import EngineOptions, open_engines
     from rksmolvlm.runtime.runner import Runner
@@ -317,7 +336,8 @@ def open_runner(bundle: "RuntimeBundle", config: ServerConfig, engine: str) -> "
                               max_jpeg_scans=limits.max_jpeg_scans)
         return Runner(bundle, vision, llm, image_cache_size=config.image_cache_size,
                       max_pixels=limits.max_image_pixels, default_detail=config.images.default_detail,
-                      fit_answer_tokens=config.images.fit_answer_tokens, decode_limits=decode)
+                      fit_answer_tokens=config.images.fit_answer_tokens, decode_limits=decode,
+                      video=video_options(config) if bundle.video_settings is not None else None)
     except BaseException:
         for part in (vision, llm):
             with contextlib.suppress(Exception):
