@@ -68,3 +68,28 @@ def test_missing_package_is_named(bundle, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", guarded)
     with pytest.raises(ToolkitMissingError, match="rknn-toolkit-lite2"):
         RknnLiteVisionEncoder(bundle.file("vision.rknn"), [1])
+
+
+def test_video_frames_run_on_all_cores(preview_bundles, rknnlite_double, monkeypatch):
+    """A SmolVLM2 video through the runner on the board's vision engine: its frames are unsplit tiles
+    encoded in one call spread over the three cores, features in frame order as the host preview's."""
+    from pathlib import Path
+
+    from conftest import FakeLlm
+    from rksmolvlm.processing.content import Message, TextPart, VideoPart
+    from rksmolvlm.runtime.runner import Runner
+
+    monkeypatch.setenv("RKNNLITE_DOUBLE_DELAY_MS", "20")
+    video_bundle = RuntimeBundle.open(preview_bundles["smolvlm2"])
+    clip = Path(__file__).parent / "data" / "video" / "h264_70s_25fps_64x48.mp4"
+    runner = Runner(video_bundle, RknnLiteVisionEncoder(video_bundle.file("vision.rknn"), [1, 2, 4]), FakeLlm([2]))
+    messages = [Message("user", (VideoPart(clip, max_frames=12), TextPart("What happens?")))]
+    npu = runner.generate(messages).consume()
+    runtimes = rknnlite_double.instances
+    assert npu.stats.video_frames == 12 and sum(len(r.calls) for r in runtimes) >= 12
+    assert all(len(r.calls) >= 12 // 3 for r in runtimes)  # the frames spread over the cores
+    host = Runner(video_bundle, OnnxVisionEncoder(video_bundle.file("vision.onnx"), video_bundle.settings),
+                  FakeLlm([2]))
+    host.generate(messages).consume()
+    np.testing.assert_allclose(runner.llm.prefills[0].embeddings, host.llm.prefills[0].embeddings, atol=1e-4, rtol=0)
+    runner.close()
