@@ -129,20 +129,25 @@ def render_samples(samples: Sequence[DecoderSample], images_dir: Path, assembler
                    settings: ImageSettings, table: EmbeddingTable | None = None,
                    features: FeatureFn | None = None, max_tokens: int | None = None, *,
                    video: VideoSettings | None = None, videos_dir: Path | None = None,
-                   max_frames: int = CALIBRATION_MAX_FRAMES) -> RenderedSet:
+                   max_frames: int = CALIBRATION_MAX_FRAMES,
+                   on_sample: Callable[[int, int], None] | None = None) -> RenderedSet:
     """Render every sample with the runtime's assembler; with ``table`` and ``features`` also build
     its decoder input embeddings. ``video`` is the checkpoint's video settings (None: the model takes
     no video, and samples with a video are skipped); videos are sampled at their part's fps, else the
     checkpoint's, with at most their part's max_frames, else ``max_frames``, and never more than the
     checkpoint's. Samples longer than ``max_tokens`` are skipped (they could never run on the board
-    either). The result lists what was skipped."""
+    either). The result lists what was skipped. ``on_sample(done, total)`` is called after each
+    sample (progress). ``features`` is called once per sample that shows media: give it a cache (the
+    converter's TowerCache) so an image shown in several chats is encoded once."""
     if video is not None and assembler.video_template is None:
         raise CalibrationError("internal: video settings given with an assembler that has no video chat template")
     if max_frames < 1:
         raise CalibrationError(f"max_frames {max_frames} must be at least 1")
     out = RenderedSet()
     eou = assembler.tokens.end_of_utterance
-    for sample in samples:
+    for done, sample in enumerate(samples, 1):
+        if on_sample is not None and done > 1:
+            on_sample(done - 1, len(samples))
         messages = sample.conversation(images_dir, videos_dir)
         media = media_parts(messages)
         if video is None and any(isinstance(p, VideoPart) for p in media):
@@ -174,6 +179,8 @@ def render_samples(samples: Sequence[DecoderSample], images_dir: Path, assembler
             embeddings = assembler.embed(whole, table, per_media)
         out.append(RenderedSample(sample.id, assembler.expanded_text(prompt), sample.answer, ids, len(prompt.ids),
                                   embeddings))
+    if on_sample is not None and samples:
+        on_sample(len(samples), len(samples))
     if not out:
         if out.skipped_no_video and not out.skipped_over_context:
             raise CalibrationError("every decoder calibration sample has a video and this model takes no video: add "

@@ -31,6 +31,8 @@ class TileSets:
     evaluation: np.ndarray
     calibration_images: list[str]
     evaluation_images: list[str]
+    # per evaluation tile: True for a global (squashed whole-image) tile, False for a split tile
+    evaluation_global: np.ndarray | None = None
 
 
 def shipped_images_dir() -> Path:
@@ -60,7 +62,9 @@ def _even_pick(count: int, want: int) -> list[int]:
 def build_tile_sets(images: list[Path], settings: ImageSettings, calibration_tiles: int = 24,
                     evaluation_tiles: int = 6) -> TileSets:
     """Tile the images; pick ``calibration_tiles`` evenly from the calibration images (global
-    images first, then the split tiles) and ``evaluation_tiles`` from the held-out ones.
+    images first, then the split tiles) and ``evaluation_tiles`` from the held-out ones: half of
+    them (rounded down, at least one when there are two or more) split tiles, the rest global
+    tiles, so the accuracy check scores both kinds the board encodes.
     ``calibration_tiles=0`` skips the calibration images (fp16 builds)."""
     if len(images) < 2:
         raise CalibrationError("a calibration set needs at least 2 images (one is held out for the accuracy "
@@ -68,9 +72,7 @@ def build_tile_sets(images: list[Path], settings: ImageSettings, calibration_til
     held_out = [p for i, p in enumerate(images) if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1] or [images[-1]]
     calibration = [p for p in images if p not in held_out]
 
-    def tiles_of(paths: list[Path], want: int) -> np.ndarray:
-        if want <= 0:  # fp16 needs no calibration: do not tile what is not used
-            return np.empty((0, settings.tile_size, settings.tile_size, 3), dtype=np.uint8)
+    def tiled(paths: list[Path]) -> tuple[list[np.ndarray], list[np.ndarray]]:
         globals_, splits = [], []
         for path in paths:
             try:
@@ -80,11 +82,27 @@ def build_tile_sets(images: list[Path], settings: ImageSettings, calibration_til
                                        "file") from exc
             globals_.append(tiled.tiles[-1])
             splits.extend(tiled.tiles[:-1])
+        return globals_, splits
+
+    def tiles_of(paths: list[Path], want: int) -> np.ndarray:
+        if want <= 0:  # fp16 needs no calibration: do not tile what is not used
+            return np.empty((0, settings.tile_size, settings.tile_size, 3), dtype=np.uint8)
+        globals_, splits = tiled(paths)
         ordered = globals_ + [splits[i] for i in _even_pick(len(splits), max(want - len(globals_), 0))]
         return np.stack([ordered[i] for i in _even_pick(len(ordered), want)])
 
-    return TileSets(tiles_of(calibration, calibration_tiles), tiles_of(held_out, evaluation_tiles),
-                    [p.name for p in calibration], [p.name for p in held_out])
+    def evaluation_of(paths: list[Path], want: int) -> tuple[np.ndarray, np.ndarray]:
+        globals_, splits = tiled(paths)
+        n_split = min(max(want // 2, 1) if want >= 2 else 0, len(splits))
+        n_global = min(want - n_split, len(globals_))
+        n_split = min(want - n_global, len(splits))  # too few globals: more split tiles
+        picked = [globals_[i] for i in _even_pick(len(globals_), n_global)] if n_global else []
+        picked += [splits[i] for i in _even_pick(len(splits), n_split)] if n_split else []
+        return np.stack(picked), np.array([True] * n_global + [False] * n_split)
+
+    evaluation, evaluation_global = evaluation_of(held_out, evaluation_tiles)
+    return TileSets(tiles_of(calibration, calibration_tiles), evaluation,
+                    [p.name for p in calibration], [p.name for p in held_out], evaluation_global)
 
 
 def write_rknn_dataset(tiles: np.ndarray, directory: Path) -> Path:

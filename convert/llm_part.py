@@ -87,8 +87,12 @@ def convert_llm(checkpoint: Checkpoint, recipe: LlmRecipe, options, bundle: Path
         rendered = render_samples(samples, images, checkpoint_assembler(checkpoint), checkpoint.image,
                                   table=EmbeddingTable(bundle / EMBED_FILE) if embedded else None,
                                   features=towers.features if embedded else None, max_tokens=recipe.max_context,
-                                  video=checkpoint.video, videos_dir=own)  # own clips beside own images
+                                  video=checkpoint.video, videos_dir=own,  # own clips beside own images
+                                  on_sample=lambda done, total: progress.advance(done, total, "samples"))
         towers.release()
+        if embedded:
+            progress.note(f"image features: {towers.requested} tiles and frames, {towers.encoded} encoded "
+                          f"({towers.engine})")
         dataset = write_dataset(rendered, fmt, work / "llm-calibration")
         tokens = sum(len(r.ids) for r in rendered)
         image_tokens = sum(int(np.sum(np.asarray(r.ids) == checkpoint.tokens.image_id)) for r in rendered)
@@ -98,7 +102,9 @@ def convert_llm(checkpoint: Checkpoint, recipe: LlmRecipe, options, bundle: Path
                       f"{skipped}")
     report["calibration"] = {"format": fmt, "samples": len(rendered), "tokens": tokens, "image_tokens": image_tokens,
                              "skipped_over_context": len(rendered.skipped_over_context),
-                             "skipped_no_video": len(rendered.skipped_no_video)}
+                             "skipped_no_video": len(rendered.skipped_no_video),
+                             "image_features": {"tiles": towers.requested, "encoded": towers.encoded,
+                                                "engine": towers.engine} if embedded else None}
     with progress.step(f"building {LLM_FILE} ({recipe.dtype}, {recipe.target}) with rkllm-toolkit {info.version}"):
         build = build_rkllm(decoder_dir, bundle / LLM_FILE, recipe, dataset, info)
     report.update(seconds=build.seconds, toolkit_version=info.version)

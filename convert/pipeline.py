@@ -137,6 +137,7 @@ def _versions() -> dict:
 def convert(options: ConvertOptions, progress: Progress | None = None) -> ConvertResult:
     profile = _validate(options)
     steps = 2 + (4 if "vision" in options.parts else 0) + (3 if "llm" in options.parts else 0)
+    steps += 1 if set(PARTS) <= set(options.parts) else 0  # golden answers need both parts
     progress = progress or Progress(steps)
     progress.total = progress.total or steps
     with progress.step("reading the checkpoint"):
@@ -164,20 +165,49 @@ def convert(options: ConvertOptions, progress: Progress | None = None) -> Conver
             from rksmolvlm.convert.llm_part import convert_llm
 
             llm_section, report["llm"] = convert_llm(checkpoint, recipe, options, stage.path, work, progress, towers)
-        towers.release()
+        goldens_section = None
+        if vision_section is not None and llm_section is not None:
+            from rksmolvlm.convert.goldens import record_goldens
+
+            with progress.step("recording golden answers with transformers (float32)"):
+                goldens_section, report["goldens"] = record_goldens(checkpoint, stage.path, towers, progress,
+                                                                    llm_section["max_context"])
+        towers.clear()
         with progress.step("writing the bundle manifest"):
             shutil.copy2(checkpoint.path / TOKENIZER_FILE, stage.path / TOKENIZER_FILE)
-            (stage.path / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
             stage.manifest = _manifest(checkpoint, profile, options, versions, vision_section, llm_section)
+            if goldens_section is not None:
+                from rksmolvlm.convert.goldens import verify_staged
+
+                stage.manifest["goldens"] = goldens_section
+                report["verify"] = verify_staged(stage.path, stage.manifest)
+                if "skipped" not in report["verify"]:
+                    progress.note(f"verify (host engines): {report['verify']['verdict']}, token agreement "
+                                  f"{report['verify']['agreement']:.0%}")
+            (stage.path / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return ConvertResult(stage.path, stage.manifest, report, dict(progress.timings))
 
 
 class TowerCache:
-    """Loads the checkpoint's tower + connector once for every step that needs image features."""
+    """Image features for every step that needs them: the tower + connector loaded once, each
+    distinct tile encoded once (keyed by a hash of its bytes), in onnxruntime on the just-exported
+    ``vision.onnx`` once the conversion has checked it matches torch, else in eager torch.
+
+    ``memoize`` and ``prefer_onnx`` (class defaults, per instance too) exist so the conversion
+    bench can measure the old behaviour (every tile encoded in torch each time it is asked for)."""
+
+    memoize = True
+    prefer_onnx = True
 
     def __init__(self, checkpoint: Checkpoint):
         self.checkpoint = checkpoint
         self._tower = None
+        self._session = None
+        self._onnx_path: Path | None = None
+        self._features: dict[bytes, np.ndarray] = {}
+        self.requested = 0  # tiles asked for
+        self.encoded = 0  # tiles run through an engine
+        self.engine = "torch"
 
     @property
     def tower(self):
@@ -187,15 +217,62 @@ class TowerCache:
             self._tower, _ = load_vision_tower(self.checkpoint)
         return self._tower
 
+    def use_onnx(self, onnx_path: Path, check) -> bool:
+        """Encode with onnxruntime on ``onnx_path`` from now on if ``check`` (its OnnxCheck against
+        torch) passes the exactness bar; return whether it does."""
+        from rksmolvlm.convert.vision_tower import onnx_matches
+
+        if not self.prefer_onnx or not onnx_matches(check):
+            return False
+        self._onnx_path, self._session, self.engine = Path(onnx_path), None, "onnxruntime"
+        return True
+
     def features(self, tiles_u8: np.ndarray) -> np.ndarray:
         """uint8 NHWC tiles → (tiles, image_seq_len, text_hidden) float32 features."""
+        self.requested += len(tiles_u8)
+        if not self.memoize:
+            return self._encode(tiles_u8)
+        keys = [_tile_key(t) for t in tiles_u8]
+        missing = {}
+        for i, key in enumerate(keys):
+            if key not in self._features and key not in missing:
+                missing[key] = i
+        if missing:
+            computed = self._encode(tiles_u8[list(missing.values())])
+            self._features.update(zip(missing, computed))
+        if not keys:
+            return np.empty((0, self.checkpoint.vision.image_seq_len, self.checkpoint.text.hidden_size), np.float32)
+        return np.stack([self._features[k] for k in keys])
+
+    def _encode(self, tiles_u8: np.ndarray) -> np.ndarray:
         from rksmolvlm.processing.image import normalize
+
+        self.encoded += len(tiles_u8)
+        x = normalize(tiles_u8, self.checkpoint.image)
+        if self._onnx_path is not None:
+            from rksmolvlm.convert.vision_tower import onnx_features, onnx_session
+
+            if self._session is None:
+                self._session = onnx_session(self._onnx_path)
+            return onnx_features(self._session, x)
         from rksmolvlm.convert.vision_tower import torch_features
 
-        return torch_features(self.tower, normalize(tiles_u8, self.checkpoint.image))
+        return torch_features(self.tower, x)
 
     def release(self) -> None:
-        self._tower = None
+        """Free the torch model and the onnxruntime session (the feature cache stays: it is small)."""
+        self._tower = self._session = None
+
+    def clear(self) -> None:
+        self.release()
+        self._features = {}
+
+
+def _tile_key(tile: np.ndarray) -> bytes:
+    import hashlib
+
+    tile = np.ascontiguousarray(tile)
+    return hashlib.blake2b(tile.tobytes(), digest_size=20, person=repr(tile.shape).encode()[:16]).digest()
 
 
 def _convert_vision(checkpoint: Checkpoint, profile: BoardProfile, options: ConvertOptions, bundle: Path,
@@ -222,6 +299,8 @@ def _convert_vision(checkpoint: Checkpoint, profile: BoardProfile, options: Conv
         towers.release()  # free the VLM before the toolkit's own memory peak
         onnx_check = check_onnx(onnx_path, eval_float, reference)
         progress.note(f"onnxruntime vs torch: max-abs {onnx_check.max_abs:.2g}, cosine {onnx_check.cosine:.8f}")
+        if towers.use_onnx(onnx_path, onnx_check):
+            progress.note("later image features (decoder calibration) come from onnxruntime on this ONNX")
     dataset = None
     if options.vision_dtype == "int8":
         dataset = write_rknn_dataset(sets.calibration, work / "calibration")
@@ -229,11 +308,18 @@ def _convert_vision(checkpoint: Checkpoint, profile: BoardProfile, options: Conv
         build = build_vision_rknn(onnx_path, bundle / VISION_FILE, profile, options.vision_dtype,
                                   log_path=bundle / BUILD_LOG_FILE, dataset=dataset,
                                   algorithm=options.quant_algorithm, evaluation_tiles=sets.evaluation)
+        # the held-out tiles run in the simulator inside this step: say where its time went
+        per_tile = build.simulate_seconds / max(len(sets.evaluation), 1)
+        progress.note(f"rknn build {build.seconds:.1f} s, then the simulator on {len(sets.evaluation)} held-out "
+                      f"tiles {build.simulate_seconds:.1f} s ({per_tile:.1f} s/tile)")
     with progress.step("checking the RKNN model in the simulator"):
         sim = build.simulated.reshape(reference.shape)
         sim_cos, sim_min, sim_abs = cosine(sim, reference), per_row_cosine_min(sim, reference), max_abs(sim, reference)
         progress.note(f"simulator vs torch on {len(sim)} held-out tiles: cosine {sim_cos:.6f} "
                       f"(worst tile {sim_min:.6f}), max-abs {sim_abs:.3g}")
+        by_kind = _scores_by_kind(sim, reference, sets.evaluation_global)
+        progress.note("; ".join(f"{kind} tiles ({v['tiles']}): cosine {v['cosine']:.6f}, "
+                                f"worst {v['min_tile_cosine']:.6f}" for kind, v in by_kind.items() if v))
         for layer in build.cpu_fallback:
             progress.note(f"WARNING: {layer.op} ({layer.name}) runs on the CPU, not the NPU")
     report = {
@@ -244,7 +330,7 @@ def _convert_vision(checkpoint: Checkpoint, profile: BoardProfile, options: Conv
         "evaluation_images": sets.evaluation_images,
         "onnx_vs_torch": {"tiles": onnx_check.tiles, "max_abs": onnx_check.max_abs, "cosine": onnx_check.cosine},
         "simulator_vs_torch": {"tiles": int(len(sim)), "cosine": sim_cos, "min_tile_cosine": sim_min,
-                               "max_abs": sim_abs},
+                               "max_abs": sim_abs, **by_kind},
         "min_cosine": options.min_cosine,
         "accepted_below_floor": False,
         "cpu_fallback_ops": [{"op": l.op, "name": l.name} for l in build.cpu_fallback],
@@ -273,6 +359,19 @@ def _convert_vision(checkpoint: Checkpoint, profile: BoardProfile, options: Conv
         "accuracy": {"simulator_cosine": sim_cos, "min_tile_cosine": sim_min},
     }
     return section, report
+
+
+def _scores_by_kind(sim: np.ndarray, reference: np.ndarray, is_global: np.ndarray | None) -> dict:
+    """The simulator's scores on the global and on the split held-out tiles apart (None: no such tile)."""
+    from rksmolvlm.convert.metrics import cosine, max_abs, per_row_cosine_min
+
+    is_global = np.ones(len(sim), bool) if is_global is None else np.asarray(is_global, bool)
+    out = {}
+    for kind, mask in (("global", is_global), ("split", ~is_global)):
+        out[kind] = {"tiles": int(mask.sum()), "cosine": cosine(sim[mask], reference[mask]),
+                     "min_tile_cosine": per_row_cosine_min(sim[mask], reference[mask]),
+                     "max_abs": max_abs(sim[mask], reference[mask])} if mask.any() else None
+    return out
 
 
 def video_chat_template() -> str:

@@ -16,11 +16,15 @@ import numpy as np
 
 from rksmolvlm.convert.source import Checkpoint
 
-__all__ = ["VisionTower", "load_vision_tower", "export_onnx", "OnnxCheck", "check_onnx", "torch_features"]
+__all__ = ["VisionTower", "load_vision_tower", "export_onnx", "OnnxCheck", "check_onnx", "torch_features",
+           "onnx_session", "onnx_features", "onnx_matches", "ONNX_MATCH_COSINE"]
 
 ONNX_OPSET = 17  # rknn-toolkit2 accepts opsets up to 19; torch 2.13's legacy exporter defaults to 20
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "image_features"
+# onnxruntime stands in for torch (the decoder calibration's image features) only at or above this
+# cosine on the held-out tiles; float32 exports score ≥ 0.9999999 (a different summation order only)
+ONNX_MATCH_COSINE = 0.99999
 
 
 def _torch():
@@ -113,15 +117,33 @@ class OnnxCheck:
     cosine: float
 
 
+def onnx_session(onnx_path: Path, threads: int | None = None):
+    """An onnxruntime CPU session on ``onnx_path``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_features(session, tiles: np.ndarray) -> np.ndarray:
+    """Run the exported tower on normalized float tiles (N, 3, T, T), in its fixed batch size."""
+    batch = int(session.get_inputs()[0].shape[0])
+    tiles = np.ascontiguousarray(tiles, dtype=np.float32)
+    got = [session.run(None, {INPUT_NAME: tiles[i:i + batch]})[0] for i in range(0, len(tiles), batch)]
+    return np.concatenate(got, axis=0).astype(np.float32, copy=False)
+
+
 def check_onnx(onnx_path: Path, tiles: np.ndarray, reference: np.ndarray) -> OnnxCheck:
     """Compare onnxruntime with the torch ``reference`` features of ``tiles``, tile by tile (the
     ONNX input is fixed to one batch size)."""
-    import onnxruntime as ort
-
     from rksmolvlm.convert.metrics import cosine, max_abs
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    batch = session.get_inputs()[0].shape[0]
-    got = [session.run(None, {INPUT_NAME: tiles[i:i + batch]})[0] for i in range(0, len(tiles), batch)]
-    got = np.concatenate(got, axis=0)
+    got = onnx_features(onnx_session(onnx_path), tiles)
     return OnnxCheck(tiles=len(tiles), max_abs=max_abs(got, reference), cosine=cosine(got, reference))
+
+
+def onnx_matches(check: OnnxCheck) -> bool:
+    """Whether onnxruntime may stand in for torch: the check ran on tiles and scored ≥ ONNX_MATCH_COSINE."""
+    return check.tiles > 0 and check.cosine >= ONNX_MATCH_COSINE

@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # the video settings' module is imported where a bundle has v
     from rksmolvlm.processing.video_frames import VideoSettings
 
 __all__ = ["SCHEMA_VERSION", "MANIFEST", "Manifest", "SourceInfo", "ModelInfo", "TargetInfo", "VisionPart",
-           "LlmPart", "ProcessorInfo", "TokenInfo", "FileRecord", "confined_path"]
+           "LlmPart", "ProcessorInfo", "TokenInfo", "FileRecord", "GoldensInfo", "confined_path"]
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -95,6 +95,16 @@ class VideoPartInfo:
 
 
 @dataclass(frozen=True)
+class GoldensInfo:
+    """Golden answers recorded at conversion (runtime/verify.py reads them): the cases file and the
+    reference tower features, both listed in ``files``."""
+
+    cases: str
+    features: str
+    new_tokens: int
+
+
+@dataclass(frozen=True)
 class TokenInfo:
     prompt: PromptTokens
     eos_ids: tuple[int, ...]
@@ -122,6 +132,7 @@ class Manifest:
     tokenizer: str
     files: dict[str, FileRecord]
     video: VideoPartInfo | None = None
+    goldens: GoldensInfo | None = None
 
     @classmethod
     def read(cls, root: str | os.PathLike) -> "Manifest":
@@ -177,6 +188,7 @@ class Manifest:
             tokenizer=top.file("tokenizer", records),
             files=records,
             video=_video(top.optional_obj("video")),
+            goldens=_goldens(top.optional_obj("goldens"), records),
         )
         manifest._check_consistency()
         return manifest
@@ -310,6 +322,12 @@ def _video(v: "_Obj | None") -> VideoPartInfo | None:
                              image_std=tuple(s.float_list("image_std", 3)),
                              rescale_factor=s.float("rescale_factor"))
     return VideoPartInfo(settings, v.str("chat_template"))
+
+
+def _goldens(g: "_Obj | None", files: dict[str, FileRecord]) -> GoldensInfo | None:
+    if g is None:
+        return None
+    return GoldensInfo(g.file("cases", files), g.file("features", files), g.int("new_tokens", 1))
 
 
 def _tokens(t: "_Obj", image_seq_len: int) -> TokenInfo:

@@ -66,7 +66,8 @@ def _split_image(bundle: RuntimeBundle):
 
 def run_bench(bundle: RuntimeBundle, engine: str = "auto", repeats: int = 3, warmup: int = 1,
               prompt_tokens: int = 128, new_tokens: int = 32, library: str | None = None, *,
-              video: bool = True, video_frames: int = VIDEO_FRAMES, video_clip: Path | None = None) -> dict:
+              video: bool = True, video_frames: int = VIDEO_FRAMES, video_clip: Path | None = None,
+              threads: int | None = None) -> dict:
     """Time the vision encoder (one core or thread, then all) and the runner (TTFT, prefill and
     decode speed) ``repeats`` times after ``warmup`` runs; ``engine`` is host, npu or auto. Bundles
     with video also get ``results["video"]`` (None otherwise): ``video_frames`` frames of
@@ -77,7 +78,8 @@ def run_bench(bundle: RuntimeBundle, engine: str = "auto", repeats: int = 3, war
         raise ValueError(f"video_frames {video_frames} must be at least 1")
     engine = resolve_engine(engine)
     manifest = bundle.manifest
-    vision, llm = open_engines(bundle, engine, EngineOptions(library=library, max_new_tokens=max(new_tokens, 256)))
+    vision, llm = open_engines(bundle, engine, EngineOptions(threads=threads, library=library,
+                                                             max_new_tokens=max(new_tokens, 256)))
     with_video = video and bundle.video_settings is not None
     runner = Runner(bundle, vision, llm, video=_uncached_video_options() if with_video else None)
     results: dict = {"engine": engine, "bundle": str(bundle.path), "model": manifest.source.model_id,

@@ -57,6 +57,14 @@ class OnnxVisionEncoder:
         self.session = None
 
 
+def cache_keyword(model) -> str:
+    """The name the model's forward takes its KV cache by: ``cache`` from transformers 5.x (where
+    ``past_key_values`` is deprecated, to be removed in 5.40), ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class TorchLlmEngine:
     """The extracted LlamaForCausalLM with a KV cache kept across turns."""
 
@@ -74,6 +82,7 @@ class TorchLlmEngine:
         transformers.utils.logging.set_verbosity_error()
         self.torch = torch
         self.model = transformers.LlamaForCausalLM.from_pretrained(str(decoder_dir), dtype=torch.float32).eval()
+        self._cache_keyword = cache_keyword(self.model)
         self._cache = None
         self._cached = 0
         self._abort = threading.Event()
@@ -104,8 +113,10 @@ class TorchLlmEngine:
             self._cache = DynamicCache()
         n = embeds.shape[1]
         positions = torch.arange(self._cached, self._cached + n)[None]
-        out = self.model(inputs_embeds=embeds, past_key_values=self._cache, use_cache=True,
-                         position_ids=positions, cache_position=positions[0])
+        # logits_to_keep=1: lm_head on the last position only (a prefill needs no other logits);
+        # the model derives its cache positions from the cache's own length
+        out = self.model(inputs_embeds=embeds, use_cache=True, position_ids=positions, logits_to_keep=1,
+                         **{self._cache_keyword: self._cache})
         self._cached += n
         return out.logits[0, -1]
 

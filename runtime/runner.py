@@ -20,6 +20,13 @@ fewest images lose their split. The answer's room is max_new_tokens, or, when th
 answer be capped to what is left (``cap_to_context``: the server's max_tokens is a ceiling),
 max_new_tokens but at most ``fit_answer_tokens``. Explicit "high" images are never unsplit; a prompt
 that does not fit even with every auto-fit image unsplit is a ContextError.
+
+Resolution budgets (``processing.image.Resolution``: the processor's longest_edge k·T, the most
+tiles, or no split): an image is tiled at its own ``ImagePart.resolution`` (fields it leaves unset: the
+runner's), else at the runner's ``resolution`` (the command line's --image-size/--max-tiles/--no-split, the server's
+images.longest_edge/max_tiles); "high" and "auto" split at that budget, "low" and auto-fit unsplit
+at its longest_edge — each exactly transformers' processor with the matching settings. The chosen
+tiling of every image is in ``Generation.stats.image_tiling``.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from rksmolvlm.errors import RkSmolVLMError
 from rksmolvlm.processing.assembler import ImageChunk, Prompt, PromptError
 from rksmolvlm.processing.content import ImagePart, Message, TextPart, VideoPart, conversation, media_parts
 from rksmolvlm.processing.embed import EmbeddingTable
-from rksmolvlm.processing.image import DEFAULT_MAX_PIXELS
+from rksmolvlm.processing.image import DEFAULT_MAX_PIXELS, Resolution
 from rksmolvlm.processing.image_safety import DecodeLimits
 from rksmolvlm.runtime.engines import GenerationConfig, LlmEngine, PerfStats, VisionEncoder
 from rksmolvlm.runtime.loader import RuntimeBundle
@@ -42,7 +49,8 @@ from rksmolvlm.runtime.text_stream import TextStream
 from rksmolvlm.runtime.vision import UNSPLIT, ImageEncoder, PreparedImage
 from rksmolvlm.runtime.video import VideoEncoder, VideoOptions, VideoPlan
 
-__all__ = ["Runner", "Session", "Generation", "ContextError", "InputError", "DEFAULT_DETAILS", "choose_unsplit"]
+__all__ = ["Runner", "Session", "Generation", "ContextError", "InputError", "DEFAULT_DETAILS", "choose_unsplit",
+           "RequestStats"]
 
 # What an image's detail "auto" means (the server's images.default_detail): see the module docstring.
 DEFAULT_DETAILS = ("auto-fit", "high", "low")
@@ -57,6 +65,14 @@ class InputError(RkSmolVLMError):
 
 
 @dataclass
+class RequestStats(PerfStats):
+    """PerfStats plus what the pipeline chose: per image of the prompt (in order) its tiling —
+    ``tiles`` tower passes (rows·cols + the global image, or 1 unsplit), rows, cols, longest_edge."""
+
+    image_tiling: list = field(default_factory=list)
+
+
+@dataclass
 class Generation:
     """One answer: iterate for text deltas; afterwards the fields hold the result."""
 
@@ -67,7 +83,7 @@ class Generation:
     prompt_tokens: int = 0  # the whole context before generation (reused + prefilled)
     reused_tokens: int = 0  # of which already in the engine's KV cache
     prefill_ids: list[int] = field(default_factory=list)  # the ids prefilled for this turn
-    stats: PerfStats = field(default_factory=PerfStats)
+    stats: PerfStats = field(default_factory=RequestStats)
 
     def __iter__(self) -> Iterator[str]:
         return self._stream
@@ -108,12 +124,14 @@ class Runner:
                  image_cache_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS,
                  table: EmbeddingTable | None = None, default_detail: str = "auto-fit",
                  fit_answer_tokens: int = 256, decode_limits: DecodeLimits | None = None,
-                 video: VideoOptions | None = None):
+                 video: VideoOptions | None = None, resolution: Resolution | None = None):
         if default_detail not in DEFAULT_DETAILS:
             raise ValueError(f"default_detail {default_detail!r} is not one of {', '.join(DEFAULT_DETAILS)}")
         self.default_detail = default_detail
         self.fit_answer_tokens = max(1, fit_answer_tokens)
         self.bundle = bundle
+        self.resolution = resolution or Resolution()
+        self.resolution.check(bundle.settings.tile_size)  # ValueError naming the valid sizes
         self.assembler = bundle.assembler
         self.images = ImageEncoder(vision, bundle.settings, image_cache_size, max_pixels, decode_limits)
         video_settings = bundle.video_settings
@@ -180,7 +198,7 @@ class Runner:
         the images, and assemble the prompt with ``build(layouts)`` (one layout per media part)."""
         images = [i for i, p in enumerate(media) if isinstance(p, ImagePart)]
         plans = {i: self._video_plan(p) for i, p in enumerate(media) if isinstance(p, VideoPart)}
-        splits = {i: self._detail(media[i]) != "low" for i in images}
+        splits = {i: self._tiling(media[i]) for i in images}
         layouts = [plans[i].layout if i in plans else self.images.layout(p, splits[i])  # exact or from the header
                    for i, p in enumerate(media)]
         prompt = self._assemble(lambda: build(layouts))
@@ -196,7 +214,7 @@ class Runner:
             chosen = choose_unsplit(savings, excess)  # ordinals among the images
             chosen = flexible if chosen is None else {images[k] for k in chosen}
             for i in chosen:  # not even all unsplit fit: as small as it gets, the context check refuses it
-                splits[i], layouts[i] = False, UNSPLIT
+                splits[i], layouts[i] = replace(splits[i], split=False), UNSPLIT
             prompt = smallest if chosen == flexible else self._assemble(lambda: build(layouts))
         prepared = self.images.prepare([media[i] for i in images], [splits[i] for i in images])
         if [p.layout for p in prepared] != [layouts[i] for i in images]:  # a header that did not tell all (image_size)
@@ -210,6 +228,19 @@ class Runner:
             raise InputError("this bundle's model does not take video (only SmolVLM2 checkpoints do): send frames "
                              "as images, or convert a SmolVLM2 checkpoint")
         return self.videos.plan(part)
+
+    def _tiling(self, part: ImagePart) -> Resolution:
+        """The part's resolution budget (its own fields, the runner's where it sets none), unsplit for
+        detail "low"."""
+        resolution, own = self.resolution, part.resolution
+        if own is not None:
+            resolution = Resolution(own.longest_edge or resolution.longest_edge,
+                                    own.max_tiles if own.max_tiles is not None else resolution.max_tiles, own.split)
+            try:
+                resolution.check(self.bundle.settings.tile_size)
+            except ValueError as exc:
+                raise InputError(str(exc)) from None
+        return replace(resolution, split=False) if self._detail(part) == "low" else resolution
 
     def _detail(self, part: ImagePart) -> str:
         """The part's detail with "auto" resolved: "high", "low" or "fit"."""
@@ -271,6 +302,10 @@ class Runner:
             if session is not None:
                 session._held = None  # invalid until this turn completes
             self._owner = session
+            if hasattr(stats, "image_tiling"):
+                stats.image_tiling = [{"tiles": p.tile_count, "rows": p.layout.rows, "cols": p.layout.cols,
+                                       "longest_edge": p.settings.longest_edge if p.settings else None}
+                                      for p in turn.images]
             features = self._features(turn, stats)
             if features is None or self._abort.is_set():  # aborted before the prefill
                 result.finish_reason = "abort"
@@ -353,7 +388,7 @@ class Session:
 def _signature(messages: Sequence[Message]) -> list[tuple]:
     """Messages reduced to what identifies them: roles, texts, image content hashes and details."""
     return [(m.role, tuple(("text", p.text) if isinstance(p, TextPart) else
-                           ("image", p.key, p.detail) if isinstance(p, ImagePart) else
+                           ("image", p.key, p.detail, p.resolution) if isinstance(p, ImagePart) else
                            ("video", p.key, p.fps, p.max_frames) if isinstance(p, VideoPart) else ("other", id(p))
                            for p in m.parts))
             for m in messages]

@@ -135,6 +135,25 @@ class ImageSources:
     fit_answer_tokens: int = _key(256, "auto-fit unsplits images until the prompt leaves this many tokens for the "
                                   "answer (max_tokens if smaller; a longer answer is capped to the room left)",
                                   min=1, max=16384)
+    longest_edge: int | None = _key(None, "the image processor's size longest_edge every image is resized to before "
+                                    "it is split (transformers' size={\"longest_edge\": N}): a multiple of the "
+                                    "bundle's tile size (512 on 256M/500M, 384 on 2.2B); smaller = fewer tiles and "
+                                    "prompt tokens (unset: the model's own, 4 tiles' worth)", min=1, max=4096)
+    max_tiles: int | None = _key(None, "the most split tiles per image (the global image not counted): each image is "
+                                 "resized to the largest multiple of the tile size, at most longest_edge, whose "
+                                 "split gives at most this many (unset: no limit)", min=1, max=4096)
+
+    def resolution(self, tile_size: int):
+        """The runner's Resolution of longest_edge/max_tiles for a bundle of ``tile_size`` (ConfigError
+        naming the valid values when longest_edge is not a multiple of it)."""
+        from rksmolvlm.processing.image import Resolution
+
+        resolution = Resolution(longest_edge=self.longest_edge, max_tiles=self.max_tiles)
+        try:
+            resolution.check(tile_size)
+        except ValueError as exc:
+            raise ConfigError(f"images.longest_edge = {self.longest_edge}: {exc}") from None
+        return resolution
 
 
 @dataclass(frozen=True)
@@ -190,6 +209,9 @@ class ServerConfig:
                                              "(default: all of the SoC's)", min=0, max=7)
     rkllm_library: str | None = _key(None, "path of librkllmrt.so (default: $RKLLM_LIBRARY, /usr/lib, "
                                      "/usr/local/lib)", kind="path")
+    threads: int | None = _key(None, "CPU threads of the host engines (onnxruntime intra-op threads of the tower, "
+                               "torch threads of the decoder); unset: the libraries' default (every core)",
+                               min=1, max=1024)
     verify_bundle: bool = _key(True, "check the sha256 of every bundle file at start-up")
     image_cache_size: int = _key(32, "images whose vision features are kept for reuse", min=0, max=4096)
     server: ServerSection = field(default_factory=ServerSection)

@@ -3,8 +3,10 @@ engine, and keep the features of recent images in an LRU cache keyed by their co
 
 Each image is tiled one of two ways: ``split`` (the checkpoint's processor as configured: tiles
 plus the global image) or unsplit (``do_image_splitting=False``: one tile, the whole image
-squashed). The same image split and unsplit has different features and layouts, so the cache
-keeps them apart. ``layout`` answers how an image would be tiled from the cache or the image
+squashed), at a resolution budget (``Resolution``: the processor's longest_edge, or the most
+tiles): the choice resolves to the exact processor settings of the image. The same image split and
+unsplit, or at two longest_edges, has different features and layouts, so the cache keys carry the
+resolved settings. ``layout`` answers how an image would be tiled from the cache or the image
 header alone, so the runner can choose splits before anything is decoded.
 """
 
@@ -12,21 +14,22 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence, Union
 
 import numpy as np
 
 from rksmolvlm.processing.assembler import Layout
 from rksmolvlm.processing.content import ImagePart
 from rksmolvlm.processing.image_safety import DecodeLimits
-from rksmolvlm.processing.image import (DEFAULT_MAX_PIXELS, ImageSettings, image_size, load_image, split_layout,
-                                        tile_image)
+from rksmolvlm.processing.image import (DEFAULT_MAX_PIXELS, ImageSettings, Resolution, image_size, load_image,
+                                        split_layout, tile_image)
 from rksmolvlm.runtime.engines import PerfStats, VisionEncoder
 
-__all__ = ["ImageEncoder", "PreparedImage", "FeatureCache", "UNSPLIT"]
+__all__ = ["ImageEncoder", "PreparedImage", "FeatureCache", "UNSPLIT", "Tiling"]
 
 UNSPLIT = Layout(0, 0)  # the layout of every unsplit image
+Tiling = Union[bool, Resolution]  # how to tile one image: split (True/False) at the checkpoint's size, or a budget
 
 
 @dataclass
@@ -35,17 +38,25 @@ class PreparedImage:
     layout: Layout
     tiles: np.ndarray | None  # uint8 (N, T, T, 3); None when the features are cached
     split: bool = True  # tiled as the processor splits (False: one unsplit tile)
+    settings: ImageSettings | None = None  # the processor settings it was tiled with (its resolution)
+
+    @property
+    def tile_count(self) -> int:
+        """Tower passes of this image: rows·cols split tiles plus the global image, or one tile."""
+        return self.layout.rows * self.layout.cols + 1 if self.layout != UNSPLIT else 1
 
 
 class FeatureCache:
-    """Features of the last ``size`` images, by content hash and split mode."""
+    """Features of the last ``size`` images, by content hash, split mode and longest_edge."""
 
     def __init__(self, size: int):
         self.size = size
         self._entries: OrderedDict[str, tuple[np.ndarray, Layout]] = OrderedDict()
 
     @staticmethod
-    def key(part: ImagePart, split: bool) -> str:
+    def key(part: ImagePart, split: bool | ImageSettings) -> str:
+        if isinstance(split, ImageSettings):
+            return f"{part.key}:{'split' if split.do_image_splitting else 'unsplit'}@{split.longest_edge}"
         return f"{part.key}:{'split' if split else 'unsplit'}"
 
     def get(self, key: str) -> tuple[np.ndarray, Layout] | None:
@@ -74,40 +85,48 @@ class ImageEncoder:
                  max_pixels: int = DEFAULT_MAX_PIXELS, limits: DecodeLimits | None = None):
         self.encoder = encoder
         self.settings = settings
-        self.unsplit_settings = replace(settings, do_image_splitting=False)
         self.limits = limits or DecodeLimits(max_pixels=max_pixels)
         self.cache = FeatureCache(cache_size)
 
-    def layout(self, part: ImagePart, split: bool) -> Layout:
+    def settings_for(self, part: ImagePart, tiling: Tiling = True) -> ImageSettings:
+        """The processor settings ``part`` is tiled with under ``tiling`` (a max_tiles budget reads
+        the image size from the header; the tile count does not depend on the EXIF rotation)."""
+        resolution = tiling if isinstance(tiling, Resolution) else Resolution(split=bool(tiling))
+        if resolution.max_tiles is not None and resolution.split and self.settings.do_image_splitting:
+            return resolution.settings(self.settings, self._size(part))
+        return resolution.settings(self.settings)
+
+    def layout(self, part: ImagePart, tiling: Tiling = True) -> Layout:
         """How ``part`` will be tiled: exact from the cache or for unsplit images, predicted from the
         image header otherwise (``prepare`` gives the exact layout)."""
-        split = self._effective(split)
-        if not split:
+        settings = self.settings_for(part, tiling)
+        if not settings.do_image_splitting:
             return UNSPLIT
-        cached = self.cache.layout(FeatureCache.key(part, split))
+        cached = self.cache.layout(FeatureCache.key(part, settings))
         if cached is not None:
             return cached
-        size = image_size(part.source)
-        if size is None:  # an unreadable header: decode now (load_image names the problem)
-            size = load_image(part.source, limits=self.limits).size
-        return Layout(*split_layout(*size, self.settings))
+        return Layout(*split_layout(*self._size(part), settings))
 
-    def prepare(self, images: Sequence[ImagePart], splits: Sequence[bool] | None = None) -> list[PreparedImage]:
-        """Tile every image that is not cached, ``splits[i]`` saying how (default: all split)."""
+    def prepare(self, images: Sequence[ImagePart], splits: Sequence[Tiling] | None = None) -> list[PreparedImage]:
+        """Tile every image that is not cached, ``splits[i]`` saying how (a split mode or a
+        Resolution; default: all split at the checkpoint's resolution)."""
         splits = [True] * len(images) if splits is None else list(splits)
         if len(splits) != len(images):
             raise ValueError(f"{len(images)} images but {len(splits)} split modes")
         out, seen = [], {}
-        for part, split in zip(images, map(self._effective, splits)):
-            key = FeatureCache.key(part, split)
+        for part, tiling in zip(images, splits):
+            settings = self.settings_for(part, tiling)
+            split = settings.do_image_splitting
+            key = FeatureCache.key(part, settings)
             layout = self.cache.layout(key)
             if layout is not None:
-                out.append(PreparedImage(part, layout, None, split))
+                out.append(PreparedImage(part, layout, None, split, settings))
             elif key in seen:  # the same image twice in one request: tiled and encoded once
-                out.append(PreparedImage(part, seen[key].layout, None, split))
+                out.append(PreparedImage(part, seen[key].layout, None, split, settings))
             else:
-                tiled = self._tile(part, split)
-                seen[key] = prepared = PreparedImage(part, Layout(tiled.rows, tiled.cols), tiled.tiles, split)
+                tiled = self._tile(part, settings)
+                seen[key] = prepared = PreparedImage(part, Layout(tiled.rows, tiled.cols), tiled.tiles, split,
+                                                     settings)
                 out.append(prepared)
         return out
 
@@ -118,7 +137,8 @@ class ImageEncoder:
         for image in prepared:
             if aborted():
                 return None
-            key = FeatureCache.key(image.part, image.split)
+            settings = image.settings or self.settings_for(image.part, image.split)
+            key = FeatureCache.key(image.part, settings)
             features = local.get(key)
             if features is None and image.tiles is None:
                 cached = self.cache.get(key)
@@ -127,7 +147,7 @@ class ImageEncoder:
                 stats.vision_cached_images += 1
             else:
                 if image.tiles is None:  # evicted since prepare(): decode again
-                    image.tiles = self._tile(image.part, image.split).tiles
+                    image.tiles = self._tile(image.part, settings).tiles
                 start = time.perf_counter()
                 features = self.encoder.encode(image.tiles)
                 stats.vision_ms += (time.perf_counter() - start) * 1000
@@ -140,10 +160,11 @@ class ImageEncoder:
     def close(self) -> None:
         self.encoder.close()
 
-    def _effective(self, split: bool) -> bool:
-        """A checkpoint whose processor does not split tiles every image unsplit, whatever is asked."""
-        return bool(split) and self.settings.do_image_splitting
+    def _size(self, part: ImagePart) -> tuple[int, int]:
+        size = image_size(part.source)
+        if size is None:  # an unreadable header: decode now (load_image names the problem)
+            size = load_image(part.source, limits=self.limits).size
+        return size
 
-    def _tile(self, part: ImagePart, split: bool):
-        return tile_image(load_image(part.source, limits=self.limits),
-                          self.settings if split else self.unsplit_settings)
+    def _tile(self, part: ImagePart, settings: ImageSettings):
+        return tile_image(load_image(part.source, limits=self.limits), settings)

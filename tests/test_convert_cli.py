@@ -44,6 +44,9 @@ def test_convert_vision_bundle(tiny_checkpoints, calibration_dir, tmp_path, name
     assert report["simulator_vs_torch"]["cosine"] >= floor
     assert report["simulator_vs_torch"]["min_tile_cosine"] >= floor
     assert report["onnx_vs_torch"]["max_abs"] <= 1e-4
+    kinds = [report["simulator_vs_torch"][kind] for kind in ("global", "split")]  # both kinds are scored
+    assert all(k["tiles"] >= 1 and k["min_tile_cosine"] >= floor for k in kinds)
+    assert sum(k["tiles"] for k in kinds) == report["simulator_vs_torch"]["tiles"] == 3
     assert report["cpu_fallback_ops"] == []
     if dtype == "int8":
         assert report["quantization"]["calibration_tiles"] == 24

@@ -46,6 +46,8 @@ def test_full_bundle_with_the_toolkit(tiny_checkpoints, calibration_dir, tmp_pat
     report = json.loads((out / "report.json").read_text())["llm"]
     assert report["calibration"]["format"] == fmt
     assert report["calibration"]["image_tokens"] > 0
+    features = report["calibration"]["image_features"]  # each distinct tile once, in onnxruntime on vision.onnx
+    assert features["engine"] == "onnxruntime" and 0 < features["encoded"] < features["tiles"]
     # the shipped video samples are rendered for SmolVLM2 and skipped (and counted) for models without video
     video_samples = sum(s.kind == "video" for s in load_samples())
     assert report["calibration"]["skipped_no_video"] == (0 if name == "smolvlm2" else video_samples)

@@ -305,3 +305,58 @@ def test_models_without_video_skip_video_samples(tiny_checkpoints, name):
     with pytest.raises(CalibrationError, match="takes no video"):
         render_samples([s for s in samples if s.video_names()], shipped_images_dir(), checkpoint_assembler(ck),
                        ck.image, video=ck.video)
+
+
+def _render_embedded(ck, samples, table_path, towers):
+    return render_samples(samples, shipped_images_dir(), checkpoint_assembler(ck), ck.image,
+                          table=EmbeddingTable(table_path), features=towers.features)
+
+
+def test_feature_cache_encodes_each_distinct_tile_once(tiny_checkpoints, tmp_path):
+    """The same samples twice (every image shown again): identical embeddings, each tile through the
+    tower once with the cache, every time without it."""
+    ck = open_checkpoint(str(tiny_checkpoints["idefics3-256m"]))
+    write_embedding_table(ck, tmp_path / "embed_tokens.npy")
+    samples = _pick(load_samples(), ["caption", "multi_image", "document"]) * 2
+    cached, plain = TowerCache(ck), TowerCache(ck)
+    plain.memoize = False
+    got = _render_embedded(ck, samples, tmp_path / "embed_tokens.npy", cached)
+    want = _render_embedded(ck, samples, tmp_path / "embed_tokens.npy", plain)
+    for a, b in zip(got, want):
+        assert np.array_equal(a.embeddings, b.embeddings)
+    assert cached.requested == plain.requested == plain.encoded
+    distinct = {t.tobytes() for s in samples[:3] for p in s.image_names()
+                for t in preprocess(shipped_images_dir() / p, ck.image).tiles}
+    assert cached.encoded == len(distinct) and 2 * cached.encoded <= plain.encoded
+
+
+def test_onnx_features_stand_in_for_torch(tiny_checkpoints, tmp_path):
+    """After the conversion's ONNX check, the cache encodes in onnxruntime: same features within the
+    check's bar; a failing check keeps torch."""
+    from rksmolvlm.convert.metrics import cosine, max_abs
+    from rksmolvlm.convert.vision_tower import ONNX_MATCH_COSINE, OnnxCheck, check_onnx, export_onnx
+
+    ck = open_checkpoint(str(tiny_checkpoints["smolvlm2"]))
+    tiles = preprocess(shipped_images_dir() / "photo_astronaut_square.jpg", ck.image).tiles
+    torch_towers = TowerCache(ck)
+    reference = torch_towers.features(tiles)
+    onnx_towers = TowerCache(ck)
+    onnx_path = tmp_path / "vision.onnx"
+    export_onnx(onnx_towers.tower, onnx_path, ck.vision.tile_size)
+    check = check_onnx(onnx_path, normalize(tiles[:2], ck.image), reference[:2])
+    assert not onnx_towers.use_onnx(onnx_path, OnnxCheck(2, 1.0, 0.9))
+    assert onnx_towers.engine == "torch"
+    assert onnx_towers.use_onnx(onnx_path, check) and onnx_towers.engine == "onnxruntime"
+    onnx_towers.release()  # no torch model from here on: onnxruntime alone
+    got = onnx_towers.features(tiles)
+    assert onnx_towers._tower is None and onnx_towers.encoded == len(tiles)
+    assert cosine(got, reference) >= ONNX_MATCH_COSINE and max_abs(got, reference) <= 1e-4
+
+
+def test_progress_is_reported_per_sample(tiny_checkpoints):
+    ck = open_checkpoint(str(tiny_checkpoints["idefics3-256m"]))
+    samples = _pick(load_samples(), ["caption", "text_only", "video"])  # the video one is skipped: still counted
+    seen = []
+    render_samples(samples, shipped_images_dir(), checkpoint_assembler(ck), ck.image,
+                   on_sample=lambda done, total: seen.append((done, total)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]

@@ -121,3 +121,27 @@ def test_a_changed_history_starts_over(setups, name):
     assert again.reused_tokens == 0
     again = session.generate(other, CONFIG).consume()
     assert again.reused_tokens == 0 and again.token_ids == g.token_ids
+
+
+def test_host_prefill_keeps_only_the_last_logits_and_the_supported_cache_keyword(setups):
+    """The host decoder's prefill runs lm_head on the last position only, and passes its KV cache
+    under the keyword this transformers takes (no deprecation warning): still token-exact."""
+    import inspect
+    import warnings
+
+    from rksmolvlm.runtime.host_engines import cache_keyword
+
+    runner, reference = setups["smolvlm2"]
+    llm = runner.llm
+    assert cache_keyword(llm.model) in inspect.signature(llm.model.forward).parameters
+    rows = []
+    hook = llm.model.lm_head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[1]))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = _check(runner, reference, [{"role": "user", "content": [
+                {"type": "image", "image": rng_image(300, 200, seed=7)}, {"type": "text", "text": "Describe."}]}])
+    finally:
+        hook.remove()
+    assert got.prompt_tokens > 1 and rows and set(rows) == {1}
+    assert not [w for w in caught if "past_key_values" in str(w.message)]

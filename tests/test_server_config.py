@@ -324,3 +324,29 @@ def test_serve_check_prints_the_key_file_warning(preview_bundles, tmp_path):
 def test_dict_form_is_checked_too():
     with pytest.raises(ConfigError, match="the config: unknown key 'color'"):
         config_from_dict({"color": "blue"}, "the config")
+
+
+def test_threads_reach_the_engine_options(tmp_path, monkeypatch):
+    """threads (file) and --threads (flag, over the file) become EngineOptions.threads; ask/chat/bench take
+    --threads too."""
+    import rksmolvlm.runtime.engines as engines
+    from rksmolvlm.runtime.server.service import open_runner
+
+    path = tmp_path / "config.toml"
+    path.write_text("threads = 3\n")
+    assert resolve_config(_serve_args("/srv/b", "--config", str(path)))[0].threads == 3
+    config, _ = resolve_config(_serve_args("/srv/b", "--config", str(path), "--threads", "2"))
+    assert config.threads == 2 and ServerConfig().threads is None
+    assert "threads = 0 is out of range" in _problem(tmp_path, "threads = 0\n")
+    seen = []
+
+    def fake_open_engines(bundle, engine, options):
+        seen.append(options)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(engines, "open_engines", fake_open_engines)
+    with pytest.raises(RuntimeError, match="stop here"):
+        open_runner(object(), config, "host")
+    assert seen[0].threads == 2
+    for verb in (["ask", "b", "--prompt", "hi"], ["chat", "b"], ["bench", "b"]):
+        assert build_parser().parse_args([*verb, "--threads", "4"]).threads == 4

@@ -11,12 +11,12 @@ import signal
 import sys
 
 from rksmolvlm import __version__
-from rksmolvlm.cli import ask, bench, chat, convert, demo, doctor, serve
+from rksmolvlm.cli import ask, bench, chat, convert, demo, doctor, serve, verify
 from rksmolvlm.errors import RkSmolVLMError
 
 __all__ = ["main", "build_parser", "VERBS"]
 
-VERBS = (convert, demo, ask, chat, doctor, serve, bench)  # in --help order
+VERBS = (convert, verify, demo, ask, chat, doctor, serve, bench)  # in --help order
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,8 @@ if TYPE_CHECKING:
     from rksmolvlm.runtime.engines import GenerationConfig
     from rksmolvlm.runtime.runner import Runner
 
-__all__ = ["add_engine_arguments", "add_runtime_arguments", "generation_config", "open_runner"]
+__all__ = ["add_engine_arguments", "add_runtime_arguments", "add_resolution_arguments", "generation_config",
+           "open_runner", "resolution_choice"]
 
 ENGINES = ("auto", "host", "npu")  # rksmolvlm.runtime.engines.ENGINES, without importing numpy for --help
 
@@ -21,6 +22,16 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", default="auto", choices=ENGINES,
                    help="npu on the board, host = x86 preview (onnxruntime + torch); auto picks")
     p.add_argument("--library", help="path of librkllmrt.so (default: $RKLLM_LIBRARY, /usr/lib, /usr/local/lib)")
+    p.add_argument("--threads", type=_threads, metavar="N",
+                   help="CPU threads of the host engines: onnxruntime's intra-op threads (tower) and torch's "
+                        "(decoder); default: the libraries' own, every core")
+
+
+def _threads(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
 
 
 def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,6 +44,20 @@ def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
+    add_resolution_arguments(p)
+
+
+def add_resolution_arguments(p: argparse.ArgumentParser) -> None:
+    """--image-size / --max-tiles / --no-split: the images' resolution budget (README "Resolution budgets")."""
+    g = p.add_argument_group("image resolution (each equal to transformers' processor with the same settings)")
+    g.add_argument("--image-size", type=int, metavar="N",
+                   help="the processor's size longest_edge: a multiple of the model's tile size T (512 for "
+                        "256M/500M, 384 for 2.2B); smaller = fewer tiles, faster (default: the model's, 4·T)")
+    g.add_argument("--max-tiles", type=int, metavar="N",
+                   help="at most N split tiles per image (plus the global image): the largest longest_edge k·T "
+                        "(at most --image-size) whose split of that image gives rows·cols <= N")
+    g.add_argument("--no-split", action="store_true",
+                   help="each image as one tile (the processor's do_image_splitting=False)")
 
 
 def generation_config(args: argparse.Namespace) -> "GenerationConfig":
@@ -45,6 +70,18 @@ def generation_config(args: argparse.Namespace) -> "GenerationConfig":
         raise RkSmolVLMError(f"invalid generation option: {exc}") from exc
 
 
+def resolution_choice(args: argparse.Namespace):
+    """The Resolution of --image-size / --max-tiles / --no-split (checked against the tile size
+    once the bundle is open)."""
+    from rksmolvlm.processing.image import Resolution
+
+    try:
+        return Resolution(longest_edge=getattr(args, "image_size", None), max_tiles=getattr(args, "max_tiles", None),
+                          split=not getattr(args, "no_split", False))
+    except ValueError as exc:
+        raise RkSmolVLMError(f"invalid image resolution option: {exc}") from exc
+
+
 def open_runner(args: argparse.Namespace) -> tuple["Runner", "GenerationConfig"]:
     """The bundle's runner on the chosen engine, and the generation options of the flags."""
     from rksmolvlm.runtime.engines import EngineOptions, open_engines
@@ -52,7 +89,13 @@ def open_runner(args: argparse.Namespace) -> tuple["Runner", "GenerationConfig"]
     from rksmolvlm.runtime.runner import Runner
 
     config = generation_config(args)  # before loading anything: a bad option fails fast
+    resolution = resolution_choice(args)
     bundle = RuntimeBundle.open(args.bundle, verify=not args.no_verify)
+    try:
+        resolution.check(bundle.settings.tile_size)
+    except ValueError as exc:
+        raise RkSmolVLMError(f"invalid --image-size: {exc}") from exc
     vision, llm = open_engines(bundle, args.engine,
-                               EngineOptions(library=args.library, max_new_tokens=config.max_new_tokens))
-    return Runner(bundle, vision, llm), config
+                               EngineOptions(threads=args.threads, library=args.library,
+                                             max_new_tokens=config.max_new_tokens))
+    return Runner(bundle, vision, llm, resolution=resolution), config

@@ -68,15 +68,19 @@ class _Keyed:
 class ImagePart(_Keyed):
     """An image as the user gave it: a file path, the file's bytes or a PIL image, and how much
     detail it wants (``DETAILS``). Its ``key`` is the sha256 of the bytes (of the PNG encoding for
-    a PIL image): equal images share features (per split mode: the feature cache adds the mode)."""
+    a PIL image): equal images share features (per split mode and resolution: the feature cache adds
+    them). ``resolution`` is the image's own budget (``processing.image.Resolution``), over the runner's."""
 
     source: ImageSource
     detail: str = "auto"
+    resolution: Any = None  # a processing.image.Resolution of its own (None: the runner's)
     _key: list = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self):
         if self.detail not in DETAILS:
             raise ValueError(f"image detail {self.detail!r} is not one of {', '.join(DETAILS)}")
+        if self.resolution is not None and type(self.resolution).__name__ != "Resolution":
+            raise ValueError(f"image resolution {self.resolution!r} must be a Resolution")
 
     def data(self) -> bytes:
         source = self.source

@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Union
 
@@ -28,7 +28,8 @@ from rksmolvlm.processing.image_safety import (DEFAULT_MAX_PIXELS, DeadlineReade
 
 __all__ = [
     "ImageSettings", "TiledImage", "ImageSource", "DEFAULT_MAX_PIXELS", "IMAGE_FORMATS", "DecodeLimits",
-    "load_image", "tile_image", "split_layout", "image_size", "normalize", "preprocess",
+    "load_image", "tile_image", "split_layout", "image_size", "normalize", "preprocess", "Resolution",
+    "valid_longest_edges",
 ]
 
 MAX_IMAGE_SIZE = 4096  # transformers caps the resized image at 4k on its longest edge
@@ -62,6 +63,64 @@ class ImageSettings:
             if key in known:
                 known[key] = tuple(float(v) for v in known[key])
         return cls(**known)
+
+
+def valid_longest_edges(tile_size: int) -> list[int]:
+    """The longest_edge values a resolution budget may ask for: every multiple k·T up to 4096."""
+    return [k * tile_size for k in range(1, MAX_IMAGE_SIZE // tile_size + 1)] or [tile_size]
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """A resolution budget for an image, each field one of transformers' processor settings.
+
+    ``longest_edge``: the processor's ``size={"longest_edge": N}``, a multiple k·T of the tile size
+    T (None: the checkpoint's own). ``max_tiles``: at most this many split tiles (the global image
+    not counted): the longest_edge used is the largest k·T, at most ``longest_edge``, whose split of
+    THIS image gives rows·cols ≤ max_tiles (k = 1 always qualifies: one tile, no split). ``split``
+    False: ``do_image_splitting=False`` (the image resized to longest_edge, then squashed to one
+    T×T tile). ``settings`` gives the processor settings that reproduce the choice exactly."""
+
+    longest_edge: int | None = None
+    max_tiles: int | None = None
+    split: bool = True
+
+    def __post_init__(self):
+        for name in ("longest_edge", "max_tiles"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name.replace('_', ' ')} {value!r} must be a whole number of at least 1")
+
+    def check(self, tile_size: int) -> None:
+        """ValueError naming the valid values when ``longest_edge`` is not a multiple of the tile size."""
+        valid = valid_longest_edges(tile_size)
+        if self.longest_edge is not None and self.longest_edge not in valid:
+            raise ValueError(f"image size {self.longest_edge} is not a multiple of this model's tile size {tile_size}: "
+                             f"use one of {', '.join(map(str, valid))}")
+
+    def settings(self, base: ImageSettings, size: tuple[int, int] | None = None) -> ImageSettings:
+        """The processor settings of this budget for an image of ``size`` (width, height); the size
+        is needed only with ``max_tiles``."""
+        longest = self.longest_edge or base.longest_edge
+        if not (self.split and base.do_image_splitting):
+            return replace(base, longest_edge=longest, do_image_splitting=False)
+        out = replace(base, longest_edge=longest)
+        if self.max_tiles is None:
+            return out
+        if size is None:
+            raise ValueError("a max_tiles budget needs the image size")
+        tile = base.tile_size
+        for edge in [longest] + [k * tile for k in range(longest // tile, 0, -1) if k * tile < longest]:
+            rows, cols = split_layout(*size, replace(out, longest_edge=edge))
+            if rows * cols <= self.max_tiles:
+                return replace(out, longest_edge=edge)
+        return replace(out, longest_edge=min(longest, tile))
+
+    @property
+    def label(self) -> str:
+        parts = [f"longest_edge={self.longest_edge}" if self.longest_edge else "",
+                 f"max_tiles={self.max_tiles}" if self.max_tiles is not None else "", "" if self.split else "no-split"]
+        return ", ".join(p for p in parts if p) or "the model's"
 
 
 @dataclass

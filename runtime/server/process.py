@@ -275,6 +275,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-timeout", type=float, help="seconds a request may take, queue included (300)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     parser.add_argument("--library", help="path of librkllmrt.so (default: $RKLLM_LIBRARY, /usr/lib, /usr/local/lib)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads of the host engines (onnxruntime, torch; default: every core)")
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
     parser.add_argument("--check", action="store_true",
                         help="check the config, the bundle and the API key file, print the settings, and exit")
@@ -287,7 +289,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[ServerConfig, str]:
         path = DEFAULT_CONFIG_PATH
     config = load_config(path)
     overrides = {"bundle": str(args.bundle) if args.bundle else None, "engine": args.engine,
-                 "rkllm_library": args.library, "verify_bundle": False if args.no_verify else None,
+                 "rkllm_library": args.library, "threads": getattr(args, "threads", None),
+                 "verify_bundle": False if args.no_verify else None,
                  "server.host": args.host, "server.port": args.port, "server.api_key_file": args.api_key_file,
                  "server.queue_size": args.queue_size, "server.request_timeout_s": args.request_timeout,
                  "server.log_level": args.log_level}

@@ -7,7 +7,12 @@ Videos (SmolVLM2 bundles) come as vLLM's ``{"type": "video_url", "video_url": {"
 from the same sources as images (data: URIs, files under images.local_dir, remote URLs when allowed);
 their sampling is the part's ``video_url.fps``/``max_frames``, else the request's vLLM-style
 ``mm_processor_kwargs`` (``fps``, ``num_frames`` or ``max_frames``), else the server's ``[video]``
-defaults — a max_frames above the checkpoint's own limit is capped by the runner."""
+defaults — a max_frames above the checkpoint's own limit is capped by the runner.
+
+Images' resolution budget: the request's ``mm_processor_kwargs`` may also hold the image processor's
+``size`` (``{"longest_edge": N}``, N a multiple of the tile size), ``max_tiles`` (our extension: the
+most split tiles per image) and ``do_image_splitting`` (false: one tile per image); absent, the
+server's images.longest_edge / images.max_tiles apply. An image's ``detail`` "low" is still one tile."""
 
 from __future__ import annotations
 
@@ -55,6 +60,7 @@ _GENERIC_TYPES = ("application/octet-stream", "binary/octet-stream", "")
 # A VideoError whose limit is the byte size is a 413, as an image over its byte limit; every other one a 400.
 VIDEO_STATUS = {"max_bytes": 413}
 _MM_KWARGS = ("fps", "num_frames", "max_frames")  # what mm_processor_kwargs may hold (vLLM's names and ours)
+_MM_IMAGE_KWARGS = ("size", "max_tiles", "do_image_splitting")  # and for images: see the module docstring
 _MAX_FPS = 1000.0  # rksmolvlm.processing.content.VideoPart's bound
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF87a", "image/gif"),
           (b"GIF89a", "image/gif"), (b"BM", "image/bmp"), (b"II*\x00", "image/tiff"), (b"MM\x00*", "image/tiff"))
@@ -165,6 +171,7 @@ class RequestReader:
             include_usage = _bool(options, "include_usage", False, "stream_options.include_usage")
         config = self._generation(payload, self._stops(payload.get("stop")))
         sampling = _mm_processor_kwargs(payload.get("mm_processor_kwargs"))
+        budget = _image_budget(payload.get("mm_processor_kwargs"))
         self._check_sizes(payload.get("messages"))
         drafts = self._messages(payload.get("messages"))
         refs = [part for _, parts in drafts for part in parts if isinstance(part, _ImageRef)]
@@ -176,7 +183,7 @@ class RequestReader:
         self._check_video_count(clips)
         images = {ref: self._image(ref.url, ref.param) for ref in refs}  # refs differ by param
         videos = {ref: self._video(ref.url, ref.param) for ref in clips}
-        messages = [_message(role, parts, images, videos, sampling) for role, parts in drafts]
+        messages = [_message(role, parts, images, videos, sampling, budget) for role, parts in drafts]
         return ChatRequest(messages, config, stream, include_usage, len(refs), sum(map(len, images.values())),
                            len(clips), sum(map(len, videos.values())))
 
@@ -692,10 +699,11 @@ def _mm_processor_kwargs(value) -> tuple[float | None, int | None]:
         raise ApiError(400, "mm_processor_kwargs must be an object like {\"fps\": 1, \"num_frames\": 16}",
                        "invalid_type", "mm_processor_kwargs")
     for name in value:
-        if name not in _MM_KWARGS:
+        if name not in _MM_KWARGS + _MM_IMAGE_KWARGS:
             where = f"mm_processor_kwargs.{str(name)[:40]}"
-            raise ApiError(400, f"{where} is not supported: this server reads fps and num_frames (or max_frames) "
-                           "there", "unsupported_parameter", where)
+            raise ApiError(400, f"{where} is not supported: this server reads fps, num_frames (or max_frames), size "
+                           "({\"longest_edge\": N}), max_tiles and do_image_splitting there", "unsupported_parameter",
+                           where)
     counts = {name: _max_frames(value.get(name), f"mm_processor_kwargs.{name}")
               for name in ("num_frames", "max_frames")}
     if None not in counts.values() and counts["num_frames"] != counts["max_frames"]:
@@ -703,6 +711,34 @@ def _mm_processor_kwargs(value) -> tuple[float | None, int | None]:
                        "one of them", "invalid_value", "mm_processor_kwargs.max_frames")
     frames = counts["max_frames"] if counts["max_frames"] is not None else counts["num_frames"]
     return _fps(value.get("fps"), "mm_processor_kwargs.fps"), frames
+
+
+def _image_budget(value) -> dict | None:
+    """The images' resolution keys of ``mm_processor_kwargs`` (checked by ``_mm_processor_kwargs`` to
+    be an object): a dict of Resolution fields, or None when it sets none."""
+    if not isinstance(value, dict) or not any(name in value for name in _MM_IMAGE_KWARGS):
+        return None
+    budget = {}
+    size = value.get("size")
+    if size is not None:
+        edge = size.get("longest_edge") if isinstance(size, dict) and set(size) == {"longest_edge"} else None
+        if isinstance(edge, bool) or not isinstance(edge, int) or edge < 1:
+            raise ApiError(400, f"mm_processor_kwargs.size is {_shown(size)}: use {{\"longest_edge\": N}}, N a "
+                           "multiple of the model's tile size (e.g. 1024)", "invalid_value", "mm_processor_kwargs.size")
+        budget["longest_edge"] = edge
+    tiles = value.get("max_tiles")
+    if tiles is not None:
+        if isinstance(tiles, bool) or not isinstance(tiles, int) or tiles < 1:
+            raise ApiError(400, f"mm_processor_kwargs.max_tiles = {_shown(tiles)}: use a whole number of at least 1",
+                           "invalid_value", "mm_processor_kwargs.max_tiles")
+        budget["max_tiles"] = tiles
+    split = value.get("do_image_splitting")
+    if split is not None:
+        if not isinstance(split, bool):
+            raise ApiError(400, f"mm_processor_kwargs.do_image_splitting = {_shown(split)}: use true or false",
+                           "invalid_type", "mm_processor_kwargs.do_image_splitting")
+        budget["split"] = split
+    return budget
 
 
 # Leading bytes of video containers (ISO BMFF's ftyp box is checked apart): Matroska/WebM, AVI, FLV, MPEG-PS.
@@ -778,12 +814,15 @@ def _shown(value) -> str:
 
 
 def _message(role: str, parts: list, images: dict[_ImageRef, bytes], videos: dict[_VideoRef, bytes],
-             sampling: tuple[float | None, int | None]) -> "Message":
+             sampling: tuple[float | None, int | None], budget: dict | None = None) -> "Message":
     from rksmolvlm.processing.content import ImagePart, Message, VideoPart
+    from rksmolvlm.processing.image import Resolution
+
+    resolution = Resolution(**budget) if budget else None  # None: the server's images.longest_edge/max_tiles
 
     def typed(p):
         if isinstance(p, _ImageRef):
-            return ImagePart(images[p], p.detail)
+            return ImagePart(images[p], p.detail, resolution)
         if isinstance(p, _VideoRef):  # its own sampling, else the request's mm_processor_kwargs
             return VideoPart(videos[p], p.fps if p.fps is not None else sampling[0],
                              p.max_frames if p.max_frames is not None else sampling[1])

@@ -328,7 +328,8 @@ def open_runner(bundle: "RuntimeBundle", config: ServerConfig, engine: str) -> "
     from rksmolvlm.runtime.runner import Runner
 
     cores = tuple(config.npu_cores) if config.npu_cores is not None else None
-    options = EngineOptions(library=config.rkllm_library, cores=cores, max_new_tokens=config.limits.max_tokens)
+    options = EngineOptions(threads=config.threads, library=config.rkllm_library, cores=cores,
+                            max_new_tokens=config.limits.max_tokens)
     vision, llm = open_engines(bundle, engine, options)
     try:
         limits = config.limits
@@ -337,6 +338,7 @@ def open_runner(bundle: "RuntimeBundle", config: ServerConfig, engine: str) -> "
         return Runner(bundle, vision, llm, image_cache_size=config.image_cache_size,
                       max_pixels=limits.max_image_pixels, default_detail=config.images.default_detail,
                       fit_answer_tokens=config.images.fit_answer_tokens, decode_limits=decode,
+                      resolution=config.images.resolution(bundle.settings.tile_size),
                       video=video_options(config) if bundle.video_settings is not None else None)
     except BaseException:
         for part in (vision, llm):
