@@ -22,7 +22,7 @@ import openai
 import pytest
 from PIL import Image
 
-from conftest import health_within_limit, rng_image
+from conftest import loopback_http, health_within_limit, rng_image
 from hostile_images import float_tiff, jpeg_tiff, scan_bomb, zero_png
 from rksmolvlm.runtime.server import BackgroundServer, Metrics, ModelService, ServedModel, build_app, create_app
 from rksmolvlm.runtime.server.remote import FetchError, fetch_image, is_public_address
@@ -120,12 +120,8 @@ class RemoteImages(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def remote():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), RemoteImages)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with loopback_http(RemoteImages) as base:
+        yield base
 
 
 # -- servers ---------------------------------------------------------------------------------------

@@ -13,14 +13,14 @@ import json
 import shutil
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from conftest import ROOT, fake_runner, health_within_limit
+from conftest import loopback_http, ROOT, fake_runner, health_within_limit
 from rksmolvlm.processing.content import Message, TextPart, VideoPart
 from rksmolvlm.runtime.engines import GenerationConfig, open_engines
 from rksmolvlm.runtime.runner import Runner
@@ -457,12 +457,8 @@ class RemoteClips(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def remote():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), RemoteClips)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with loopback_http(RemoteClips) as base:
+        yield base
 
 
 def test_remote_videos_when_allowed(preview_bundles, remote):
