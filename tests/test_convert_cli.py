@@ -119,23 +119,42 @@ def test_existing_output_needs_force(tiny_checkpoints, calibration_dir, tmp_path
     assert (out / "manifest.json").read_text() == "{}"
 
 
-def test_interrupted_build_leaves_nothing(tiny_checkpoints, calibration_dir, tmp_path):
-    """A real SIGTERM while rknn-toolkit2 is busy: exit 130, no bundle, no staging directory."""
-    out = tmp_path / "b"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "rksmolvlm", "convert", str(tiny_checkpoints["idefics3-256m"]),
-                             "-o", str(out), "--vision-dtype", "int8", "--calibration", str(calibration_dir),
-                             "--parts", "vision", "--quant-algorithm", "mmse"],  # mmse: a build of seconds
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        staged = staging_dirs(out)
-        if staged and any(p.name == "vision-build.log" for p in staged[0].iterdir()):
-            break
+# Runs `rksmolvlm convert` with rknn-toolkit2's RKNN.build wrapped: the wrapper creates the file named by
+# HELD_BUILD_MARKER (the converter sends fd 2 to the build log meanwhile) and holds inside the build call
+# until the signal arrives, so the SIGTERM lands inside rknn-toolkit2's build every time (a real build of
+# the tiny tower can finish before a test's signal reaches it).
+_HELD_BUILD = """
+import os, pathlib, sys, time
+import rknn.api
+real_build = rknn.api.RKNN.build
+def held_build(self, *args, **kwargs):
+    pathlib.Path(os.environ["HELD_BUILD_MARKER"]).touch()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
         time.sleep(0.05)
-    else:
+    return real_build(self, *args, **kwargs)
+rknn.api.RKNN.build = held_build
+from rksmolvlm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_interrupted_build_leaves_nothing(tiny_checkpoints, calibration_dir, tmp_path):
+    """A real SIGTERM while rknn-toolkit2's build is running: exit 130, no bundle, no staging directory."""
+    out = tmp_path / "b"
+    marker = tmp_path / "build-started"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HELD_BUILD_MARKER=str(marker))
+    proc = subprocess.Popen([sys.executable, "-c", _HELD_BUILD, "convert", str(tiny_checkpoints["idefics3-256m"]),
+                             "-o", str(out), "--vision-dtype", "int8", "--calibration", str(calibration_dir),
+                             "--parts", "vision"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not marker.exists():
         proc.kill()
-        pytest.fail("the build never started")
+        pytest.fail("the build never started: " + proc.communicate()[1])
+    assert staging_dirs(out), "the staging directory exists while the build runs"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
