@@ -34,7 +34,7 @@ from rksmolvlm.errors import CalibrationError
 from rksmolvlm.processing.assembler import Assembler, Layout, Prompt, TextChunk, VideoLayout
 from rksmolvlm.processing.content import ImagePart, Message, VideoPart, conversation, media_parts
 from rksmolvlm.processing.embed import EmbeddingTable
-from rksmolvlm.processing.image import ImageSettings, preprocess
+from rksmolvlm.processing.image import ImageSettings, Resolution, load_image, tile_image
 
 if TYPE_CHECKING:
     from rksmolvlm.processing.video_frames import VideoSettings
@@ -129,7 +129,7 @@ def render_samples(samples: Sequence[DecoderSample], images_dir: Path, assembler
                    settings: ImageSettings, table: EmbeddingTable | None = None,
                    features: FeatureFn | None = None, max_tokens: int | None = None, *,
                    video: VideoSettings | None = None, videos_dir: Path | None = None,
-                   max_frames: int = CALIBRATION_MAX_FRAMES,
+                   max_frames: int = CALIBRATION_MAX_FRAMES, resolution: Resolution | None = None,
                    on_sample: Callable[[int, int], None] | None = None) -> RenderedSet:
     """Render every sample with the runtime's assembler; with ``table`` and ``features`` also build
     its decoder input embeddings. ``video`` is the checkpoint's video settings (None: the model takes
@@ -138,7 +138,9 @@ def render_samples(samples: Sequence[DecoderSample], images_dir: Path, assembler
     checkpoint's. Samples longer than ``max_tokens`` are skipped (they could never run on the board
     either). The result lists what was skipped. ``on_sample(done, total)`` is called after each
     sample (progress). ``features`` is called once per sample that shows media: give it a cache (the
-    converter's TowerCache) so an image shown in several chats is encoded once."""
+    converter's TowerCache) so an image shown in several chats is encoded once. ``resolution``
+    renders every image at that budget (the one a service will run with: images.max_tiles, …)
+    instead of the checkpoint's full split, exactly as the runtime tiles it."""
     if video is not None and assembler.video_template is None:
         raise CalibrationError("internal: video settings given with an assembler that has no video chat template")
     if max_frames < 1:
@@ -156,7 +158,7 @@ def render_samples(samples: Sequence[DecoderSample], images_dir: Path, assembler
         pixels, layouts = [], []  # per media part: uint8 tiles or frames, and its layout
         for part in media:
             if isinstance(part, ImagePart):
-                tiled = _tiled(sample, part, settings)
+                tiled = _tiled(sample, part, settings, resolution)
                 pixels.append(tiled.tiles)
                 layouts.append(Layout(tiled.rows, tiled.cols))
             else:
@@ -189,9 +191,12 @@ def render_samples(samples: Sequence[DecoderSample], images_dir: Path, assembler
     return out
 
 
-def _tiled(sample: DecoderSample, part: ImagePart, settings: ImageSettings):
+def _tiled(sample: DecoderSample, part: ImagePart, settings: ImageSettings, resolution: Resolution | None):
     try:
-        return preprocess(part.source, settings)
+        image = load_image(part.source)
+        if resolution is not None:
+            settings = resolution.settings(settings, image.size)
+        return tile_image(image, settings)
     except Exception as exc:
         raise CalibrationError(f"calibration sample {sample.id!r}: image {part.source} cannot be used "
                                f"({exc})") from exc

@@ -88,6 +88,7 @@ def convert_llm(checkpoint: Checkpoint, recipe: LlmRecipe, options, bundle: Path
                                   table=EmbeddingTable(bundle / EMBED_FILE) if embedded else None,
                                   features=towers.features if embedded else None, max_tokens=recipe.max_context,
                                   video=checkpoint.video, videos_dir=own,  # own clips beside own images
+                                  resolution=options.llm_calibration_resolution,
                                   on_sample=lambda done, total: progress.advance(done, total, "samples"))
         towers.release()
         if embedded:
@@ -100,7 +101,9 @@ def convert_llm(checkpoint: Checkpoint, recipe: LlmRecipe, options, bundle: Path
             if rendered.skipped_no_video else ""
         progress.note(f"{len(rendered)} of {len(samples)} samples, {tokens} tokens ({image_tokens} image tokens)"
                       f"{skipped}")
+    resolution = options.llm_calibration_resolution
     report["calibration"] = {"format": fmt, "samples": len(rendered), "tokens": tokens, "image_tokens": image_tokens,
+                             "image_resolution": resolution.label if resolution is not None else "the model's",
                              "skipped_over_context": len(rendered.skipped_over_context),
                              "skipped_no_video": len(rendered.skipped_no_video),
                              "image_features": {"tiles": towers.requested, "encoded": towers.encoded,

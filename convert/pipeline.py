@@ -18,6 +18,7 @@ from rksmolvlm.bundle import staged_bundle
 from rksmolvlm.errors import AccuracyError, TargetError
 from rksmolvlm.convert.progress import Progress
 from rksmolvlm.convert.source import Checkpoint, open_checkpoint
+from rksmolvlm.processing.image import Resolution
 
 __all__ = ["ConvertOptions", "ConvertResult", "convert", "PARTS"]
 
@@ -50,6 +51,9 @@ class ConvertOptions:
     llm_dataset_format: str | None = None
     llm_host_only: bool = False
     llm_prompts: Path | None = None
+    # the resolution budget the decoder calibration renders images at (None: the checkpoint's full split)
+    llm_calibration_resolution: Resolution | None = None
+    goldens: bool = True  # record golden answers (both parts only) for `rksmolvlm verify`
 
 
 @dataclass
@@ -137,12 +141,17 @@ def _versions() -> dict:
 def convert(options: ConvertOptions, progress: Progress | None = None) -> ConvertResult:
     profile = _validate(options)
     steps = 2 + (4 if "vision" in options.parts else 0) + (3 if "llm" in options.parts else 0)
-    steps += 1 if set(PARTS) <= set(options.parts) else 0  # golden answers need both parts
+    steps += 1 if set(PARTS) <= set(options.parts) and options.goldens else 0  # golden answers need both parts
     progress = progress or Progress(steps)
     progress.total = progress.total or steps
     with progress.step("reading the checkpoint"):
         checkpoint = open_checkpoint(options.model, revision=options.revision)
         progress.note(checkpoint.describe())
+        if options.llm_calibration_resolution is not None and "llm" in options.parts:
+            try:
+                options.llm_calibration_resolution.check(checkpoint.image.tile_size)
+            except ValueError as exc:
+                raise TargetError(f"--llm-calibration-image-size: {exc}") from None
     report: dict = {"rksmolvlm": __version__, "model": checkpoint.model_id}
     versions = _versions()
     recipe = None
@@ -166,7 +175,7 @@ def convert(options: ConvertOptions, progress: Progress | None = None) -> Conver
 
             llm_section, report["llm"] = convert_llm(checkpoint, recipe, options, stage.path, work, progress, towers)
         goldens_section = None
-        if vision_section is not None and llm_section is not None:
+        if vision_section is not None and llm_section is not None and options.goldens:
             from rksmolvlm.convert.goldens import record_goldens
 
             with progress.step("recording golden answers with transformers (float32)"):
@@ -333,7 +342,7 @@ def _convert_vision(checkpoint: Checkpoint, profile: BoardProfile, options: Conv
                                "max_abs": sim_abs, **by_kind},
         "min_cosine": options.min_cosine,
         "accepted_below_floor": False,
-        "cpu_fallback_ops": [{"op": l.op, "name": l.name} for l in build.cpu_fallback],
+        "cpu_fallback_ops": [{"op": layer.op, "name": layer.name} for layer in build.cpu_fallback],
         "layers": len(build.layers),
         "static_cycles": build.static_cycles,
         "seconds": {"onnx_export": export_seconds, "rknn_build": build.seconds,

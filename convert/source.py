@@ -164,10 +164,10 @@ def _read(path: Path, model_id: str, revision: str | None, hash_weights: bool) -
     vcfg, tcfg = config.get("vision_config") or {}, config.get("text_config") or {}
     scale = int(config.get("scale_factor", 2))
     tile, patch = int(vcfg.get("image_size", 224)), int(vcfg.get("patch_size", 32))
-    grid = tile // patch
-    if tile % patch or grid % scale:
-        raise CheckpointError(f"{path}: vision tile {tile}, patch {patch} and scale factor {scale} do not divide "
-                              "evenly; the checkpoint's config.json looks damaged")
+    grid = tile // patch  # SigLIP's patch convolution drops a remainder: so400m/14 at 384 is 27 patches a side
+    if grid < 1 or grid % scale:
+        raise CheckpointError(f"{path}: vision tile {tile} gives {grid} patches of {patch} a side, which the scale "
+                              f"factor {scale} does not divide; the checkpoint's config.json looks damaged")
 
     pre = _load_json(path / "preprocessor_config.json")
     proc = _load_json(path / "processor_config.json", required=False)

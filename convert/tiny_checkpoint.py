@@ -7,7 +7,7 @@ Used by `rksmolvlm demo` and by the test suite. Three layouts mirror the real fa
   scale factor 4), at toy widths.
 * ``idefics3-2b``: Idefics3 class, SmolVLM-Instruct 2.2B layout (only fake/image/eou are added,
   ``<row_i_col_j>`` and ``<global-img>`` are plain BPE text, vocab 49155), so400m/14 geometry
-  (patch 14, scale factor 3).
+  (patch 14, scale factor 3, a tile of 90 = 6 patches + 6 pixels the convolution drops, as 384 with 14).
 * ``smolvlm2``: SmolVLM class (SmolVLM2), 256M token layout, patch 16 with scale factor 2.
 
 The checkpoint files are those a hub checkpoint has: config.json, generation_config.json,
@@ -82,7 +82,8 @@ def _layout_2b() -> dict[int, str]:
 
 TINY_SPECS: dict[str, TinySpec] = {
     "idefics3-256m": TinySpec("idefics3-256m", "idefics3", 16, 128, 4, 512, 49280, _layout_256m()),
-    "idefics3-2b": TinySpec("idefics3-2b", "idefics3", 14, 84, 3, 336, 49155, _layout_2b(),
+    # 90 = 6·14 + 6, like the real so400m/14 at 384 (27 patches a side, 6 pixels the convolution drops)
+    "idefics3-2b": TinySpec("idefics3-2b", "idefics3", 14, 90, 3, 360, 49155, _layout_2b(),
                             tie_word_embeddings=True),
     "smolvlm2": TinySpec("smolvlm2", "smolvlm", 16, 64, 2, 256, 49280, _layout_256m()),
 }

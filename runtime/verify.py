@@ -29,8 +29,9 @@ CASES_FILE, FEATURES_FILE, INPUTS_DIR = "cases.json", "features.npz", "inputs"
 GOLDENS_FORMAT = 1
 DEFAULT_MIN_COSINE = 0.99
 _MIN_AGREEMENT = {"host": 1.0, "npu": 0.5, "sim": 0.5}
-NO_GOLDENS = ("{root} has no golden answers (goldens/ in manifest.json): it was converted by an older rksmolvlm; "
-              "convert the checkpoint again with 'rksmolvlm convert MODEL -o BUNDLE' to record them")
+NO_GOLDENS = ("{root} has no golden answers (goldens/ in manifest.json): it was converted with --no-goldens, "
+              "with only one part, or by an older rksmolvlm; convert the checkpoint again with "
+              "'rksmolvlm convert MODEL -o BUNDLE' (both parts, without --no-goldens) to record them")
 
 
 def default_min_agreement(engine: str) -> float:

@@ -13,10 +13,11 @@ double from tests/doubles standing in for the toolkit) of a checkpoint at the re
 (random weights): 256m = SigLIP-B/16-512 + the 30-layer 576-wide decoder; 2.2b = SigLIP-so400m-384 +
 SmolLM2-1.7B. ``--modes`` picks how the decoder calibration gets its image features, each mode in its
 own process on the same checkpoint: ``cached`` (each distinct tile once, onnxruntime when it matches
-torch — the converter's default) and ``uncached`` (every tile each time, eager torch: the old way).
+torch — the converter's default), ``uncached`` (every tile each time, eager torch: the old way) and
+``max-tiles-4`` (cached, the calibration images rendered at ``--llm-calibration-max-tiles 4``).
 Prints wall time per step, peak RSS and the tower passes of each.
 
-    .venv/bin/python scripts/bench_convert.py --full 256m [--modes cached,uncached] [--json]
+    .venv/bin/python scripts/bench_convert.py --full 256m [--modes cached,uncached,max-tiles-4] [--json]
 """
 
 from __future__ import annotations
@@ -114,11 +115,13 @@ def full_child(checkpoint: str, mode: str, out: str) -> None:
     """One full conversion (vision fp16 + decoder with the toolkit double) in this process."""
     from rksmolvlm.convert.pipeline import ConvertOptions, TowerCache, convert
     from rksmolvlm.convert.progress import Progress
+    from rksmolvlm.processing.image import Resolution
 
-    TowerCache.memoize = TowerCache.prefer_onnx = mode == "cached"
+    TowerCache.memoize = TowerCache.prefer_onnx = mode != "uncached"
+    budget = Resolution(max_tiles=4) if mode == "max-tiles-4" else None
     start = time.perf_counter()
-    result = convert(ConvertOptions(model=checkpoint, output=Path(out), vision_dtype="fp16", force=True),
-                     Progress(0, quiet=True))
+    result = convert(ConvertOptions(model=checkpoint, output=Path(out), vision_dtype="fp16", force=True,
+                                    llm_calibration_resolution=budget), Progress(0, quiet=True))
     wall = time.perf_counter() - start
     calibration = result.report["llm"]["calibration"]
     print(json.dumps({"mode": mode, "wall_s": wall, "steps": result.timings,
@@ -188,7 +191,8 @@ def main() -> None:
     parser.add_argument("--dtypes", default="fp16,int8")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--full", choices=sorted(FULL_SIZES), help="full conversion at a real size (see above)")
-    parser.add_argument("--modes", default="cached,uncached", help="with --full: cached, uncached or both")
+    parser.add_argument("--modes", default="cached,uncached",
+                        help="with --full: any of cached, uncached, max-tiles-4 (comma-separated)")
     parser.add_argument("--child", nargs=3, metavar=("CHECKPOINT", "DTYPE", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--full-child", nargs=3, metavar=("CHECKPOINT", "MODE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -200,8 +204,8 @@ def main() -> None:
         return
     if args.full:
         modes = args.modes.split(",")
-        if not set(modes) <= {"cached", "uncached"}:
-            parser.error("--modes takes cached and/or uncached")
+        if not set(modes) <= {"cached", "uncached", "max-tiles-4"}:
+            parser.error("--modes takes cached, uncached and/or max-tiles-4")
         full_main(args.full, modes, args.json)
         return
     rows = []

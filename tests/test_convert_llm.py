@@ -62,8 +62,10 @@ def test_recipe_options_reach_the_toolkit(tiny_checkpoints, calibration_dir, tmp
     out = tmp_path / "b"
     assert _convert(tiny_checkpoints["smolvlm2"], "-o", out, "--calibration", calibration_dir, "--target", "rk3576",
                     "--llm-dtype", "w4a16_g64", "--llm-npu-cores", "1", "--max-context", "1024",
-                    "--llm-optimization", "0", "--host-preview") == 0
+                    "--llm-optimization", "0", "--host-preview", "--llm-calibration-max-tiles", "1") == 0
     build = dict(RKLLM.calls)["build"]
+    calibration = json.loads((out / "report.json").read_text())["llm"]["calibration"]
+    assert calibration["image_resolution"] == "max_tiles=1"
     assert (build["quantized_dtype"], build["target_platform"], build["num_npu_core"], build["max_context"],
             build["optimization_level"]) == ("w4a16_g64", "rk3576", 1, 1024, 0)
     files = read_manifest(out).files
@@ -94,7 +96,9 @@ def test_host_only_bundle_without_the_toolkit(tiny_checkpoints, calibration_dir,
 @pytest.mark.parametrize("args,match", [(["--llm-dtype", "w4a16"], "w8a8, w8a8_g128"),
                                         (["--max-context", "1000"], "multiple of 32"),
                                         (["--max-context", "4096"], "trained context"),
-                                        (["--llm-npu-cores", "4"], "choose 1 to 3")])
+                                        (["--llm-npu-cores", "4"], "choose 1 to 3"),
+                                        (["--llm-calibration-image-size", "100"], "use one of 64, 128, 192"),
+                                        (["--llm-calibration-max-tiles", "0"], "max tiles 0 must be")])
 def test_invalid_recipe_refused_before_work(tiny_checkpoints, tmp_path, rkllm_double, capsys, args, match):
     RKLLM = rkllm_double("1.3.0")
     out = tmp_path / "b"

@@ -21,7 +21,7 @@ from rksmolvlm.convert.pipeline import TowerCache
 from rksmolvlm.convert.source import open_checkpoint
 from rksmolvlm.errors import CalibrationError
 from rksmolvlm.processing.embed import EmbeddingTable
-from rksmolvlm.processing.image import normalize, preprocess
+from rksmolvlm.processing.image import Resolution, normalize, preprocess
 
 KINDS = {"caption", "vqa", "document", "chart", "screenshot", "scene_text", "diagram", "multi_image",
          "multi_turn", "video", "text_only"}
@@ -82,7 +82,8 @@ def test_prompt_ids_equal_transformers_processor(rendered, name, tiny_checkpoint
     ck, samples, results = rendered[name]
     processor = tf.AutoProcessor.from_pretrained(tiny_checkpoints[name])
     for sample, r in zip(samples, results):
-        messages = [{"role": m["role"], "content": [{"type": p["type"], **({"text": p["text"]} if p["type"] == "text" else {})}
+        messages = [{"role": m["role"], "content": [{"type": p["type"],
+                                                     **({"text": p["text"]} if p["type"] == "text" else {})}
                                                     for p in m["content"]]} for m in sample.messages]
         text = processor.apply_chat_template(messages, add_generation_prompt=True)
         images = [tf.image_utils.load_image(str(shipped_images_dir() / n)) for n in sample.image_names()]
@@ -360,3 +361,41 @@ def test_progress_is_reported_per_sample(tiny_checkpoints):
     render_samples(samples, shipped_images_dir(), checkpoint_assembler(ck), ck.image,
                    on_sample=lambda done, total: seen.append((done, total)))
     assert seen == [(1, 3), (2, 3), (3, 3)]
+
+
+@pytest.mark.parametrize("budget", [Resolution(max_tiles=4), Resolution(longest_edge=2 * 128), Resolution(split=False)])
+def test_calibration_at_a_resolution_budget_equals_transformers(tiny_checkpoints, tmp_path, budget):
+    """--llm-calibration-*: every image rendered at the budget a service runs with: prompt ids equal
+    transformers' processor with the budget's settings for that image, and fewer tiles than the full split."""
+    path = tiny_checkpoints["idefics3-256m"]
+    ck = open_checkpoint(str(path))
+    assert ck.image.tile_size == 128 and ck.image.longest_edge > 2 * 128  # the budgets above cut the split
+    write_embedding_table(ck, tmp_path / "embed_tokens.npy")
+    samples = _pick(load_samples(), ["caption", "multi_image", "document"])
+    budgeted, full = TowerCache(ck), TowerCache(ck)
+    got = render_samples(samples, shipped_images_dir(), checkpoint_assembler(ck), ck.image,
+                         table=EmbeddingTable(tmp_path / "embed_tokens.npy"), features=budgeted.features,
+                         resolution=budget)
+    _render_embedded(ck, samples, tmp_path / "embed_tokens.npy", full)
+    assert budgeted.encoded < full.encoded
+    processor = tf.AutoProcessor.from_pretrained(path)
+    for sample, r in zip(samples, got):
+        messages = [{"role": m["role"], "content": [{"type": p["type"],
+                                                     **({"text": p["text"]} if p["type"] == "text" else {})}
+                                                    for p in m["content"]]} for m in sample.messages]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        ids = []
+        for name in sample.image_names():  # one image per call: each image has its own settings
+            image = tf.image_utils.load_image(str(shipped_images_dir() / name))
+            settings = budget.settings(ck.image, image.size)
+            kwargs = {"size": {"longest_edge": settings.longest_edge},
+                      "do_image_splitting": settings.do_image_splitting}
+            single = processor(text="<image>", images=[[image]], return_tensors="np", **kwargs)["input_ids"][0]
+            ids.append(single.tolist())
+        want = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+        image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+        expanded = []
+        blocks = iter(ids)
+        for token in want:  # each <image> of the chat replaced by that image's own expansion
+            expanded.extend(next(blocks) if token == image_token else [token])
+        assert r.ids[:r.prompt_len] == expanded, sample.id

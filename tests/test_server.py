@@ -218,13 +218,24 @@ def test_health_needs_no_key_and_says_ready(served):
     assert httpx.get(f"{served.url}/health/live").json() == {"status": "alive"}
 
 
+def _histogram(text: str, name: str) -> tuple[float, int]:
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith(name + "_")}
+    return values[f"{name}_sum"], int(values[f"{name}_count"])
+
+
 def test_metrics_in_prometheus_text(client, served, image_file):
-    client.chat.completions.create(model=MODEL, max_tokens=4, messages=ask_messages(
+    before = _histogram(httpx.get(f"{served.url}/metrics").text, "rksmolvlm_image_tiles")
+    reply = client.chat.completions.create(model=MODEL, max_tokens=4, messages=ask_messages(
         data_uri(png_bytes(200, 150, seed=9)), "Describe."))
     text = httpx.get(f"{served.url}/metrics").text
+    tiling = reply.model_extra["rksmolvlm"]["timings"]["image_tiling"]
+    assert len(tiling) == 1 and tiling[0]["tiles"] > 1  # split: rows·cols + the global tile
+    after = _histogram(text, "rksmolvlm_image_tiles")
+    assert (after[0] - before[0], after[1] - before[1]) == (tiling[0]["tiles"], 1)
     for family in ("rksmolvlm_requests_total", "rksmolvlm_queue_depth", "rksmolvlm_time_to_first_token_seconds",
                    "rksmolvlm_decode_tokens_per_second", "rksmolvlm_vision_seconds_per_tile", "rksmolvlm_errors_total",
-                   "rksmolvlm_aborted_generations_total", "rksmolvlm_process_resident_memory_bytes"):
+                   "rksmolvlm_aborted_generations_total", "rksmolvlm_process_resident_memory_bytes",
+                   "rksmolvlm_image_tiles"):
         assert f"# TYPE {family} " in text
     assert 'rksmolvlm_requests_total{path="/v1/chat/completions",status="200"}' in text
     tiles = next(line for line in text.splitlines() if line.startswith("rksmolvlm_vision_tiles_total "))

@@ -94,3 +94,30 @@ def test_hub_id_offline_names_the_local_alternative(monkeypatch):
 def test_neither_dir_nor_hub_id():
     with pytest.raises(CheckpointError, match="neither an existing directory nor a hub id"):
         open_checkpoint("no such thing!")
+
+
+@pytest.mark.parametrize("tile,patch,scale,seq,ok", [(384, 14, 3, 81, True),   # SmolVLM-Instruct 2.2B: 27 a side
+                                                      (512, 16, 4, 64, True),   # SmolVLM-256M/500M
+                                                      (384, 14, 2, 169, False),  # 27 patches: 2 does not divide
+                                                      (10, 14, 1, 0, False)])   # smaller than one patch
+def test_geometry_accepts_the_patch_remainder_and_refuses_the_rest(tiny_checkpoints, tmp_path, tile, patch, scale,
+                                                                     seq, ok):
+    """SigLIP's patch convolution drops what is left of a tile (so400m/14 at 384: 27 patches, 6 pixels
+    unused); only a patch grid the connector's scale factor cannot divide is refused."""
+    ck_dir = tmp_path / "ck"
+    shutil.copytree(tiny_checkpoints["idefics3-2b"], ck_dir)
+    config = json.loads((ck_dir / "config.json").read_text())
+    config["vision_config"].update(image_size=tile, patch_size=patch)
+    config["scale_factor"] = scale
+    (ck_dir / "config.json").write_text(json.dumps(config))
+    pre = json.loads((ck_dir / "preprocessor_config.json").read_text())
+    pre["max_image_size"], pre["size"] = {"longest_edge": tile}, {"longest_edge": 4 * tile}
+    (ck_dir / "preprocessor_config.json").write_text(json.dumps(pre))
+    (ck_dir / "processor_config.json").write_text(json.dumps({"image_seq_len": seq,
+                                                             "processor_class": "Idefics3Processor"}))
+    if ok:
+        ck = open_checkpoint(str(ck_dir))
+        assert (ck.vision.tile_size, ck.vision.image_seq_len) == (tile, seq)
+    else:
+        with pytest.raises(CheckpointError, match="does not divide; the checkpoint's config.json looks damaged"):
+            open_checkpoint(str(ck_dir))

@@ -129,6 +129,18 @@ def test_bundle_without_goldens_says_convert_again(preview_bundles, tmp_path, ca
     assert "no golden answers" in out.err and "convert" in out.err
 
 
+def test_no_goldens_flag_skips_them_and_verify_says_why(tiny_checkpoints, calibration_dir, tmp_path, capsys):
+    bundle = tmp_path / "b"
+    assert main(["convert", str(tiny_checkpoints["smolvlm2"]), "-o", str(bundle), "--llm-host-only",
+                 "--host-preview", "--calibration", str(calibration_dir), "--no-goldens", "-q"]) == 0
+    capsys.readouterr()
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert "goldens" not in manifest and not (bundle / "goldens").exists()
+    assert "goldens" not in json.loads((bundle / "report.json").read_text())
+    code, out = _verify(capsys, bundle)
+    assert code != 0 and "--no-goldens" in out.err
+
+
 # -- the board engines against the contract doubles -------------------------------------------------
 @pytest.fixture(scope="module")
 def librkllmrt(tmp_path_factory):

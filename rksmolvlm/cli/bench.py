@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         raise RkSmolVLMError(f"--video-clip {args.video_clip} is not a file: pass a video file")
     result = run_bench(RuntimeBundle.open(args.bundle), args.engine, repeats=args.repeats, warmup=args.warmup,
                        prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, library=args.library,
-                       video=not args.no_video, video_frames=args.video_frames or VIDEO_FRAMES, video_clip=args.video_clip,
-                       threads=args.threads)
+                       video=not args.no_video, video_frames=args.video_frames or VIDEO_FRAMES,
+                       video_clip=args.video_clip, threads=args.threads)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0

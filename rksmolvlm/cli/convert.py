@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from rksmolvlm.cli.options import add_resolution_arguments, resolution_choice
+
 __all__ = ["add_parser", "add_convert_arguments", "run", "run_convert"]
 
 
@@ -49,9 +51,15 @@ def add_convert_arguments(p: argparse.ArgumentParser, with_model: bool = True) -
                         "looked up in --calibration)")
     p.add_argument("--llm-host-only", action="store_true",
                    help="build without rkllm-toolkit: no llm.rkllm, the bundle runs in the host preview only")
+    p.add_argument("--no-goldens", action="store_true",
+                   help="do not record golden answers (saves their float32 generation; 'rksmolvlm verify' then has "
+                        "nothing to check)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_resolution_arguments(p, "llm-calibration-", "decoder calibration images: render them at the resolution budget "
+                             "your service runs with (images.longest_edge / images.max_tiles; default: the model's "
+                             "full split) — fewer tower passes, a faster conversion")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,4 +92,13 @@ def _options(args: argparse.Namespace, model: str):
         host_preview=args.host_preview, force=args.force, revision=getattr(args, "revision", None),
         llm_dtype=args.llm_dtype, llm_algorithm=args.llm_algorithm, llm_npu_cores=args.llm_npu_cores,
         max_context=args.max_context, llm_optimization=args.llm_optimization,
-        llm_dataset_format=args.llm_dataset_format, llm_host_only=args.llm_host_only, llm_prompts=args.llm_prompts)
+        llm_dataset_format=args.llm_dataset_format, llm_host_only=args.llm_host_only, llm_prompts=args.llm_prompts,
+        llm_calibration_resolution=_calibration_resolution(args), goldens=not args.no_goldens)
+
+
+def _calibration_resolution(args: argparse.Namespace):
+    """The Resolution of the --llm-calibration-* flags, or None when none is given."""
+    if args.llm_calibration_image_size is None and args.llm_calibration_max_tiles is None and \
+            not args.llm_calibration_no_split:
+        return None
+    return resolution_choice(args, "llm-calibration-")

@@ -47,16 +47,19 @@ def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
     add_resolution_arguments(p)
 
 
-def add_resolution_arguments(p: argparse.ArgumentParser) -> None:
-    """--image-size / --max-tiles / --no-split: the images' resolution budget (README "Resolution budgets")."""
-    g = p.add_argument_group("image resolution (each equal to transformers' processor with the same settings)")
-    g.add_argument("--image-size", type=int, metavar="N",
+def add_resolution_arguments(p: argparse.ArgumentParser, prefix: str = "",
+                             title: str = "image resolution (each equal to transformers' processor with the same "
+                                          "settings)") -> None:
+    """--image-size / --max-tiles / --no-split: the images' resolution budget (README "Resolution budgets");
+    ``prefix`` names another set of them (convert's --llm-calibration-*)."""
+    g = p.add_argument_group(title)
+    g.add_argument(f"--{prefix}image-size", type=int, metavar="N",
                    help="the processor's size longest_edge: a multiple of the model's tile size T (512 for "
                         "256M/500M, 384 for 2.2B); smaller = fewer tiles, faster (default: the model's, 4·T)")
-    g.add_argument("--max-tiles", type=int, metavar="N",
+    g.add_argument(f"--{prefix}max-tiles", type=int, metavar="N",
                    help="at most N split tiles per image (plus the global image): the largest longest_edge k·T "
-                        "(at most --image-size) whose split of that image gives rows·cols <= N")
-    g.add_argument("--no-split", action="store_true",
+                        f"(at most --{prefix}image-size) whose split of that image gives rows·cols <= N")
+    g.add_argument(f"--{prefix}no-split", action="store_true",
                    help="each image as one tile (the processor's do_image_splitting=False)")
 
 
@@ -70,16 +73,19 @@ def generation_config(args: argparse.Namespace) -> "GenerationConfig":
         raise RkSmolVLMError(f"invalid generation option: {exc}") from exc
 
 
-def resolution_choice(args: argparse.Namespace):
+def resolution_choice(args: argparse.Namespace, prefix: str = ""):
     """The Resolution of --image-size / --max-tiles / --no-split (checked against the tile size
-    once the bundle is open)."""
+    once the bundle is open); with ``prefix``, of that set of flags."""
     from rksmolvlm.processing.image import Resolution
 
+    dest = prefix.replace("-", "_")
     try:
-        return Resolution(longest_edge=getattr(args, "image_size", None), max_tiles=getattr(args, "max_tiles", None),
-                          split=not getattr(args, "no_split", False))
+        return Resolution(longest_edge=getattr(args, f"{dest}image_size", None),
+                          max_tiles=getattr(args, f"{dest}max_tiles", None),
+                          split=not getattr(args, f"{dest}no_split", False))
     except ValueError as exc:
-        raise RkSmolVLMError(f"invalid image resolution option: {exc}") from exc
+        raise RkSmolVLMError(f"invalid {'--' + prefix + '* ' if prefix else 'image resolution '}option: {exc}") \
+            from None
 
 
 def open_runner(args: argparse.Namespace) -> tuple["Runner", "GenerationConfig"]:

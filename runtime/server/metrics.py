@@ -14,6 +14,7 @@ __all__ = ["Metrics"]
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TILE_SECONDS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 5)
 _RATES = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 500, 1000)
+_TILES = (1, 2, 3, 4, 5, 7, 9, 10, 13, 17, 21, 26, 37, 50)  # 1 unsplit; rows·cols + 1 split (4×4 + 1 = 17)
 
 # name → (type, help, histogram buckets)
 _METRICS: dict[str, tuple[str, str, tuple | None]] = {
@@ -31,6 +32,8 @@ _METRICS: dict[str, tuple[str, str, tuple | None]] = {
     "rksmolvlm_queue_wait_seconds": ("histogram", "Seconds a request waited in the queue.", _SECONDS),
     "rksmolvlm_time_to_first_token_seconds": ("histogram", "Seconds from arrival to the first token.", _SECONDS),
     "rksmolvlm_decode_tokens_per_second": ("histogram", "Decode speed of each request (tokens/s).", _RATES),
+    "rksmolvlm_image_tiles": ("histogram", "Tower passes each prompt image was tiled into (the chosen resolution: "
+                              "split tiles + the global one, or 1 unsplit), encoded or from the cache.", _TILES),
     "rksmolvlm_vision_seconds_per_tile": ("histogram", "Vision tower seconds per tile, per request.", _TILE_SECONDS),
     "rksmolvlm_generation_seconds": ("histogram", "Seconds a request held the model.", _SECONDS),
 }

@@ -303,6 +303,8 @@ class ModelService:
             m.inc("rksmolvlm_video_frames_total", s.video_frames, source="decoded")
             m.inc("rksmolvlm_video_frames_total", s.video_cached_frames, source="cache")
             m.inc("rksmolvlm_video_decode_seconds_total", s.video_decode_ms / 1000)
+        for image in getattr(s, "image_tiling", ()):
+            m.observe("rksmolvlm_image_tiles", image["tiles"])
         if s.vision_tiles:
             m.inc("rksmolvlm_vision_tiles_total", s.vision_tiles)
             m.inc("rksmolvlm_vision_seconds_total", s.vision_ms / 1000)
