@@ -91,6 +91,9 @@ class ServerSection:
                                    "its aliases (false: this one-model server answers any name)")
     cors_origins: tuple[str, ...] = _key((), "browser origins allowed to call the API (CORS), e.g. "
                                          "[\"http://192.168.1.20:3000\"]; [\"*\"]: any; empty: no CORS headers")
+    web_ui: bool | str = _key("auto", "the web page at GET / for browsers (other clients still get the JSON index): "
+                              "true, false, or \"auto\" = on when host is loopback or api_key_file is set",
+                              kind="switch")
 
 
 @dataclass(frozen=True)
@@ -264,6 +267,11 @@ def _convert(key: str, value, hint, meta: dict):
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     name = key.rsplit(".", 1)[-1]
+    if meta.get("kind") == "switch":  # true, false or "auto"
+        if isinstance(value, bool) or value == "auto":
+            return value
+        raise ValueError(f"must be true, false or \"auto\", not {value!r}: write {name} = true (or false, or "
+                         "\"auto\")")
     if meta.get("kind") == "path" and isinstance(value, str):
         # An empty path is a mistake (often an unset shell variable), never "unset": for api_key_file it
         # would silently switch the key check off. Unset means the key is absent or commented out.

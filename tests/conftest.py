@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -352,3 +353,23 @@ def loopback_http(handler):
     finally:
         server.shutdown()
         server.server_close()
+
+
+class RecordingLlm:
+    """The real engine, recording the GenerationConfig of every generation and slowed down per
+    token when asked (so that requests overlap)."""
+
+    def __init__(self, llm):
+        self.llm = llm
+        self.configs: list = []  # GenerationConfig of each generation
+        self.delay = 0.0
+
+    def generate(self, embeddings, config, keep_history, stats):
+        self.configs.append(config)
+        for token in self.llm.generate(embeddings, config, keep_history, stats):
+            if self.delay:
+                time.sleep(self.delay)
+            yield token
+
+    def __getattr__(self, name):
+        return getattr(self.llm, name)

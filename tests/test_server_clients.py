@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import fake_runner, rng_image
+from conftest import RecordingLlm, fake_runner, rng_image
 from rksmolvlm.runtime.engines import GenerationConfig, open_engines
 from rksmolvlm.runtime.host_engines import TorchLlmEngine
 from rksmolvlm.runtime.runner import Runner
@@ -42,26 +42,6 @@ def data_uri(data: bytes, mime="image/png") -> str:
 def ask(text="What is in the picture?", url=None) -> list[dict]:
     parts = [{"type": "image_url", "image_url": {"url": url}}] if url else []
     return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
-
-
-class RecordingLlm:
-    """The real engine, recording the GenerationConfig of every generation and slowed down per
-    token when asked (so that requests overlap)."""
-
-    def __init__(self, llm):
-        self.llm = llm
-        self.configs: list[GenerationConfig] = []
-        self.delay = 0.0
-
-    def generate(self, embeddings, config, keep_history, stats):
-        self.configs.append(config)
-        for token in self.llm.generate(embeddings, config, keep_history, stats):
-            if self.delay:
-                time.sleep(self.delay)
-            yield token
-
-    def __getattr__(self, name):
-        return getattr(self.llm, name)
 
 
 @pytest.fixture(scope="module")

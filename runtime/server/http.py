@@ -26,6 +26,7 @@ from rksmolvlm.runtime.server.metrics import _rss_bytes
 from rksmolvlm.runtime.server.notify import SystemdNotifier
 from rksmolvlm.runtime.server.requests import ApiError, ChatRequest, RequestReader, video_decoder_available
 from rksmolvlm.runtime.server.service import Answer, Job, ModelService
+from rksmolvlm.runtime.server.web import WebPage, page_enabled, prefers_html
 
 __all__ = ["create_app"]
 
@@ -83,6 +84,8 @@ class _Api:
         self.notifier = notifier
         self.on_fatal = on_fatal
         self.started = time.time()
+        # server.web_ui: the page at GET / for browsers (runtime/server/web/); None: the JSON index only
+        self.web_page = WebPage.load() if page_enabled(config, api_key is not None) else None
 
     # -- lifespan ------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -382,12 +385,15 @@ class _Api:
         return Response(self.metrics.render(gauges), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def index(self, request):
-        from starlette.responses import JSONResponse
+        from starlette.responses import JSONResponse, Response
 
+        if self.web_page is not None and prefers_html(request.headers.get("accept")):
+            return Response(self.web_page.body, media_type="text/html; charset=utf-8", headers=self.web_page.headers)
         return JSONResponse({"name": "rksmolvlm", "version": __version__, "model": self.model.id,
                              "endpoints": ["POST /v1/chat/completions", "GET /v1/models", "GET /props", "GET /health",
                                            "GET /metrics", "POST /api/chat", "POST /api/generate", "GET /api/tags",
-                                           "POST /api/show", "GET /api/ps", "GET /api/version"]})
+                                           "POST /api/show", "GET /api/ps", "GET /api/version"]},
+                            headers={"Vary": "Accept"})
 
 
 _FINGERPRINT = f"rksmolvlm-{__version__}"
