@@ -22,6 +22,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 __all__ = ["CHAT_TEMPLATE", "TinySpec", "TINY_SPECS", "build_tiny_checkpoint", "build_tiny_tokenizer"]
 
@@ -169,14 +170,16 @@ def _configs(spec: TinySpec):
     return vision, text
 
 
-def build_tiny_checkpoint(name: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Write the tiny checkpoint ``name`` (a key of TINY_SPECS) into ``out_dir`` and return it."""
+def build_tiny_checkpoint(name: str | TinySpec, out_dir: str | os.PathLike, seed: int = 0,
+                          init: Callable | None = None) -> Path:
+    """Write the tiny checkpoint ``name`` (a key of TINY_SPECS, or a TinySpec) into ``out_dir`` and
+    return it. ``init(model)``, when given, sets the weights after the random init (the demo model)."""
     import torch
     import transformers as tf
 
     tf.utils.logging.disable_progress_bar()
     tf.utils.logging.set_verbosity_error()
-    spec = TINY_SPECS[name]
+    spec = name if isinstance(name, TinySpec) else TINY_SPECS[name]
     out = Path(out_dir)
     torch.manual_seed(seed)
     vision, text = _configs(spec)
@@ -202,6 +205,8 @@ def build_tiny_checkpoint(name: str, out_dir: str | os.PathLike, seed: int = 0) 
         for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.08)
+        if init is not None:
+            init(model)
     model.generation_config.eos_token_id = [spec.eos_token_id]
     model.generation_config.bos_token_id = 1
     model.generation_config.pad_token_id = 2

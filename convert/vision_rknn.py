@@ -144,6 +144,10 @@ def build_vision_rknn(onnx_path: Path, out_path: Path, profile: BoardProfile, dt
     rknn_toolkit_version()
     from rknn.api import RKNN
 
+    # rknn-toolkit2 runs in a temp working directory (its side files): relative paths must not follow it
+    onnx_path, out_path, log_path = Path(onnx_path).resolve(), Path(out_path).resolve(), Path(log_path).resolve()
+    dataset = Path(dataset).resolve() if dataset is not None else None
+
     start = time.perf_counter()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="rksmolvlm-rknn-") as work, _cwd(Path(work)), \

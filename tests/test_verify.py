@@ -107,9 +107,13 @@ def test_text_report_and_floors_as_flags(damaged, capsys):
     assert code != 0 and "--min-agreement" in out.err
 
 
-def test_sim_runs_the_tower_in_the_simulator_and_says_what_it_does_not_simulate(preview_bundles, capfd):
-    # capfd: the toolkit's output is captured at the file-descriptor level around the build
-    code, out = _verify(capfd, preview_bundles["idefics3-256m"], "--engine", "sim", "--json")
+def test_sim_runs_the_tower_in_the_simulator_and_says_what_it_does_not_simulate(preview_bundles, capfd,
+                                                                               monkeypatch):
+    # capfd: the toolkit's output is captured at the file-descriptor level around the build. The bundle is
+    # named relative to the working directory, as users type it (rknn-toolkit2 runs in a directory of its own).
+    bundle = preview_bundles["idefics3-256m"]
+    monkeypatch.chdir(bundle.parent)
+    code, out = _verify(capfd, bundle.name, "--engine", "sim", "--json")
     assert out.out.startswith("{"), out.err[-2000:]
     result = json.loads(out.out)
     assert code == 0 and result["engine"] == "sim" and result["min_agreement"] == 0.5
