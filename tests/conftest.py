@@ -136,6 +136,23 @@ def runtime_bundles(preview_bundles) -> dict:
     return {name: RuntimeBundle.open(path) for name, path in preview_bundles.items()}
 
 
+@pytest.fixture(scope="session")
+def demo_preview_bundle(tmp_path_factory) -> Path:
+    """The trained tiny demo model (convert/demo_model.py, Idefics3 class) converted as ``rksmolvlm demo``
+    does (host preview, decoder for the host only), built once on first use (~20 s). Asked "What is on
+    the table?" it answers "A coffee cup." about the shipped coffee photo and "There is no table." about
+    the cat."""
+    from rksmolvlm.convert.demo_model import build_demo_checkpoint
+    from rksmolvlm.convert.pipeline import ConvertOptions, convert
+    from rksmolvlm.convert.progress import Progress
+
+    root = tmp_path_factory.mktemp("demo-preview")
+    checkpoint = build_demo_checkpoint(root / "demo-idefics3", "idefics3")
+    convert(ConvertOptions(model=str(checkpoint), output=root / "bundle", host_preview=True, llm_host_only=True,
+                           llm_dataset_format="text"), Progress(0, quiet=True))
+    return root / "bundle"
+
+
 # -- transformers' side of parity checks ------------------------------------------------------------
 class HfProcessor:
     """transformers' own chat template, tokenizer and processor for one checkpoint: the reference

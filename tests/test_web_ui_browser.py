@@ -3,7 +3,8 @@ server with an API key: the key prompt (401, a wrong key, then success), an uplo
 question whose streamed answer equals the API's answer to the same request, a second turn, stop
 (the server counts the aborted generation), an oversized image (the server's message is shown),
 nothing refused by the page's Content-Security-Policy, and the layout at a phone's and a desktop's
-size (RKSMOLVLM_WRITE_SCREENSHOTS=1 writes docs/web-ui-phone.png and docs/web-ui-desktop.png).
+size during a two-turn conversation with the trained demo model, whose answers are checked
+(RKSMOLVLM_WRITE_SCREENSHOTS=1 writes docs/web-ui-phone.png and docs/web-ui-desktop.png).
 
 Without chromium and chromedriver the module is skipped, unless CI is set (CI installs them)."""
 
@@ -31,6 +32,7 @@ CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"
 MAX_IMAGE_BYTES = 512 * 1024
 CLIP = ROOT / "tests" / "data" / "video" / "h264_24fps_96x64.mp4"  # 3 s at 24 fps
 WAIT_S = 30.0
+DEMO_QUESTION, DEMO_ANSWERS = "What is on the table?", ["A coffee cup.", "There is no table."]
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed: pip install -e '.[dev]'")
 if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
@@ -343,12 +345,32 @@ def test_a_clip_streams_the_apis_answer_with_its_frames(browser, video_served):
     assert browser.find_element(By.CSS_SELECTOR, ".turn.user video").get_attribute("src").startswith("blob:")
 
 
-def test_layout_at_phone_and_desktop_size_and_no_csp_violation(browser, served, picture, tmp_path):
-    open_page(browser, served)
-    set_option(browser, "maxtokens", "12")
-    ask(browser, "What is in the picture?", picture)
-    finished_answer(browser, 1)
-    browser.find_element(By.TAG_NAME, "summary").click()  # options closed again
+@pytest.fixture(scope="module")
+def demo_served(demo_preview_bundle):
+    """The trained tiny demo model's bundle (built on first use, by this test only), no key."""
+    config = with_overrides(ServerConfig(), {"bundle": str(demo_preview_bundle), "engine": "host",
+                                             "verify_bundle": False})
+    with BackgroundServer(build_app(config), config) as server:
+        yield server
+
+
+def test_a_demo_conversation_at_phone_and_desktop_size_and_no_csp_violation(browser, demo_served, tmp_path):
+    """Two turns with the trained demo model: the coffee photo and the cat photo, the same question,
+    the trained answers shown; the screenshots of the README are this conversation."""
+    from rksmolvlm.calibration.vision_set import shipped_images_dir
+
+    browser.get(demo_served.url + "/")
+    wait(browser, lambda d: "takes image" in text_of(d.find_element(By.ID, "model")), "the model line")
+    for count, photo in enumerate(("photo_coffee_cup_table.jpg", "photo_cat_closeup_small.jpg"), 1):
+        ask(browser, DEMO_QUESTION, shipped_images_dir() / photo)
+        stats = text_of(finished_answer(browser, count).find_element(By.CLASS_NAME, "stats"))
+        cached = r" · 1 image\(s\) from the cache" if count == 2 else ""  # the coffee photo's features are kept
+        assert re.fullmatch(rf"5 tiles{cached} · TTFT [\d,]+ ms · [\d.]+ tokens/s · \d+ prompt \+ \d+ answer tokens",
+                            stats), stats
+    assert [text_of(a.find_element(By.CLASS_NAME, "text")) for a in answers(browser)] == DEMO_ANSWERS
+    asked = browser.find_elements(By.CSS_SELECTOR, ".turn.user")
+    assert [text_of(t.find_element(By.CLASS_NAME, "text")) for t in asked] == [DEMO_QUESTION] * 2
+    assert all(t.find_element(By.TAG_NAME, "img").get_attribute("src").startswith("blob:") for t in asked)
     write = os.environ.get("RKSMOLVLM_WRITE_SCREENSHOTS") == "1"
     for name, (width, height) in {"phone": (390, 844), "desktop": (1280, 800)}.items():
         browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
