@@ -23,6 +23,8 @@ One room per responsibility:
   connection cap that evicts idle sockets, so idle or slow clients never lock out /health.
 - ``process``: uvicorn (foreground or BackgroundServer), logging, and the command: add_serve_arguments,
   resolve_config, build_app, serve_command.
+- ``web``: the web page served at ``GET /`` to browsers (``server.web_ui``): one self-contained file
+  (``web/page.html``) under a hash-based Content-Security-Policy; it talks only to ``/v1/chat/completions``.
 """
 
 from __future__ import annotations
