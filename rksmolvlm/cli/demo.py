@@ -91,33 +91,18 @@ def _demo_items(qa):
 def _answer(bundle_dir: Path, reference: list[list[int]] | None) -> int:
     """Ask the demo question about each demo image with the host preview of the bundle, next to
     transformers' answer from the same checkpoint and the answer the model was trained on."""
-    from rksmolvlm.calibration.vision_set import shipped_images_dir
     from rksmolvlm.convert.demo_model import load_demo_qa
-    from rksmolvlm.processing.content import ImagePart, Message, TextPart
-    from rksmolvlm.runtime.engines import GenerationConfig, open_engines
-    from rksmolvlm.runtime.loader import RuntimeBundle
-    from rksmolvlm.runtime.runner import Runner
 
     qa = load_demo_qa()
     items = _demo_items(qa)
-    bundle = RuntimeBundle.open(bundle_dir)
-    runner = Runner(bundle, *open_engines(bundle, "host"))
+    generations = _host_answers(bundle_dir, [(item.images[0], item.question) for item in items], _NEW_TOKENS)
     lines, agree = [], True
-    try:
-        for i, item in enumerate(items):
-            image = shipped_images_dir() / item.images[0]
-            g = runner.generate([Message("user", (ImagePart(image), TextPart(item.question)))],
-                                GenerationConfig(max_new_tokens=_NEW_TOKENS)).consume()
-            same = reference is not None and g.token_ids == reference[i]
-            agree = agree and same
-            s = g.stats
-            lines.append(f"  {image.name}: {g.text.strip()!r}\n"
-                         f"    transformers on the same checkpoint: {'same tokens' if same else 'DIFFERENT'}; "
-                         f"trained answer: {item.answer!r}\n"
-                         f"    {s.vision_tiles} tiles in {s.vision_ms:.0f} ms, prefill {s.prefill_tokens} tokens in "
-                         f"{s.prefill_ms:.0f} ms, first token after {s.first_token_ms:.0f} ms")
-    finally:
-        runner.close()
+    for i, (item, g) in enumerate(zip(items, generations)):
+        same = reference is not None and g.token_ids == reference[i]
+        agree = agree and same
+        lines.append(f"  {item.images[0]}: {g.text.strip()!r}\n"
+                     f"    transformers on the same checkpoint: {'same tokens' if same else 'DIFFERENT'}; "
+                     f"trained answer: {item.answer!r}\n    {_stats_line(g.stats)}")
     print(f"\nhost preview (onnxruntime tower + torch decoder) of {bundle_dir}: {qa.demo_question!r}\n"
           + "\n".join(lines)
           + f"\nnext: rksmolvlm verify {bundle_dir.resolve()} --engine sim   (the RKNN tower in rknn-toolkit2's "
@@ -130,25 +115,32 @@ def _answer(bundle_dir: Path, reference: list[list[int]] | None) -> int:
 
 def _answer_random(bundle_dir: Path) -> int:
     """Answer one question about a shipped image with the host preview of a random-weights bundle."""
+    image, question = "photo_coffee_cup_table.jpg", "What is on the table?"
+    (generation,) = _host_answers(bundle_dir, [(image, question)], 16)
+    print(f"\nhost preview: {image} + {question!r}\n"
+          f"answer ({len(generation.token_ids)} tokens, random weights so it is noise): {generation.text!r}\n"
+          f"token ids: {generation.token_ids}\n{_stats_line(generation.stats)}")
+    return 0
+
+
+def _host_answers(bundle_dir: Path, asks: list[tuple[str, str]], max_new_tokens: int) -> list:
+    """Greedy answers of the bundle's host preview, one fresh question per (shipped image name, question)."""
     from rksmolvlm.calibration.vision_set import shipped_images_dir
     from rksmolvlm.processing.content import ImagePart, Message, TextPart
     from rksmolvlm.runtime.engines import GenerationConfig, open_engines
     from rksmolvlm.runtime.loader import RuntimeBundle
     from rksmolvlm.runtime.runner import Runner
 
-    image = shipped_images_dir() / "photo_coffee_cup_table.jpg"
-    question = "What is on the table?"
     bundle = RuntimeBundle.open(bundle_dir)
     runner = Runner(bundle, *open_engines(bundle, "host"))
     try:
-        generation = runner.generate([Message("user", (ImagePart(image), TextPart(question)))],
-                                     GenerationConfig(max_new_tokens=16)).consume()
+        return [runner.generate([Message("user", (ImagePart(shipped_images_dir() / image), TextPart(question)))],
+                                GenerationConfig(max_new_tokens=max_new_tokens)).consume()
+                for image, question in asks]
     finally:
         runner.close()
-    s = generation.stats
-    print(f"\nhost preview: {image.name} + {question!r}\n"
-          f"answer ({len(generation.token_ids)} tokens, random weights so it is noise): {generation.text!r}\n"
-          f"token ids: {generation.token_ids}\n"
-          f"{s.vision_tiles} tiles in {s.vision_ms:.0f} ms, prefill {s.prefill_tokens} tokens in "
-          f"{s.prefill_ms:.0f} ms, first token after {s.first_token_ms:.0f} ms")
-    return 0
+
+
+def _stats_line(s) -> str:
+    return (f"{s.vision_tiles} tiles in {s.vision_ms:.0f} ms, prefill {s.prefill_tokens} tokens in "
+            f"{s.prefill_ms:.0f} ms, first token after {s.first_token_ms:.0f} ms")
