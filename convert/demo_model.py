@@ -324,7 +324,7 @@ def transformers_answers(checkpoint: str | os.PathLike, items, max_new_tokens: i
     import transformers as tf
 
     from rksmolvlm.calibration.vision_set import shipped_images_dir
-    from rksmolvlm.runtime.verify import cut_at_stop
+    from rksmolvlm.tools.verify import cut_at_stop
 
     config = json.loads((Path(checkpoint) / "config.json").read_text())
     cls = tf.SmolVLMForConditionalGeneration if config["model_type"] == "smolvlm" else \

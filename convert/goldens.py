@@ -5,7 +5,7 @@ few of its tiles, stored small in the bundle's ``goldens/`` with the inputs they
 
 The prompt ids and pixels are the runtime's own (``rksmolvlm.processing`` and the assembler, proven
 equal to transformers' processor by the parity tests); only the generation is transformers'.
-``rksmolvlm verify`` (runtime/verify.py) replays the cases on the board's or the host's engines.
+``rksmolvlm verify`` (rksmolvlm/tools/verify.py) replays the cases on the board's or the host's engines.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 from rksmolvlm.convert.progress import Progress
 from rksmolvlm.convert.source import Checkpoint
 from rksmolvlm.hashing import sha256_file
-from rksmolvlm.runtime.verify import (CASES_FILE, FEATURES_FILE, GOLDENS_DIR, GOLDENS_FORMAT, INPUTS_DIR, GoldenCase,
+from rksmolvlm.tools.verify import (CASES_FILE, FEATURES_FILE, GOLDENS_DIR, GOLDENS_FORMAT, INPUTS_DIR, GoldenCase,
                                       Goldens, cut_at_stop, case_media)
 
 __all__ = ["GOLDEN_NEW_TOKENS", "golden_cases", "record_goldens", "verify_staged"]
@@ -150,7 +150,7 @@ def verify_staged(stage: Path, manifest: dict) -> dict:
     (stage / MANIFEST).write_text(json.dumps(provisional), encoding="utf-8")
     from rksmolvlm.runtime.engines import open_engines
     from rksmolvlm.runtime.loader import RuntimeBundle
-    from rksmolvlm.runtime.verify import verify_bundle
+    from rksmolvlm.tools.verify import verify_bundle
 
     from rksmolvlm.errors import RkSmolVLMError
 

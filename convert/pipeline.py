@@ -392,7 +392,7 @@ def video_chat_template() -> str:
 
 
 def video_manifest(settings) -> dict:
-    """The manifest's ``video`` section (read back by rksmolvlm/manifest.py)."""
+    """The manifest's ``video`` section (read back by rksmolvlm/bundle/manifest.py)."""
     return {"settings": {"fps": float(settings.fps), "max_frames": int(settings.max_frames),
                          "skip_secs": float(settings.skip_secs), "longest_edge": int(settings.longest_edge),
                          "frame_size": int(settings.frame_size), "image_mean": [float(v) for v in settings.image_mean],

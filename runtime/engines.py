@@ -163,7 +163,7 @@ def open_engines(bundle: "RuntimeBundle", engine: str = "auto",
         from rksmolvlm.runtime.npu_engines import make_npu_engines
 
         return make_npu_engines(bundle, options)
-    from rksmolvlm.runtime.host_engines import make_host_engines
+    from rksmolvlm.preview.host_engines import make_host_engines
 
     return make_host_engines(bundle, options)
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from pathlib import Path
 
-from rksmolvlm.manifest import Manifest
+from rksmolvlm.bundle.manifest import Manifest
 from rksmolvlm.processing.assembler import Assembler
 from rksmolvlm.processing.embed import EmbeddingTable
 from rksmolvlm.processing.image import ImageSettings

@@ -32,7 +32,7 @@ def add_parser(verbs) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rksmolvlm.errors import RkSmolVLMError
-    from rksmolvlm.runtime.bench import VIDEO_FRAMES, format_table, run_bench
+    from rksmolvlm.tools.bench import VIDEO_FRAMES, format_table, run_bench
     from rksmolvlm.runtime.loader import RuntimeBundle
 
     if args.video_frames is not None and args.video_frames < 1:

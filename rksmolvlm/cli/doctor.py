@@ -23,7 +23,7 @@ def add_parser(verbs) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rksmolvlm.bundle import read_manifest
-    from rksmolvlm.runtime.doctor import run_doctor
+    from rksmolvlm.tools.doctor import run_doctor
 
     manifest = read_manifest(args.bundle) if args.bundle else None
     findings = run_doctor(manifest, args.root)

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from rksmolvlm.errors import RkSmolVLMError
     from rksmolvlm.runtime.engines import EngineOptions, open_engines
     from rksmolvlm.runtime.loader import RuntimeBundle
-    from rksmolvlm.runtime.verify import DEFAULT_MIN_COSINE, load_goldens, open_sim_engines, verify_bundle
+    from rksmolvlm.tools.verify import DEFAULT_MIN_COSINE, load_goldens, open_sim_engines, verify_bundle
 
     if args.min_agreement is not None and not 0.0 <= args.min_agreement <= 1.0:
         raise RkSmolVLMError(f"--min-agreement {args.min_agreement} must be between 0 and 1")

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
-    from rksmolvlm.runtime.server_config import ServerSection
+    from rksmolvlm.runtime.server.config import ServerSection
 
 __all__ = ["ConnectionLimits", "ConnectionBook", "protocol_class"]
 

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 from rksmolvlm.runtime.server.cors import CorsPolicy
 from rksmolvlm.runtime.server.requests import ApiError
-from rksmolvlm.runtime.server_config import ServerConfig
+from rksmolvlm.runtime.server.config import ServerConfig
 
 __all__ = ["RequestGuard", "HostPolicy", "is_loopback"]
 

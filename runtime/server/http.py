@@ -19,7 +19,7 @@ import uuid
 from typing import AsyncIterator, Callable
 
 from rksmolvlm import __version__
-from rksmolvlm.runtime.server_config import VIDEO_LIMIT_KEYS, ServerConfig
+from rksmolvlm.runtime.server.config import VIDEO_LIMIT_KEYS, ServerConfig
 from rksmolvlm.runtime.server.cors import Cors
 from rksmolvlm.runtime.server.guards import RequestGuard
 from rksmolvlm.runtime.server.metrics import _rss_bytes

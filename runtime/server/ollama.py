@@ -204,7 +204,7 @@ class OllamaApi:
             bundle = getattr(request.app.state, "bundle", None)
             size, digest = 0, hashlib.sha256(self.model.id.encode()).hexdigest()
             if bundle is not None:
-                from rksmolvlm.manifest import MANIFEST
+                from rksmolvlm.bundle.manifest import MANIFEST
 
                 size = bundle.manifest.size_bytes
                 digest = hashlib.sha256(bundle.path.joinpath(MANIFEST).read_bytes()).hexdigest()

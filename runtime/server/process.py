@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable
 
 from rksmolvlm import __version__
 from rksmolvlm.errors import RkSmolVLMError
-from rksmolvlm.runtime.server_config import (CONFIG_ENV, DEFAULT_CONFIG_PATH, ConfigError, ServerConfig, load_config,
+from rksmolvlm.runtime.server.config import (CONFIG_ENV, DEFAULT_CONFIG_PATH, ConfigError, ServerConfig, load_config,
                                              read_api_key, with_overrides)
 from rksmolvlm.runtime.server.connections import ConnectionBook, ConnectionLimits, protocol_class
 from rksmolvlm.runtime.server.guards import is_loopback

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from rksmolvlm import __version__
 from rksmolvlm.errors import RkSmolVLMError
-from rksmolvlm.runtime.server_config import ServerConfig
+from rksmolvlm.runtime.server.config import ServerConfig
 
 if TYPE_CHECKING:  # the module is imported for `rksmolvlm --help`: numpy and friends load on use
     from rksmolvlm.processing.content import Message
@@ -120,7 +120,7 @@ class ServedModel:
 
     @classmethod
     def from_bundle(cls, bundle: RuntimeBundle, name: str | None, engine: str) -> "ServedModel":
-        from rksmolvlm.manifest import MANIFEST
+        from rksmolvlm.bundle.manifest import MANIFEST
 
         manifest = bundle.manifest
         source = manifest.source.model_id or bundle.path.name

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from rksmolvlm.errors import ImageError, RkSmolVLMError
-from rksmolvlm.runtime.server_config import ServerConfig
+from rksmolvlm.runtime.server.config import ServerConfig
 from rksmolvlm.runtime.server.requests import ApiError, ChatRequest, ServedModel
 
 if TYPE_CHECKING:  # imported for `rksmolvlm --help`: numpy, torch and friends load on use

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 from rksmolvlm.errors import RkSmolVLMError
-from rksmolvlm.runtime.server_config import ServerConfig
+from rksmolvlm.runtime.server.config import ServerConfig
 
 __all__ = ["WebPage", "page_enabled", "prefers_html", "PAGE_FILE"]
 

@@ -1,0 +1,320 @@
+"""Golden answers: what a bundle's cases are, how their inputs are made, and how a set of engines
+scores against them.
+
+A bundle converted by this rksmolvlm carries ``goldens/``: ``cases.json`` (each case's messages,
+the prompt ids and the greedy token ids the original checkpoint generated in float32 with
+transformers, and which tiles have reference tower features), ``features.npz`` (those features,
+float16) and ``inputs/`` (the images and clip the cases show). ``verify_bundle`` runs every case
+through the runtime's own Runner on the engines given and compares. numpy only: this runs on the board.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from rksmolvlm.errors import BundleError
+from rksmolvlm.processing.content import ImagePart, VideoPart, conversation, media_parts
+
+__all__ = ["GOLDENS_DIR", "CASES_FILE", "FEATURES_FILE", "INPUTS_DIR", "GOLDENS_FORMAT", "GoldenCase", "Goldens",
+           "CaseResult", "VerifyResult", "case_media", "cut_at_stop", "verify_bundle", "load_goldens",
+           "open_sim_engines", "SimulatedVisionEncoder", "DEFAULT_MIN_COSINE", "default_min_agreement"]
+
+GOLDENS_DIR = "goldens"
+CASES_FILE, FEATURES_FILE, INPUTS_DIR = "cases.json", "features.npz", "inputs"
+GOLDENS_FORMAT = 1
+DEFAULT_MIN_COSINE = 0.99
+_MIN_AGREEMENT = {"host": 1.0, "npu": 0.5, "sim": 0.5}
+NO_GOLDENS = ("{root} has no golden answers (goldens/ in manifest.json): it was converted with --no-goldens, "
+              "with only one part, or by an older rksmolvlm; convert the checkpoint again with "
+              "'rksmolvlm convert MODEL -o BUNDLE' (both parts, without --no-goldens) to record them")
+
+
+def default_min_agreement(engine: str) -> float:
+    """host engines compute what transformers computes: all tokens must agree; board/simulated
+    engines quantize, so half the tokens before the first divergence is the default floor."""
+    return _MIN_AGREEMENT.get(engine, 0.5)
+
+
+@dataclass(frozen=True)
+class GoldenCase:
+    name: str
+    messages: list[dict]  # chat messages; media sources are file names under goldens/inputs/
+    prompt_ids: list[int]
+    token_ids: list[int]  # transformers' greedy ids, cut after the first end id
+    feature_tiles: list[int]  # indices into the case's tiles/frames (media order) with reference features
+
+
+@dataclass(frozen=True)
+class Goldens:
+    root: Path  # the bundle
+    new_tokens: int
+    reference: str
+    cases: list[GoldenCase]
+    features: dict[str, np.ndarray]  # case name → (len(feature_tiles), seq, hidden) float16
+
+    @classmethod
+    def read(cls, root: Path, cases_file: Path, features_file: Path) -> "Goldens":
+        try:
+            data = json.loads(cases_file.read_text(encoding="utf-8"))
+            if data.get("format") != GOLDENS_FORMAT:
+                raise ValueError(f"format {data.get('format')!r}, this rksmolvlm reads {GOLDENS_FORMAT}")
+            cases = [GoldenCase(c["name"], list(c["messages"]), [int(i) for i in c["prompt_ids"]],
+                                [int(i) for i in c["token_ids"]], [int(i) for i in c["feature_tiles"]])
+                     for c in data["cases"]]
+            with np.load(features_file, allow_pickle=False) as npz:
+                features = {k: npz[k] for k in npz.files}
+            new_tokens, reference = int(data["new_tokens"]), str(data["reference"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise BundleError(f"{cases_file} cannot be read ({exc}): convert the bundle again") from exc
+        return cls(root, new_tokens, reference, cases, features)
+
+    def messages(self, case: GoldenCase) -> list:
+        """The case's messages as typed records, media names resolved in goldens/inputs/."""
+        inputs = self.root / GOLDENS_DIR / INPUTS_DIR
+
+        def part(p):
+            kind = p.get("type")
+            if kind in ("image", "video") and isinstance(p.get(kind), str):
+                return {**p, kind: str(inputs / p[kind])}
+            return p
+
+        return conversation([{**m, "content": [part(p) for p in m["content"]]} for m in case.messages])
+
+
+def case_media(messages: list, image_settings, video_settings) -> tuple[list[np.ndarray], list[Any], list[str]]:
+    """Per media part of ``messages``: its uint8 tiles (images, split by the settings) or frames (videos,
+    sampled at the part's fps/max_frames bounded by the checkpoint's), its layout for the assembler,
+    and its kind ("image" | "video") — the runtime's processing, as its Runner does it."""
+    from rksmolvlm.processing.assembler import Layout, VideoLayout
+    from rksmolvlm.processing.image import preprocess
+
+    pixels, layouts, kinds = [], [], []
+    for part in media_parts(messages):
+        if isinstance(part, ImagePart):
+            tiled = preprocess(part.source, image_settings)
+            pixels.append(tiled.tiles)
+            layouts.append(Layout(tiled.rows, tiled.cols))
+            kinds.append("image")
+        elif isinstance(part, VideoPart):
+            from rksmolvlm.processing.video import probe_video, read_frames
+            from rksmolvlm.processing.video_frames import frame_timestamps, resize_frames, sample_indices
+
+            s = video_settings
+            fps = part.fps or s.fps
+            limit = min(part.max_frames or s.max_frames, s.max_frames)
+            info = probe_video(part.source)
+            indices = sample_indices(info.total_num_frames, info.duration, info.fps, fps, limit, s.skip_secs)
+            pixels.append(resize_frames(read_frames(part.source, [int(i) for i in indices]), s))
+            layouts.append(VideoLayout(tuple(float(t) for t in frame_timestamps(indices, info.fps)),
+                                       float(info.duration)))
+            kinds.append("video")
+    return pixels, layouts, kinds
+
+
+@dataclass
+class CaseResult:
+    name: str
+    prompt_match: bool  # the runtime prefilled the ids transformers was fed
+    tile_cosines: list[float]  # per reference tile: engine features vs the original tower
+    reference_tokens: int
+    generated_tokens: int
+    first_divergence: int  # tokens equal before the first difference (= reference_tokens when none)
+    agreement: float  # first_divergence / reference_tokens
+    exact: bool
+    reference_ids: list[int] = field(default_factory=list)
+    generated_ids: list[int] = field(default_factory=list)
+
+    @property
+    def min_cosine(self) -> float | None:
+        return min(self.tile_cosines) if self.tile_cosines else None
+
+
+@dataclass
+class VerifyResult:
+    bundle: str
+    engine: str
+    reference: str
+    min_agreement: float
+    min_cosine: float
+    cases: list[CaseResult]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def agreement(self) -> float:
+        """Mean token agreement over the cases."""
+        return float(np.mean([c.agreement for c in self.cases])) if self.cases else 0.0
+
+    @property
+    def failures(self) -> list[str]:
+        out = []
+        for c in self.cases:
+            if c.agreement < self.min_agreement:
+                out.append(f"{c.name}: token agreement {c.agreement:.0%} below {self.min_agreement:.0%}")
+            if c.min_cosine is not None and c.min_cosine < self.min_cosine:
+                out.append(f"{c.name}: tower cosine {c.min_cosine:.5f} below {self.min_cosine}")
+            if not c.prompt_match:
+                out.append(f"{c.name}: the prompt ids differ from the ones the reference was fed")
+        return out
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.cases) and not self.failures
+
+    def to_dict(self) -> dict:
+        return {"bundle": self.bundle, "engine": self.engine, "reference": self.reference,
+                "verdict": "pass" if self.passed else "fail", "agreement": self.agreement,
+                "min_agreement": self.min_agreement, "min_cosine": self.min_cosine,
+                "failures": self.failures, "notes": self.notes,
+                "cases": [{**asdict(c), "min_tile_cosine": c.min_cosine} for c in self.cases]}
+
+    def summary(self) -> str:
+        lines = [f"verify {self.bundle} on {self.engine} engines against {self.reference}"]
+        lines += [f"note: {n}" for n in self.notes]
+        for c in self.cases:
+            cos = "-" if c.min_cosine is None else f"{c.min_cosine:.5f}"
+            per_tile = ", ".join(f"{v:.5f}" for v in c.tile_cosines)
+            lines.append(f"  {c.name:<12} tower cosine {cos:<8}{f' ({per_tile})' if per_tile else ''}  "
+                         f"tokens {c.first_divergence}/{c.reference_tokens} before the first divergence, "
+                         f"agreement {c.agreement:.0%}, exact {'yes' if c.exact else 'no'}"
+                         f"{'' if c.prompt_match else ', PROMPT DIFFERS'}")
+        verdict = "PASS" if self.passed else "FAIL"
+        lines.append(f"verdict: {verdict} (mean agreement {self.agreement:.0%}; floors: agreement "
+                     f"{self.min_agreement:.0%} per case, tower cosine {self.min_cosine})")
+        lines += [f"  {f}" for f in self.failures]
+        return "\n".join(lines)
+
+
+def load_goldens(bundle) -> Goldens:
+    """The goldens of an opened RuntimeBundle; a BundleError naming the fix when it has none."""
+    info = getattr(bundle.manifest, "goldens", None)
+    if info is None:
+        raise BundleError(NO_GOLDENS.format(root=bundle.path))
+    return Goldens.read(Path(bundle.path), bundle.manifest.path(info.cases), bundle.manifest.path(info.features))
+
+
+def verify_bundle(bundle, vision, llm, engine: str, min_agreement: float | None = None,
+                  min_cosine: float = DEFAULT_MIN_COSINE, notes: list[str] | None = None,
+                  progress: Callable[[str], None] | None = None) -> VerifyResult:
+    """Run every golden case of ``bundle`` (a RuntimeBundle) through a Runner on ``vision`` + ``llm``."""
+    from rksmolvlm.runtime.engines import GenerationConfig
+    from rksmolvlm.runtime.runner import Runner
+
+    goldens = load_goldens(bundle)
+    floor = default_min_agreement(engine) if min_agreement is None else min_agreement
+    runner = Runner(bundle, vision, llm, image_cache_size=0)
+    stops = set(bundle.stop_ids)
+    results = []
+    for case in goldens.cases:
+        if progress:
+            progress(case.name)
+        messages = goldens.messages(case)
+        cosines = []
+        if case.feature_tiles:
+            pixels, _, kinds = case_media(messages, bundle.settings, bundle.video_settings)
+            cosines = _tile_cosines(vision, pixels, kinds, case.feature_tiles, goldens.features[case.name])
+        llm.clear_history()
+        result = runner.generate(messages, GenerationConfig(max_new_tokens=goldens.new_tokens)).consume()
+        got = cut_at_stop(list(result.token_ids), stops)
+        want = case.token_ids
+        same = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
+        results.append(CaseResult(case.name, list(result.prefill_ids) == case.prompt_ids, cosines, len(want),
+                                  len(got), same, same / len(want) if want else 1.0, got == want, want, got))
+    return VerifyResult(str(bundle.path), engine, goldens.reference, floor, min_cosine, results, list(notes or []))
+
+
+def cut_at_stop(ids: list[int], stops: set[int]) -> list[int]:
+    """Ids up to and including the first end id."""
+    for i, t in enumerate(ids):
+        if t in stops:
+            return ids[:i + 1]
+    return ids
+
+
+def _tile_cosines(vision, pixels: list[np.ndarray], kinds: list[str], wanted: list[int],
+                  reference: np.ndarray) -> list[float]:
+    """Cosine of the engine's features vs the reference for the tiles ``wanted`` (indices over all
+    tiles/frames of the case, media order)."""
+    owner = [(m, k) for m, tiles in enumerate(pixels) for k in range(len(tiles))]
+    out = []
+    for index, ref in zip(wanted, reference):
+        m, k = owner[index]
+        tile = pixels[m][k:k + 1]
+        encode = getattr(vision, "encode_frames", vision.encode) if kinds[m] == "video" else vision.encode
+        got = np.asarray(encode(tile), dtype=np.float64).ravel()
+        ref = np.asarray(ref, dtype=np.float64).ravel()
+        out.append(float(got @ ref / max(np.linalg.norm(got) * np.linalg.norm(ref), 1e-30)))
+    return out
+
+
+class SimulatedVisionEncoder:
+    """The bundle's tower in rknn-toolkit2's simulator (x86 host only): the RKNN model is built again
+    from the bundle's vision.onnx with the bundle's dtype, and the simulator runs the tiles given at
+    start (the toolkit simulates only inside the build session); ``encode`` looks them up."""
+
+    def __init__(self, bundle, tiles: np.ndarray, work: Path):
+        from rksmolvlm.boards import load_profile
+        from rksmolvlm.convert.vision_rknn import build_vision_rknn
+
+        part = bundle.manifest.vision
+        if part is None or part.onnx is None:
+            raise BundleError(f"{bundle.path} has no vision.onnx: the simulator builds the tower from it; convert "
+                              "with --host-preview")
+        dataset = None
+        if part.dtype == "int8":  # quantize as the converter did by default: the shipped calibration images
+            from rksmolvlm.calibration.vision_set import (build_tile_sets, collect_images, shipped_images_dir,
+                                                          write_rknn_dataset)
+
+            sets = build_tile_sets(collect_images(shipped_images_dir()), bundle.settings, 24, 1)
+            dataset = write_rknn_dataset(sets.calibration, work / "calibration")
+        tiles = np.unique(tiles, axis=0) if len(tiles) else tiles
+        build = build_vision_rknn(bundle.file(part.onnx), work / "vision.rknn",
+                                  load_profile(bundle.manifest.target.platform), part.dtype,
+                                  log_path=work / "vision-build.log", dataset=dataset, evaluation_tiles=tiles)
+        shape = bundle.manifest.vision.output_shape[1:]
+        simulated = build.simulated.reshape((len(tiles), *shape)) if len(tiles) else np.zeros((0, *shape))
+        self._features = {t.tobytes(): f for t, f in zip(tiles, simulated)}
+
+    def encode(self, tiles: np.ndarray) -> np.ndarray:
+        try:
+            return np.stack([self._features[t.tobytes()] for t in tiles]).astype(np.float32)
+        except KeyError:
+            raise BundleError("internal: a tile the simulator was not given at start") from None
+
+    def encode_frames(self, frames: np.ndarray) -> np.ndarray:
+        return self.encode(frames)  # the RKNN model bakes in (x − 127.5) / 127.5 for both
+
+    def close(self) -> None:
+        self._features = {}
+
+
+def open_sim_engines(bundle, work: Path, threads: int | None = None) -> tuple[Any, Any, list[str]]:
+    """(vision, llm, notes) for ``--engine sim``: the tower in rknn-toolkit2's simulator, the decoder
+    in rkllm-toolkit's host simulation when installed, else torch (said in the notes)."""
+    from rksmolvlm.preview.host_engines import TorchLlmEngine
+
+    goldens = load_goldens(bundle)
+    tiles = []
+    for case in goldens.cases:
+        pixels, _, _ = case_media(goldens.messages(case), bundle.settings, bundle.video_settings)
+        tiles += [p for p in pixels]
+    size = bundle.settings.tile_size
+    vision = SimulatedVisionEncoder(bundle, np.concatenate(tiles) if tiles else np.zeros((0, size, size, 3),
+                                                                                           np.uint8), work)
+    notes = [f"tower: rknn-toolkit2 simulator ({bundle.manifest.vision.dtype}, {bundle.manifest.target.platform})"]
+    if bundle.manifest.llm.decoder_dir is None:
+        raise BundleError(f"{bundle.path} has no host-preview decoder (decoder/): convert with --host-preview")
+    import importlib.util
+
+    if importlib.util.find_spec("rkllm") is None:
+        notes.append("decoder: torch float32 (rkllm-toolkit is not installed, so its host simulation of the "
+                     "quantized decoder is not run; --engine npu on the board shows what the quantization does)")
+    else:
+        notes.append("decoder: torch float32 (rkllm-toolkit is installed, but verify does not drive its host "
+                     "simulation yet; --engine npu on the board shows what the quantization does)")
+    llm = TorchLlmEngine(bundle.file(bundle.manifest.llm.decoder_dir), threads)
+    return vision, llm, notes

@@ -1,0 +1,130 @@
+"""Engines that cost nothing, for tests of the wiring: ``FakeVision``, ``FakeLlm``, and ``RecordingLlm``
+around a real one."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+
+# -- fake engines ---------------------------------------------------------------------------------
+class FakeVision:
+    """A vision encoder with the real output shape that costs nothing: tile i's features are its
+    mean pixel value plus a ramp, so different tiles and images give different features."""
+
+    def __init__(self, seq: int, hidden: int):
+        self.seq, self.hidden = seq, hidden
+        self.calls: list[int] = []  # tiles per encode() call
+        self.closed = False
+
+    @classmethod
+    def for_bundle(cls, bundle) -> "FakeVision":
+        _, seq, hidden = bundle.manifest.vision.output_shape
+        return cls(seq, hidden)
+
+    def encode(self, tiles: np.ndarray) -> np.ndarray:
+        self.calls.append(len(tiles))
+        means = tiles.reshape(len(tiles), -1).mean(axis=1, dtype=np.float32) / 255
+        ramp = np.linspace(-1, 1, self.seq * self.hidden, dtype=np.float32).reshape(self.seq, self.hidden)
+        return means[:, None, None] + ramp[None]
+
+    @property
+    def tiles(self) -> int:
+        return sum(self.calls)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@dataclass
+class Prefill:
+    """One generate() call as the fake LLM saw it."""
+
+    embeddings: np.ndarray
+    keep_history: bool
+    history_before: int
+
+
+class FakeLlm:
+    """An LLM engine that records the embeddings it was given and yields ``script`` (a list of
+    ids, settable between requests) until a stop id (yielded too), ``max_new_tokens``, the end of
+    the script or an abort. Like the real engines its history counts the prefill and every
+    generated token."""
+
+    def __init__(self, script: Sequence[int] = ()):
+        self.script = list(script)
+        self.prefills: list[Prefill] = []
+        self.yielded: list[list[int]] = []  # the ids each generate() call yielded
+        self.aborts = 0
+        self.clears = 0
+        self.closed = False
+        self._history = 0
+        self._abort = threading.Event()
+
+    @property
+    def history_tokens(self) -> int:
+        return self._history
+
+    def embedding_table(self):
+        return None
+
+    def generate(self, embeddings, config, keep_history, stats):
+        self._abort.clear()
+        if not keep_history:
+            self._history = 0
+        self.prefills.append(Prefill(np.array(embeddings, copy=True), keep_history, self._history))
+        self._history += len(embeddings)
+        stats.prefill_tokens += len(embeddings)
+        out: list[int] = []
+        self.yielded.append(out)
+        for token in self.script[:config.max_new_tokens]:
+            if self._abort.is_set():
+                return
+            out.append(token)
+            self._history += 1
+            stats.generate_tokens += 1
+            yield token
+            if token in config.stop_ids:
+                return
+
+    def abort(self) -> None:
+        self.aborts += 1
+        self._abort.set()
+
+    def clear_history(self) -> None:
+        self.clears += 1
+        self._history = 0
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def fake_runner(bundle, script: Sequence[int] = (), **kwargs):
+    """A Runner on ``bundle`` with a FakeVision and a FakeLlm(script)."""
+    from rksmolvlm.runtime.runner import Runner
+
+    return Runner(bundle, FakeVision.for_bundle(bundle), FakeLlm(script), **kwargs)
+
+
+class RecordingLlm:
+    """The real engine, recording the GenerationConfig of every generation and slowed down per
+    token when asked (so that requests overlap)."""
+
+    def __init__(self, llm):
+        self.llm = llm
+        self.configs: list = []  # GenerationConfig of each generation
+        self.delay = 0.0
+
+    def generate(self, embeddings, config, keep_history, stats):
+        self.configs.append(config)
+        for token in self.llm.generate(embeddings, config, keep_history, stats):
+            if self.delay:
+                time.sleep(self.delay)
+            yield token
+
+    def __getattr__(self, name):
+        return getattr(self.llm, name)

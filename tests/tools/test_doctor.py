@@ -1,0 +1,109 @@
+"""`rksmolvlm doctor` against fake sysfs/proc trees: a good board, and each failure with its fix."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from support.manifests import minimal_manifest
+from rksmolvlm.bundle.manifest import Manifest
+from rksmolvlm.tools.doctor import run_doctor
+
+
+def _manifest(size_bytes: int = 600 * 1024 ** 2) -> Manifest:
+    """An rk3588 bundle's manifest needing librknnrt 2.5.0 and librkllmrt 1.3.0, ``size_bytes`` large."""
+    data = minimal_manifest()
+    data.update(schema_version=1, created_by="test", min_runtime={"librknnrt": "2.5.0", "librkllmrt": "1.3.0"},
+                files={"tokenizer.json": {"size": size_bytes, "sha256": "0" * 64}})
+    return Manifest.from_dict(data, Path("bundle"))
+
+
+MANIFEST = _manifest()
+
+
+def _board(root, compatible=b"friendlyarm,nanopi-r6s\0rockchip,rk3588s\0", driver="RKNPU driver: v0.9.8",
+           rknnrt=b"...librknnrt version: 2.5.0 (abc)...", rkllmrt=b"..rkllm-runtime version: 1.3.0..",
+           mem_kb=8_000_000, node=True):
+    (root / "proc/device-tree").mkdir(parents=True)
+    (root / "proc/device-tree/compatible").write_bytes(compatible)
+    if driver is not None:
+        (root / "sys/kernel/debug/rknpu").mkdir(parents=True)
+        (root / "sys/kernel/debug/rknpu/version").write_text(driver + "\n")
+    (root / "usr/lib").mkdir(parents=True)
+    if rknnrt is not None:
+        (root / "usr/lib/librknnrt.so").write_bytes(rknnrt)
+    if rkllmrt is not None:
+        (root / "usr/lib/librkllmrt.so").write_bytes(rkllmrt)
+    (root / "proc/meminfo").write_text(f"MemTotal: 16000000 kB\nMemAvailable: {mem_kb} kB\n")
+    if node:
+        (root / "dev/dri").mkdir(parents=True)
+        (root / "dev/dri/renderD129").write_text("")
+    return root
+
+
+def _by_check(findings):
+    return {f.check: f for f in findings}
+
+
+def test_good_board(tmp_path, rknnlite_double):
+    findings = run_doctor(MANIFEST, _board(tmp_path))
+    assert [f for f in findings if f.status == "fail"] == []
+    checks = _by_check(findings)
+    assert "RK3588" in checks["soc"].message
+    assert checks["npu driver"].message.endswith("0.9.8")
+    assert "2.5.0" in checks["librknnrt"].message and "1.3.0" in checks["librkllmrt"].message
+
+
+@pytest.mark.parametrize("kwargs,check,fix", [
+    (dict(driver="RKNPU driver: v0.9.6"), "npu driver", "rknpu ≥ 0.9.8"),
+    (dict(driver=None), "npu driver", "dmesg"),
+    (dict(rknnrt=None), "librknnrt", "/usr/lib"),
+    (dict(rkllmrt=None), "librkllmrt", "rkllm-runtime/Linux/librkllm_api/aarch64"),
+    (dict(rkllmrt=b"rkllm-runtime version: 1.2.3"), "librkllmrt", "not compatible"),
+    (dict(rknnrt=b"librknnrt version: 2.3.0"), "librknnrt", "2.5.0 or newer"),
+    (dict(mem_kb=200_000), "memory", "swap"),
+    (dict(node=False), "npu device", "rknpu driver"),
+    (dict(compatible=b"rockchip,rk3576\0"), "bundle target", "--target rk3576"),
+])
+def test_each_failure_names_its_fix(tmp_path, rknnlite_double, kwargs, check, fix):
+    findings = _by_check(run_doctor(MANIFEST, _board(tmp_path, **kwargs)))
+    assert findings[check].status == "fail", findings[check]
+    assert fix in findings[check].fix + findings[check].message
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can open any file")
+def test_unwritable_npu_node(tmp_path, rknnlite_double):
+    root = _board(tmp_path)
+    os.chmod(root / "dev/dri/renderD129", 0o400)
+    assert _by_check(run_doctor(MANIFEST, root))["npu device"].status == "fail"
+
+
+def test_missing_rknnlite(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "rknnlite" else real(n, *a))
+    assert _by_check(run_doctor(MANIFEST, _board(tmp_path)))["rknn-toolkit-lite2"].status == "fail"
+
+
+def test_off_a_board_says_so(tmp_path):
+    findings = run_doctor(MANIFEST, tmp_path)
+    assert findings[0].status == "info" and "not a Rockchip board" in findings[0].message
+    assert not any(f.status == "fail" for f in findings)
+
+
+def test_a_video_bundle_needs_pyav(tmp_path, monkeypatch):
+    import dataclasses
+    import importlib.util
+
+    from rksmolvlm.bundle.manifest import VideoPartInfo
+    from rksmolvlm.processing.video_frames import VideoSettings
+
+    video = dataclasses.replace(MANIFEST, video=VideoPartInfo(VideoSettings(1.0, 64, 2048, 512), "{{ messages }}"))
+    board = _board(tmp_path)
+    assert _by_check(run_doctor(video, board))["pyav"].status == "ok"
+    assert "pyav" not in _by_check(run_doctor(MANIFEST, board))  # an image-only bundle does not need it
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "av" else real(n, *a))
+    finding = _by_check(run_doctor(video, board))["pyav"]
+    assert finding.status == "warn" and "refused" in finding.message and "pip install" in finding.fix
