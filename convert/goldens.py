@@ -10,17 +10,17 @@ equal to transformers' processor by the parity tests); only the generation is tr
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 
+from rksmolvlm.bundle.goldens import GOLDENS_DIR, INPUTS_DIR, GoldenCase, Goldens
+from rksmolvlm.bundle.manifest import GoldensInfo, Manifest
 from rksmolvlm.convert.progress import Progress
 from rksmolvlm.convert.source import Checkpoint
 from rksmolvlm.hashing import sha256_file
-from rksmolvlm.tools.verify import (CASES_FILE, FEATURES_FILE, GOLDENS_DIR, GOLDENS_FORMAT, INPUTS_DIR, GoldenCase,
-                                      Goldens, cut_at_stop, case_media)
+from rksmolvlm.tools.verify import case_media, cut_at_stop
 
 __all__ = ["GOLDEN_NEW_TOKENS", "golden_cases", "record_goldens", "verify_staged"]
 
@@ -56,8 +56,8 @@ def golden_cases(with_video: bool) -> list[dict]:
 
 
 def record_goldens(checkpoint: Checkpoint, bundle: Path, towers, progress: Progress, max_context: int,
-                   new_tokens: int = GOLDEN_NEW_TOKENS) -> tuple[dict, dict]:
-    """Write ``goldens/`` into ``bundle``; return (manifest section, report section). A case whose
+                   new_tokens: int = GOLDEN_NEW_TOKENS) -> tuple[GoldensInfo, dict]:
+    """Write ``goldens/`` into ``bundle``; return (manifest part, report section). A case whose
     prompt and answer would not fit ``max_context`` (the bundle's decoder context) is left out."""
     import torch
     import transformers as tf
@@ -81,7 +81,7 @@ def record_goldens(checkpoint: Checkpoint, bundle: Path, towers, progress: Progr
                 if name not in inputs:
                     shutil.copy2(sources[part["type"]] / name, folder / INPUTS_DIR / name)
                     inputs[name] = sha256_file(folder / INPUTS_DIR / name)
-    shell = Goldens(bundle, new_tokens, "", [], {})
+    shell = Goldens(bundle, new_tokens, "", [])
     assembler = checkpoint_assembler(checkpoint)
     stops = set(checkpoint.tokens.eos_ids)
     cls = tf.Idefics3ForConditionalGeneration if checkpoint.family == "idefics3" else \
@@ -114,40 +114,33 @@ def record_goldens(checkpoint: Checkpoint, bundle: Path, towers, progress: Progr
             if wanted:
                 all_floats = np.concatenate(floats)
                 features[case["name"]] = torch_features(towers.tower, all_floats[wanted]).astype(np.float16)
-            written.append({**case, "prompt_ids": [int(i) for i in ids], "token_ids": tokens,
-                            "feature_tiles": wanted, "tiles": total})
+            written.append(GoldenCase(case["name"], case["messages"], [int(i) for i in ids], tokens, wanted, total))
             progress.note(f"golden {case['name']}: {len(ids)} prompt tokens, {total} tiles, {len(tokens)} tokens")
     finally:
         del vlm
     reference = f"{checkpoint.model_id} float32, transformers {tf.__version__} greedy"
-    (folder / CASES_FILE).write_text(json.dumps({"format": GOLDENS_FORMAT, "new_tokens": new_tokens,
-                                                 "reference": reference, "inputs": inputs, "cases": written},
-                                                indent=1) + "\n", encoding="utf-8")
-    np.savez_compressed(folder / FEATURES_FILE, **features)
-    section = {"cases": f"{GOLDENS_DIR}/{CASES_FILE}", "features": f"{GOLDENS_DIR}/{FEATURES_FILE}",
-               "new_tokens": new_tokens}
+    section = Goldens(bundle, new_tokens, reference, written, features, inputs).write()
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    return section, {"cases": [c["name"] for c in written], "left_out": skipped, "new_tokens": new_tokens,
+    return section, {"cases": [c.name for c in written], "left_out": skipped, "new_tokens": new_tokens,
                      "reference": reference, "bytes": size}
 
 
-def verify_staged(stage: Path, manifest: dict) -> dict:
+def verify_staged(stage: Path, manifest: Manifest) -> dict:
     """The host-engine verify result of a bundle being written (its host-preview files present), for
     report.json; a skip with the reason otherwise. Writes a provisional manifest that the commit replaces."""
-    from rksmolvlm.bundle import MANIFEST, SCHEMA_VERSION, file_record
-    from rksmolvlm import __version__
+    import json
 
-    vision, llm = manifest.get("vision") or {}, manifest.get("llm") or {}
-    if not manifest.get("goldens"):
+    from rksmolvlm.bundle import MANIFEST
+    from rksmolvlm.bundle.staging import stamped
+
+    if manifest.goldens is None:
         return {"skipped": "no golden answers were recorded (both parts are needed)"}
-    if not vision.get("onnx") or not llm.get("decoder_dir"):
+    if manifest.vision is None or manifest.vision.onnx is None or manifest.llm is None or \
+            manifest.llm.decoder_dir is None:
         return {"skipped": "the bundle has no host-preview files (convert with --host-preview); run "
                            "'rksmolvlm verify BUNDLE --engine npu' on the board"}
-    files = {p.relative_to(stage).as_posix(): file_record(p) for p in sorted(stage.rglob("*"))
-             if p.is_file() and p.name != MANIFEST}
-    provisional = {"schema_version": SCHEMA_VERSION, "created_by": f"rksmolvlm {__version__}", **manifest,
-                   "files": files}
-    (stage / MANIFEST).write_text(json.dumps(provisional), encoding="utf-8")
+    provisional = stamped(manifest, stage)
+    (stage / MANIFEST).write_text(json.dumps(provisional.to_dict()), encoding="utf-8")
     from rksmolvlm.runtime.engines import open_engines
     from rksmolvlm.runtime.loader import RuntimeBundle
     from rksmolvlm.tools.verify import verify_bundle

@@ -4,10 +4,12 @@ installed toolkit's format, and ``llm.rkllm`` (or a host-preview-only bundle wit
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from rksmolvlm.bundle.manifest import LlmPart
 from rksmolvlm.processing.embed import EmbeddingTable
 from rksmolvlm.processing.assembler import Assembler
 from rksmolvlm.processing.prompt import ChatTemplate, PromptTokens, TextTokenizer
@@ -53,7 +55,7 @@ def _decoder_max_abs(checkpoint: Checkpoint, decoder_dir: Path) -> float:
 
 
 def convert_llm(checkpoint: Checkpoint, recipe: LlmRecipe, options, bundle: Path, work: Path,
-                progress: Progress, towers) -> tuple[dict, dict]:
+                progress: Progress, towers) -> tuple[LlmPart, dict]:
     from rksmolvlm.calibration.decoder_set import load_samples, render_samples, write_dataset
     from rksmolvlm.calibration.vision_set import shipped_images_dir
     from rksmolvlm.convert.decoder import extract_decoder, write_embedding_table
@@ -67,10 +69,10 @@ def convert_llm(checkpoint: Checkpoint, recipe: LlmRecipe, options, bundle: Path
         progress.note(f"LlamaForCausalLM with {exported.tensors} tensors (tied: {exported.tied}); logits vs the "
                       f"VLM's text path max-abs {max_abs:.2g}; embeddings {shape[0]}×{shape[1]} float16")
     info = None if options.llm_host_only else require_toolkit()
-    section = {"file": None, "board_decoder": "missing: converted with --llm-host-only (no rkllm-toolkit)",
-               "recipe": recipe.to_dict(), "max_context": recipe.max_context, "toolkit_version": None,
-               "embed_tokens": {"file": EMBED_FILE, "dtype": "float16", "shape": list(shape)},
-               "decoder_dir": DECODER_DIR if options.host_preview else None}
+    section = LlmPart(file=None, toolkit_version=None, max_context=recipe.max_context, embed_tokens=EMBED_FILE,
+                      embed_shape=(int(shape[0]), int(shape[1])),
+                      decoder_dir=DECODER_DIR if options.host_preview else None, recipe=recipe,
+                      board_decoder="missing: converted with --llm-host-only (no rkllm-toolkit)", embed_dtype="float16")
     report = {"recipe": recipe.to_dict(), "decoder_max_abs": max_abs, "calibration": None, "toolkit_version": None}
     if info is None:  # nothing would consume a calibration set
         progress.done += 2
@@ -111,7 +113,7 @@ def convert_llm(checkpoint: Checkpoint, recipe: LlmRecipe, options, bundle: Path
     with progress.step(f"building {LLM_FILE} ({recipe.dtype}, {recipe.target}) with rkllm-toolkit {info.version}"):
         build = build_rkllm(decoder_dir, bundle / LLM_FILE, recipe, dataset, info)
     report.update(seconds=build.seconds, toolkit_version=info.version)
-    section.update(file=LLM_FILE, board_decoder="present", toolkit_version=info.version)
+    section = replace(section, file=LLM_FILE, board_decoder="present", toolkit_version=info.version)
     if not options.host_preview:
         shutil.rmtree(decoder_dir, ignore_errors=True)
     return section, report

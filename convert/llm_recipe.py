@@ -6,9 +6,8 @@ SDK documentation; an invalid combination is refused before any heavy work, list
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 from rksmolvlm.boards import BoardProfile
+from rksmolvlm.bundle.manifest import LlmRecipe  # the recipe is a part of the bundle contract
 from rksmolvlm.errors import TargetError
 
 __all__ = ["LlmRecipe", "make_recipe", "ALGORITHMS", "MAX_CONTEXT_LIMIT", "CONTEXT_ALIGN"]
@@ -18,20 +17,6 @@ CONTEXT_ALIGN = 32
 # normal suits w8a8*; grq is for w4a16* (and needs a GPU in the toolkit).
 ALGORITHMS = {"normal": None, "grq": "w4a16"}
 OPTIMIZATION_LEVELS = (0, 1)
-
-
-@dataclass(frozen=True)
-class LlmRecipe:
-    target: str
-    dtype: str
-    algorithm: str
-    num_npu_core: int
-    max_context: int
-    optimization_level: int
-    hybrid_rate: float = 0.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def make_recipe(profile: BoardProfile, dtype: str | None = None, algorithm: str = "normal",

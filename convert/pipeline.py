@@ -15,10 +15,15 @@ import numpy as np
 from rksmolvlm import __version__
 from rksmolvlm.boards import BoardProfile, load_profile
 from rksmolvlm.bundle import staged_bundle
+from rksmolvlm.bundle.manifest import (SCHEMA_VERSION, GoldensInfo, LlmPart, Manifest, ModelInfo, ProcessorInfo,
+                                       SourceInfo, TargetInfo, TextDecoderInfo, TokenInfo, VideoPartInfo,
+                                       VisionAccuracy, VisionInput, VisionOutput, VisionPart, VisionQuantization,
+                                       VisionTowerInfo)
 from rksmolvlm.errors import AccuracyError, TargetError
 from rksmolvlm.convert.progress import Progress
 from rksmolvlm.convert.source import Checkpoint, open_checkpoint
 from rksmolvlm.processing.image import Resolution
+from rksmolvlm.processing.prompt import PromptTokens
 
 __all__ = ["ConvertOptions", "ConvertResult", "convert", "PARTS"]
 
@@ -180,21 +185,21 @@ def convert(options: ConvertOptions, progress: Progress | None = None) -> Conver
 
             with progress.step("recording golden answers with transformers (float32)"):
                 goldens_section, report["goldens"] = record_goldens(checkpoint, stage.path, towers, progress,
-                                                                    llm_section["max_context"])
+                                                                    llm_section.max_context)
         towers.clear()
         with progress.step("writing the bundle manifest"):
             shutil.copy2(checkpoint.path / TOKENIZER_FILE, stage.path / TOKENIZER_FILE)
-            stage.manifest = _manifest(checkpoint, profile, options, versions, vision_section, llm_section)
+            stage.manifest = _manifest(checkpoint, profile, options, versions, vision_section, llm_section,
+                                       goldens_section, stage.path)
             if goldens_section is not None:
                 from rksmolvlm.convert.goldens import verify_staged
 
-                stage.manifest["goldens"] = goldens_section
                 report["verify"] = verify_staged(stage.path, stage.manifest)
                 if "skipped" not in report["verify"]:
                     progress.note(f"verify (host engines): {report['verify']['verdict']}, token agreement "
                                   f"{report['verify']['agreement']:.0%}")
             (stage.path / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    return ConvertResult(stage.path, stage.manifest, report, dict(progress.timings))
+    return ConvertResult(stage.path, stage.manifest.to_dict(), report, dict(progress.timings))
 
 
 class TowerCache:
@@ -285,7 +290,7 @@ def _tile_key(tile: np.ndarray) -> bytes:
 
 
 def _convert_vision(checkpoint: Checkpoint, profile: BoardProfile, options: ConvertOptions, bundle: Path,
-                    work: Path, progress: Progress, towers: TowerCache) -> tuple[dict, dict]:
+                    work: Path, progress: Progress, towers: TowerCache) -> tuple[VisionPart, dict]:
     from rksmolvlm.calibration.vision_set import build_tile_sets, collect_images, shipped_images_dir, write_rknn_dataset
     from rksmolvlm.processing.image import normalize
     from rksmolvlm.convert.metrics import cosine, max_abs, per_row_cosine_min
@@ -356,17 +361,17 @@ def _convert_vision(checkpoint: Checkpoint, profile: BoardProfile, options: Conv
                                 "closer to your images (--calibration DIR), or pass --accept-low-accuracy to keep it")
         progress.note("WARNING: " + message + " (accepted with --accept-low-accuracy)")
         report["accepted_below_floor"] = True
-    section = {
-        "file": VISION_FILE, "dtype": options.vision_dtype,
-        "quantization": report["quantization"],
-        "input": {"name": "pixel_values", "layout": "NHWC", "dtype": "uint8",
-                  "shape": [1, checkpoint.vision.tile_size, checkpoint.vision.tile_size, 3],
-                  "normalization": "baked in: (x - 127.5) / 127.5"},
-        "output": {"name": "image_features", "dtype": "float32",
-                   "shape": [1, checkpoint.vision.image_seq_len, checkpoint.text.hidden_size]},
-        "onnx": ONNX_FILE if options.host_preview else None,
-        "accuracy": {"simulator_cosine": sim_cos, "min_tile_cosine": sim_min},
-    }
+    tile = checkpoint.vision.tile_size
+    quantization = None
+    if dataset:
+        quantization = VisionQuantization("w8a8", options.quant_algorithm, int(len(sets.calibration)),
+                                          tuple(sets.calibration_images))
+    section = VisionPart(
+        file=VISION_FILE, dtype=options.vision_dtype, onnx=ONNX_FILE if options.host_preview else None,
+        output=VisionOutput((1, checkpoint.vision.image_seq_len, checkpoint.text.hidden_size), "image_features",
+                            "float32"),
+        input=VisionInput((1, tile, tile, 3), "pixel_values", "NHWC", "uint8", "baked in: (x - 127.5) / 127.5"),
+        quantization=quantization, accuracy=VisionAccuracy(sim_cos, sim_min))
     return section, report
 
 
@@ -391,45 +396,32 @@ def video_chat_template() -> str:
     return processing_smolvlm.DEFAULT_CHAT_TEMPLATE
 
 
-def video_manifest(settings) -> dict:
-    """The manifest's ``video`` section (read back by rksmolvlm/bundle/manifest.py)."""
-    return {"settings": {"fps": float(settings.fps), "max_frames": int(settings.max_frames),
-                         "skip_secs": float(settings.skip_secs), "longest_edge": int(settings.longest_edge),
-                         "frame_size": int(settings.frame_size), "image_mean": [float(v) for v in settings.image_mean],
-                         "image_std": [float(v) for v in settings.image_std],
-                         "rescale_factor": float(settings.rescale_factor)},
-            "chat_template": video_chat_template()}
-
-
 def _manifest(checkpoint: Checkpoint, profile: BoardProfile, options: ConvertOptions, versions: dict,
-              vision: dict | None, llm: dict | None) -> dict:
-    toolkit = llm.get("toolkit_version") if llm else None
-    manifest = {
-        "source": {"model_id": checkpoint.model_id, "revision": checkpoint.revision,
-                   "weights": {name: {"sha256": sha} for name, sha in checkpoint.weights.items()}},
-        "model": {"family": checkpoint.family, "architecture": checkpoint.architecture,
-                  "size": checkpoint.size_label,
-                  "vision": {"tile_size": checkpoint.vision.tile_size, "patch_size": checkpoint.vision.patch_size,
-                             "hidden_size": checkpoint.vision.hidden_size, "layers": checkpoint.vision.num_layers,
-                             "heads": checkpoint.vision.num_heads, "scale_factor": checkpoint.vision.scale_factor,
-                             "image_seq_len": checkpoint.vision.image_seq_len},
-                  "text": {"hidden_size": checkpoint.text.hidden_size, "layers": checkpoint.text.num_layers,
-                           "heads": checkpoint.text.num_heads, "kv_heads": checkpoint.text.num_kv_heads,
-                           "vocab_size": checkpoint.text.vocab_size,
-                           "max_position_embeddings": checkpoint.text.max_position_embeddings,
-                           "tie_word_embeddings": checkpoint.text.tie_word_embeddings}},
-        "target": {"platform": profile.name, "npu_cores": profile.npu_cores},
-        "toolkits": {**versions, "rkllm-toolkit": toolkit, "python": platform.python_version()},
-        "min_runtime": {"rksmolvlm": __version__, "librknnrt": versions.get("rknn-toolkit2"),
-                        "librkllmrt": toolkit},
-        "parts": list(options.parts),
-        "vision": vision,
-        "llm": llm,
-        "processor": {**checkpoint.image.to_dict(), "image_seq_len": checkpoint.vision.image_seq_len},
-        "tokens": checkpoint.tokens.to_dict(),
-        "chat_template": checkpoint.chat_template,
-        "tokenizer": TOKENIZER_FILE,
-    }
-    if checkpoint.video is not None:
-        manifest["video"] = video_manifest(checkpoint.video)
-    return manifest
+              vision: VisionPart | None, llm: LlmPart | None, goldens: GoldensInfo | None, root: Path) -> Manifest:
+    """The bundle's manifest as records (its files are listed when the bundle is committed)."""
+    toolkit = llm.toolkit_version if llm else None
+    v, t, k = checkpoint.vision, checkpoint.text, checkpoint.tokens
+    return Manifest(
+        root=root, schema_version=SCHEMA_VERSION, created_by=f"rksmolvlm {__version__}",
+        source=SourceInfo(checkpoint.model_id, checkpoint.revision, dict(checkpoint.weights)),
+        model=ModelInfo(checkpoint.family, checkpoint.architecture, checkpoint.size_label,
+                        VisionTowerInfo(v.image_seq_len, v.tile_size, v.patch_size, v.hidden_size, v.num_layers,
+                                        v.num_heads, v.scale_factor),
+                        TextDecoderInfo(t.hidden_size, t.vocab_size, t.num_layers, t.num_heads, t.num_kv_heads,
+                                        t.max_position_embeddings, t.tie_word_embeddings)),
+        target=TargetInfo(profile.name, profile.npu_cores),
+        toolkits={**versions, "rkllm-toolkit": toolkit, "python": platform.python_version()},
+        min_runtime={"rksmolvlm": __version__, "librknnrt": versions.get("rknn-toolkit2"), "librkllmrt": toolkit},
+        parts=tuple(options.parts),
+        vision=vision,
+        llm=llm,
+        processor=ProcessorInfo(checkpoint.image, v.image_seq_len),
+        tokens=TokenInfo(PromptTokens(k.image, k.image_id, k.fake_image, k.global_image, v.image_seq_len,
+                                      k.end_of_utterance),
+                         tuple(k.eos_ids), k.bos_id, k.pad_id, k.fake_image_id, k.global_image_id,
+                         k.end_of_utterance_id, k.bos, k.eos, k.eos_id, k.pad, k.row_col_are_tokens),
+        chat_template=checkpoint.chat_template,
+        tokenizer=TOKENIZER_FILE,
+        video=VideoPartInfo(checkpoint.video, video_chat_template()) if checkpoint.video is not None else None,
+        goldens=goldens,
+    )

@@ -1,8 +1,10 @@
-"""The bundle manifest as typed records, read and validated in one place.
+"""The bundle manifest as typed records, each writing and reading its own part of ``manifest.json``.
 
-``Manifest.read(root)`` is the only code that parses ``manifest.json``: every key is checked for its
-type and shape (a wrong one is a ``BundleError`` naming the key), every file path is confined to the
-bundle directory, and the schema version is checked. The rest of the runtime reads these records.
+Every part is a frozen record with ``to_dict()`` (what the converter writes) and ``from_dict()`` (what
+the board reads): the key names, types, shapes, allowed values and file confinement of a part live in
+its record and nowhere else. A wrong key is a ``BundleError`` naming it; every file path is confined to
+the bundle directory; ``Manifest.from_dict`` adds the checks across parts and the schema version.
+``Manifest.from_dict(m.to_dict(), m.root) == m`` holds for every manifest (the bundle writer checks it).
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from rksmolvlm.errors import BundleError
 from rksmolvlm.processing.image import ImageSettings
@@ -21,13 +24,33 @@ from rksmolvlm.processing.prompt import PromptTokens
 if TYPE_CHECKING:  # the video settings' module is imported where a bundle has video
     from rksmolvlm.processing.video_frames import VideoSettings
 
-__all__ = ["SCHEMA_VERSION", "MANIFEST", "Manifest", "SourceInfo", "ModelInfo", "TargetInfo", "VisionPart",
-           "LlmPart", "ProcessorInfo", "TokenInfo", "FileRecord", "GoldensInfo", "confined_path"]
+__all__ = ["SCHEMA_VERSION", "MANIFEST", "FAMILIES", "VISION_DTYPES", "PARTS", "Manifest", "FileRecord", "SourceInfo",
+           "ModelInfo", "VisionTowerInfo", "TextDecoderInfo", "TargetInfo", "VisionPart", "VisionInput",
+           "VisionOutput", "VisionQuantization", "VisionAccuracy", "LlmPart", "LlmRecipe", "ProcessorInfo",
+           "TokenInfo", "VideoPartInfo", "GoldensInfo", "confined_path"]
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 FAMILIES = ("idefics3", "smolvlm")
 VISION_DTYPES = ("fp16", "int8")
+PARTS = ("vision", "llm")
+
+
+class _Part:
+    """A manifest part that reads itself from its place in the manifest (``_KEY``, for messages)."""
+
+    _KEY: ClassVar[str]
+
+    @classmethod
+    def from_dict(cls, data: Any, root: str | os.PathLike = ".",
+                  files: Mapping[str, "FileRecord"] | None = None) -> Self:
+        """Read and check this part; file names are confined to ``root`` and, when ``files`` (the
+        bundle's file table) is given, must be among them."""
+        return cls._read(_Section(data, cls._KEY, _Bundle(Path(root), files)))
+
+    @classmethod
+    def _read(cls, s: "_Section") -> Self:
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
@@ -36,87 +59,437 @@ class FileRecord:
     size: int
     sha256: str
 
+    @classmethod
+    def of(cls, root: Path, relative: str) -> "FileRecord":
+        """The record of a file of the bundle at ``root`` as it is on disk now."""
+        from rksmolvlm.hashing import sha256_file
+
+        path = confined_path(root, relative, f"files[{relative!r}]")
+        return cls(relative, path.stat().st_size, sha256_file(path))
+
+    def to_dict(self) -> dict:
+        return {"size": self.size, "sha256": self.sha256}
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str, root: str | os.PathLike = ".") -> "FileRecord":
+        return cls._read(_Section(data, f"files.{path}", _Bundle(Path(root), None)), path)
+
+    @classmethod
+    def _read(cls, s: "_Section", path: str) -> "FileRecord":
+        confined_path(s.bundle.root, path, f"files[{path!r}]")
+        return cls(path, s.int("size", 0), s.sha256("sha256"))
+
 
 @dataclass(frozen=True)
-class SourceInfo:
+class SourceInfo(_Part):
+    _KEY = "source"
     model_id: str
     revision: str | None
     weights: dict[str, str]  # file name → sha256
 
+    def to_dict(self) -> dict:
+        return {"model_id": self.model_id, "revision": self.revision,
+                "weights": {name: {"sha256": sha} for name, sha in self.weights.items()}}
+
+    @classmethod
+    def _read(cls, s: "_Section") -> "SourceInfo":
+        weights = s.optional_obj("weights")
+        return cls(s.str("model_id"), s.optional_str("revision"),
+                   {k: weights.obj(k).sha256("sha256") for k in weights.keys()} if weights else {})
+
 
 @dataclass(frozen=True)
-class ModelInfo:
+class VisionTowerInfo(_Part):
+    """The vision tower's geometry (``model.vision``); only ``image_seq_len`` is read by the board."""
+
+    _KEY = "model.vision"
+    image_seq_len: int
+    tile_size: int | None = None
+    patch_size: int | None = None
+    hidden_size: int | None = None
+    layers: int | None = None
+    heads: int | None = None
+    scale_factor: int | None = None
+
+    def to_dict(self) -> dict:
+        return {"tile_size": self.tile_size, "patch_size": self.patch_size, "hidden_size": self.hidden_size,
+                "layers": self.layers, "heads": self.heads, "scale_factor": self.scale_factor,
+                "image_seq_len": self.image_seq_len}
+
+    @classmethod
+    def _read(cls, s: "_Section") -> "VisionTowerInfo":
+        return cls(s.int("image_seq_len", 1), *(s.optional_int(k, 1) for k in
+                                                ("tile_size", "patch_size", "hidden_size", "layers", "heads",
+                                                 "scale_factor")))
+
+
+@dataclass(frozen=True)
+class TextDecoderInfo(_Part):
+    """The text decoder's geometry (``model.text``)."""
+
+    _KEY = "model.text"
+    hidden_size: int
+    vocab_size: int
+    layers: int | None = None
+    heads: int | None = None
+    kv_heads: int | None = None
+    max_position_embeddings: int | None = None
+    tie_word_embeddings: bool | None = None
+
+    def to_dict(self) -> dict:
+        return {"hidden_size": self.hidden_size, "layers": self.layers, "heads": self.heads,
+                "kv_heads": self.kv_heads, "vocab_size": self.vocab_size,
+                "max_position_embeddings": self.max_position_embeddings,
+                "tie_word_embeddings": self.tie_word_embeddings}
+
+    @classmethod
+    def _read(cls, s: "_Section") -> "TextDecoderInfo":
+        return cls(s.int("hidden_size", 1), s.int("vocab_size", 1), s.optional_int("layers", 1),
+                   s.optional_int("heads", 1), s.optional_int("kv_heads", 1),
+                   s.optional_int("max_position_embeddings", 1), s.optional_bool("tie_word_embeddings"))
+
+
+@dataclass(frozen=True)
+class ModelInfo(_Part):
+    _KEY = "model"
     family: str  # idefics3 | smolvlm
     architecture: str
     size: str
-    image_seq_len: int
-    text_hidden_size: int
-    vocab_size: int
+    vision: VisionTowerInfo
+    text: TextDecoderInfo
+
+    @property
+    def image_seq_len(self) -> int:
+        return self.vision.image_seq_len
+
+    @property
+    def text_hidden_size(self) -> int:
+        return self.text.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text.vocab_size
+
+    def to_dict(self) -> dict:
+        return {"family": self.family, "architecture": self.architecture, "size": self.size,
+                "vision": self.vision.to_dict(), "text": self.text.to_dict()}
+
+    @classmethod
+    def _read(cls, s: "_Section") -> "ModelInfo":
+        return cls(s.choice("family", FAMILIES), s.str("architecture"), s.str("size"),
+                   VisionTowerInfo._read(s.obj("vision")), TextDecoderInfo._read(s.obj("text")))
 
 
 @dataclass(frozen=True)
-class TargetInfo:
+class TargetInfo(_Part):
+    _KEY = "target"
     platform: str
     npu_cores: int
 
+    def to_dict(self) -> dict:
+        return {"platform": self.platform, "npu_cores": self.npu_cores}
+
+    @classmethod
+    def _read(cls, s: "_Section") -> "TargetInfo":
+        return cls(s.str("platform"), s.int("npu_cores", 1))
+
 
 @dataclass(frozen=True)
-class VisionPart:
+class VisionInput(_Part):
+    """The RKNN tower's input as the board feeds it (uint8 NHWC tiles, normalization baked in)."""
+
+    _KEY = "vision.input"
+    shape: tuple[int, ...]  # (1, tile, tile, 3)
+    name: str | None = None
+    layout: str | None = None
+    dtype: str | None = None
+    normalization: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "layout": self.layout, "dtype": self.dtype, "shape": list(self.shape),
+                "normalization": self.normalization}
+
+    @classmethod
+    def _read(cls, s: "_Section") -> "VisionInput":
+        return cls(tuple(s.int_list("shape", 4)), s.optional_str("name"), s.optional_str("layout"),
+                   s.optional_str("dtype"), s.optional_str("normalization"))
+
+
+@dataclass(frozen=True)
+class VisionOutput(_Part):
+    _KEY = "vision.output"
+    shape: tuple[int, ...]  # (1, image_seq_len, text_hidden)
+    name: str | None = None
+    dtype: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def _read(cls, s: "_Section") -> "VisionOutput":
+        return cls(tuple(s.int_list("shape", 3)), s.optional_str("name"), s.optional_str("dtype"))
+
+
+@dataclass(frozen=True)
+class VisionQuantization(_Part):
+    """How an int8 tower was quantized (absent for fp16)."""
+
+    _KEY = "vision.quantization"
+    dtype: str
+    algorithm: str
+    calibration_tiles: int
+    calibration_images: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return {"dtype": self.dtype, "algorithm": self.algorithm, "calibration_tiles": self.calibration_tiles,
+                "calibration_images": list(self.calibration_images)}
+
+    @classmethod
+    def _read(cls, s: "_Section") -> "VisionQuantization":
+        return cls(s.str("dtype"), s.str("algorithm"), s.int("calibration_tiles", 0),
+                   tuple(s.str_list("calibration_images")))
+
+
+@dataclass(frozen=True)
+class VisionAccuracy(_Part):
+    """The simulator's score against torch on the held-out tiles, at conversion."""
+
+    _KEY = "vision.accuracy"
+    simulator_cosine: float
+    min_tile_cosine: float
+
+    def to_dict(self) -> dict:
+        return {"simulator_cosine": self.simulator_cosine, "min_tile_cosine": self.min_tile_cosine}
+
+    @classmethod
+    def _read(cls, s: "_Section") -> "VisionAccuracy":
+        return cls(s.float("simulator_cosine"), s.float("min_tile_cosine"))
+
+
+@dataclass(frozen=True)
+class VisionPart(_Part):
+    _KEY = "vision"
     file: str | None  # vision.rknn
     dtype: str
     onnx: str | None  # host preview
-    output_shape: tuple[int, ...]  # (1, image_seq_len, text_hidden)
+    output: VisionOutput
+    input: VisionInput | None = None
+    quantization: VisionQuantization | None = None
+    accuracy: VisionAccuracy | None = None
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return self.output.shape
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "dtype": self.dtype, "quantization": _dict_or_none(self.quantization),
+                "input": _dict_or_none(self.input), "output": self.output.to_dict(), "onnx": self.onnx,
+                "accuracy": _dict_or_none(self.accuracy)}
+
+    @classmethod
+    def _read(cls, s: "_Section") -> "VisionPart":
+        return cls(s.optional_file("file"), s.choice("dtype", VISION_DTYPES), s.optional_file("onnx"),
+                   VisionOutput._read(s.obj("output")), _optional(s, "input", VisionInput),
+                   _optional(s, "quantization", VisionQuantization), _optional(s, "accuracy", VisionAccuracy))
 
 
 @dataclass(frozen=True)
-class LlmPart:
+class LlmRecipe(_Part):
+    """How the board decoder is (or would be) built with rkllm-toolkit; the converter's recipe."""
+
+    _KEY = "llm.recipe"
+    target: str
+    dtype: str
+    algorithm: str
+    num_npu_core: int
+    max_context: int
+    optimization_level: int
+    hybrid_rate: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"target": self.target, "dtype": self.dtype, "algorithm": self.algorithm,
+                "num_npu_core": self.num_npu_core, "max_context": self.max_context,
+                "optimization_level": self.optimization_level, "hybrid_rate": self.hybrid_rate}
+
+    @classmethod
+    def _read(cls, s: "_Section") -> "LlmRecipe":
+        return cls(s.str("target"), s.str("dtype"), s.str("algorithm"), s.int("num_npu_core", 1),
+                   s.int("max_context", 1), s.int("optimization_level", 0), s.float("hybrid_rate"))
+
+
+@dataclass(frozen=True)
+class LlmPart(_Part):
+    _KEY = "llm"
     file: str | None  # llm.rkllm; None when converted with --llm-host-only
     toolkit_version: str | None
     max_context: int
     embed_tokens: str
     embed_shape: tuple[int, int]  # (vocab, hidden)
     decoder_dir: str | None  # host preview
-    dtype: str | None
+    recipe: LlmRecipe | None = None
+    board_decoder: str | None = None  # "present", or why it is missing
+    embed_dtype: str | None = None
+
+    @property
+    def dtype(self) -> str | None:
+        """The board decoder's quantization (w8a8, …)."""
+        return self.recipe.dtype if self.recipe is not None else None
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "board_decoder": self.board_decoder, "recipe": _dict_or_none(self.recipe),
+                "max_context": self.max_context, "toolkit_version": self.toolkit_version,
+                "embed_tokens": {"file": self.embed_tokens, "dtype": self.embed_dtype,
+                                 "shape": list(self.embed_shape)},
+                "decoder_dir": self.decoder_dir}
+
+    @classmethod
+    def _read(cls, s: "_Section") -> "LlmPart":
+        embed = s.obj("embed_tokens")
+        shape = embed.int_list("shape", 2)
+        decoder_dir = s.optional_str("decoder_dir")
+        if decoder_dir is not None:
+            confined_path(s.bundle.root, decoder_dir, s.key("decoder_dir"))
+        return cls(s.optional_file("file"), s.optional_str("toolkit_version"), s.int("max_context", 32),
+                   embed.file("file"), (shape[0], shape[1]), decoder_dir, _optional(s, "recipe", LlmRecipe),
+                   s.optional_str("board_decoder"), embed.optional_str("dtype"))
 
 
 @dataclass(frozen=True)
-class ProcessorInfo:
+class ProcessorInfo(_Part):
+    _KEY = "processor"
     image: ImageSettings
     image_seq_len: int
 
+    def to_dict(self) -> dict:
+        i = self.image
+        return {"tile_size": i.tile_size, "longest_edge": i.longest_edge, "do_image_splitting": i.do_image_splitting,
+                "resample": i.resample, "rescale_factor": i.rescale_factor, "image_mean": list(i.image_mean),
+                "image_std": list(i.image_std), "video_sampling": dict(i.video_sampling),
+                "image_seq_len": self.image_seq_len}
 
-@dataclass(frozen=True)
-class VideoPartInfo:
-    """What video input needs (SmolVLM2 bundles only): the frame pipeline's settings and the chat
-    template transformers renders conversations with a video with (its DEFAULT_CHAT_TEMPLATE)."""
-
-    settings: "VideoSettings"
-    chat_template: str
-
-
-@dataclass(frozen=True)
-class GoldensInfo:
-    """Golden answers recorded at conversion (rksmolvlm/tools/verify.py reads them): the cases file and the
-    reference tower features, both listed in ``files``."""
-
-    cases: str
-    features: str
-    new_tokens: int
+    @classmethod
+    def _read(cls, s: "_Section") -> "ProcessorInfo":
+        mean, std = s.float_list("image_mean", 3), s.float_list("image_std", 3)
+        video = s.optional_obj("video_sampling")
+        settings = ImageSettings(
+            tile_size=s.int("tile_size", 1), longest_edge=s.int("longest_edge", 1),
+            do_image_splitting=s.bool("do_image_splitting"), resample=s.int("resample", 0),
+            rescale_factor=s.float("rescale_factor"), image_mean=(mean[0], mean[1], mean[2]),
+            image_std=(std[0], std[1], std[2]), video_sampling=dict(video.data) if video else {})
+        return cls(settings, s.int("image_seq_len", 1))
 
 
 @dataclass(frozen=True)
 class TokenInfo:
+    """The special tokens: what the prompt needs (``prompt``, its ``image_seq_len`` from the
+    processor), the ids that end an answer, and the rest of the checkpoint's layout for reference."""
+
+    _KEY = "tokens"
     prompt: PromptTokens
     eos_ids: tuple[int, ...]
     bos_id: int | None
     pad_id: int | None
+    fake_image_id: int | None = None
+    global_image_id: int | None = None  # None when <global-img> is plain text (SmolVLM-Instruct 2.2B)
+    end_of_utterance_id: int | None = None
+    bos: str | None = None
+    eos: str | None = None
+    eos_id: int | None = None
+    pad: str | None = None
+    row_col_are_tokens: bool | None = None
+
+    def to_dict(self) -> dict:
+        p = self.prompt
+        return {"image": p.image, "image_id": p.image_id, "fake_image": p.fake_image,
+                "fake_image_id": self.fake_image_id, "global_image": p.global_image,
+                "global_image_id": self.global_image_id, "end_of_utterance": p.end_of_utterance,
+                "end_of_utterance_id": self.end_of_utterance_id, "bos": self.bos, "bos_id": self.bos_id,
+                "eos": self.eos, "eos_id": self.eos_id, "pad": self.pad, "pad_id": self.pad_id,
+                "row_col_are_tokens": self.row_col_are_tokens, "eos_ids": list(self.eos_ids)}
+
+    @classmethod
+    def from_dict(cls, data: Any, root: str | os.PathLike = ".", files: Mapping[str, FileRecord] | None = None,
+                  *, image_seq_len: int) -> "TokenInfo":
+        """As every part; ``image_seq_len`` is the processor's (the prompt expands images with it)."""
+        return cls._read(_Section(data, cls._KEY, _Bundle(Path(root), files)), image_seq_len)
+
+    @classmethod
+    def _read(cls, s: "_Section", image_seq_len: int) -> "TokenInfo":
+        eos = s.int_list("eos_ids", None)
+        if not eos:
+            raise BundleError(f"{MANIFEST}: 'tokens.eos_ids' is empty: the bundle cannot know where an answer ends; "
+                              "convert it again")
+        prompt = PromptTokens(image=s.str("image"), image_id=s.int("image_id", 0), fake_image=s.str("fake_image"),
+                              global_image=s.str("global_image"), image_seq_len=image_seq_len,
+                              end_of_utterance=s.str("end_of_utterance"))
+        ids = {k: s.optional_int(k, 0) for k in ("fake_image_id", "global_image_id", "end_of_utterance_id",
+                                                  "eos_id")}
+        return cls(prompt, tuple(eos), s.optional_int("bos_id", None), s.optional_int("pad_id", None),
+                   ids["fake_image_id"], ids["global_image_id"], ids["end_of_utterance_id"], s.optional_str("bos"),
+                   s.optional_str("eos"), ids["eos_id"], s.optional_str("pad"), s.optional_bool("row_col_are_tokens"))
+
+
+@dataclass(frozen=True)
+class VideoPartInfo(_Part):
+    """What video input needs (SmolVLM2 bundles only): the frame pipeline's settings and the chat
+    template transformers renders conversations with a video with (its DEFAULT_CHAT_TEMPLATE)."""
+
+    _KEY = "video"
+    settings: "VideoSettings"
+    chat_template: str
+
+    def to_dict(self) -> dict:
+        v = self.settings
+        return {"settings": {"fps": float(v.fps), "max_frames": int(v.max_frames), "skip_secs": float(v.skip_secs),
+                             "longest_edge": int(v.longest_edge), "frame_size": int(v.frame_size),
+                             "image_mean": [float(x) for x in v.image_mean],
+                             "image_std": [float(x) for x in v.image_std],
+                             "rescale_factor": float(v.rescale_factor)},
+                "chat_template": self.chat_template}
+
+    @classmethod
+    def _read(cls, s: "_Section") -> "VideoPartInfo":
+        from rksmolvlm.processing.video_frames import VideoSettings
+
+        v = s.obj("settings")
+        fps, skip = v.float("fps"), v.float("skip_secs")
+        if fps <= 0 or skip < 0:
+            raise BundleError(f"{MANIFEST}: 'video.settings' has fps {fps} and skip_secs {skip}: fps must be above 0 "
+                              "and skip_secs at least 0; convert the bundle again")
+        mean, std = v.float_list("image_mean", 3), v.float_list("image_std", 3)
+        try:
+            settings = VideoSettings(fps=fps, max_frames=v.int("max_frames", 1), skip_secs=skip,
+                                     longest_edge=v.int("longest_edge", 1), frame_size=v.int("frame_size", 1),
+                                     image_mean=(mean[0], mean[1], mean[2]), image_std=(std[0], std[1], std[2]),
+                                     rescale_factor=v.float("rescale_factor"))
+        except ValueError as exc:  # the settings' own checks (a zero std, a rescale of 0, …)
+            raise BundleError(f"{MANIFEST}: '{v.where}' is not usable ({exc})") from None
+        return cls(settings, s.str("chat_template"))
+
+
+@dataclass(frozen=True)
+class GoldensInfo(_Part):
+    """Golden answers recorded at conversion (``rksmolvlm.bundle.goldens`` reads them): the cases
+    file and the reference tower features, both listed in ``files``."""
+
+    _KEY = "goldens"
+    cases: str
+    features: str
+    new_tokens: int
+
+    def to_dict(self) -> dict:
+        return {"cases": self.cases, "features": self.features, "new_tokens": self.new_tokens}
+
+    @classmethod
+    def _read(cls, s: "_Section") -> "GoldensInfo":
+        return cls(s.file("cases"), s.file("features"), s.int("new_tokens", 1))
 
 
 @dataclass(frozen=True)
 class Manifest:
     """Everything the board reads from a bundle."""
 
-    root: Path
+    root: Path  # where the bundle is; not written
     schema_version: int
     created_by: str
     source: SourceInfo
@@ -130,9 +503,11 @@ class Manifest:
     tokens: TokenInfo
     chat_template: str
     tokenizer: str
-    files: dict[str, FileRecord]
+    files: dict[str, FileRecord] = field(default_factory=dict)  # the bundle writer lists them at commit
     video: VideoPartInfo | None = None
     goldens: GoldensInfo | None = None
+    created_at: str | None = None  # the bundle writer stamps it at commit
+    parts: tuple[str, ...] | None = None  # the parts asked for at conversion
 
     @classmethod
     def read(cls, root: str | os.PathLike) -> "Manifest":
@@ -147,48 +522,55 @@ class Manifest:
             raise BundleError(f"{path} is not valid JSON ({exc}): the bundle is damaged, convert it again") from exc
         return cls.from_dict(data, root)
 
+    def to_dict(self) -> dict:
+        """The manifest as ``manifest.json`` holds it (``video`` and ``goldens`` only when present)."""
+        out = {"schema_version": self.schema_version, "created_by": self.created_by, "created_at": self.created_at,
+               "source": self.source.to_dict(), "model": self.model.to_dict(), "target": self.target.to_dict(),
+               "toolkits": dict(self.toolkits), "min_runtime": dict(self.min_runtime),
+               "parts": None if self.parts is None else list(self.parts),
+               "vision": _dict_or_none(self.vision), "llm": _dict_or_none(self.llm),
+               "processor": self.processor.to_dict(), "tokens": self.tokens.to_dict(),
+               "chat_template": self.chat_template, "tokenizer": self.tokenizer}
+        if self.video is not None:
+            out["video"] = self.video.to_dict()
+        if self.goldens is not None:
+            out["goldens"] = self.goldens.to_dict()
+        out["files"] = {name: record.to_dict() for name, record in self.files.items()}
+        return out
+
     @classmethod
     def from_dict(cls, data: Any, root: str | os.PathLike) -> "Manifest":
         root = Path(root)
-        top = _Obj(data, MANIFEST, root)
+        top = _Section(data, MANIFEST, _Bundle(root, None))
         version = data.get("schema_version") if isinstance(data, dict) else None
         if not _is_int(version) or version != SCHEMA_VERSION:
             raise BundleError(f"{root} has bundle schema {version!r}, this rksmolvlm reads schema {SCHEMA_VERSION}: "
                               "convert the checkpoint again with this version, or install the matching rksmolvlm")
         files = top.obj("files")
-        records = {}
-        for name in files.keys():
-            rec = files.obj(name)
-            confined_path(root, name, f"files[{name!r}]")
-            records[name] = FileRecord(name, rec.int("size", 0), rec.sha256("sha256"))
-        src = top.obj("source")
-        weights = src.optional_obj("weights")
-        model = top.obj("model")
-        m_vision, m_text = model.obj("vision"), model.obj("text")
-        target = top.obj("target")
-        proc = top.obj("processor")
-        toks = top.obj("tokens")
+        records = {name: FileRecord._read(files.obj(name), name) for name in files.keys()}
+        top = _Section(data, MANIFEST, _Bundle(root, records))
+        processor = ProcessorInfo._read(top.obj("processor"))
+        parts = top.optional_str_list("parts", PARTS)
         manifest = cls(
             root=root,
             schema_version=SCHEMA_VERSION,
             created_by=top.str("created_by"),
-            source=SourceInfo(src.str("model_id"), src.optional_str("revision"),
-                              {k: weights.obj(k).sha256("sha256") for k in weights.keys()} if weights else {}),
-            model=ModelInfo(model.choice("family", FAMILIES), model.str("architecture"), model.str("size"),
-                            m_vision.int("image_seq_len", 1), m_text.int("hidden_size", 1),
-                            m_text.int("vocab_size", 1)),
-            target=TargetInfo(target.str("platform"), target.int("npu_cores", 1)),
+            source=SourceInfo._read(top.obj("source")),
+            model=ModelInfo._read(top.obj("model")),
+            target=TargetInfo._read(top.obj("target")),
             toolkits=top.obj("toolkits").str_map(),
             min_runtime=top.obj("min_runtime").str_map(),
-            vision=_vision(top.optional_obj("vision"), records),
-            llm=_llm(top.optional_obj("llm"), records),
-            processor=_processor(proc),
-            tokens=_tokens(toks, proc.int("image_seq_len", 1)),
+            vision=_optional(top, "vision", VisionPart),
+            llm=_optional(top, "llm", LlmPart),
+            processor=processor,
+            tokens=TokenInfo._read(top.obj("tokens"), processor.image_seq_len),
             chat_template=top.str("chat_template"),
-            tokenizer=top.file("tokenizer", records),
+            tokenizer=top.file("tokenizer"),
             files=records,
-            video=_video(top.optional_obj("video")),
-            goldens=_goldens(top.optional_obj("goldens"), records),
+            video=_optional(top, "video", VideoPartInfo),
+            goldens=_optional(top, "goldens", GoldensInfo),
+            created_at=top.optional_str("created_at"),
+            parts=None if parts is None else tuple(parts),
         )
         manifest._check_consistency()
         return manifest
@@ -270,92 +652,38 @@ def confined_path(root: Path, relative: Any, key: str) -> Path:
     return path
 
 
-# -- sections ---------------------------------------------------------------------------------
-def _vision(section: "_Obj | None", files: dict[str, FileRecord]) -> VisionPart | None:
-    if section is None:
-        return None
-    out = section.obj("output")
-    shape = out.int_list("shape", 3)
-    return VisionPart(section.optional_file("file", files), section.choice("dtype", VISION_DTYPES),
-                      section.optional_file("onnx", files), tuple(shape))
+# -- reading JSON with its place in the manifest ----------------------------------------------
+@dataclass(frozen=True)
+class _Bundle:
+    root: Path
+    files: Mapping[str, FileRecord] | None  # None: file names are confined but not looked up
 
 
-def _llm(section: "_Obj | None", files: dict[str, FileRecord]) -> LlmPart | None:
-    if section is None:
-        return None
-    embed = section.obj("embed_tokens")
-    shape = embed.int_list("shape", 2)
-    recipe = section.optional_obj("recipe")
-    decoder_dir = section.optional_str("decoder_dir")
-    if decoder_dir is not None:
-        confined_path(section.root, decoder_dir, f"{section.where}.decoder_dir")
-    return LlmPart(section.optional_file("file", files), section.optional_str("toolkit_version"),
-                   section.int("max_context", 32), embed.file("file", files), (shape[0], shape[1]), decoder_dir,
-                   recipe.optional_str("dtype") if recipe else None)
+def _optional(s: "_Section", key: str, record: Any) -> Any:
+    """The record of an optional (missing or null) section."""
+    section = s.optional_obj(key)
+    return None if section is None else record._read(section)
 
 
-def _processor(p: "_Obj") -> ProcessorInfo:
-    mean, std = p.float_list("image_mean", 3), p.float_list("image_std", 3)
-    video = p.optional_obj("video_sampling")
-    settings = ImageSettings(
-        tile_size=p.int("tile_size", 1), longest_edge=p.int("longest_edge", 1),
-        do_image_splitting=p.bool("do_image_splitting"), resample=p.int("resample", 0),
-        rescale_factor=p.float("rescale_factor"), image_mean=tuple(mean), image_std=tuple(std),
-        video_sampling=dict(video.data) if video else {})
-    return ProcessorInfo(settings, p.int("image_seq_len", 1))
+def _dict_or_none(record: Any) -> dict | None:
+    return None if record is None else record.to_dict()
 
 
-def _video(v: "_Obj | None") -> VideoPartInfo | None:
-    if v is None:
-        return None
-    from rksmolvlm.processing.video_frames import VideoSettings
-
-    s = v.obj("settings")
-    fps = s.float("fps")
-    skip = s.float("skip_secs")
-    if fps <= 0 or skip < 0:
-        raise BundleError(f"{MANIFEST}: 'video.settings' has fps {fps} and skip_secs {skip}: fps must be above 0 and "
-                          "skip_secs at least 0; convert the bundle again")
-    settings = VideoSettings(fps=fps, max_frames=s.int("max_frames", 1), skip_secs=skip,
-                             longest_edge=s.int("longest_edge", 1), frame_size=s.int("frame_size", 1),
-                             image_mean=tuple(s.float_list("image_mean", 3)),
-                             image_std=tuple(s.float_list("image_std", 3)),
-                             rescale_factor=s.float("rescale_factor"))
-    return VideoPartInfo(settings, v.str("chat_template"))
-
-
-def _goldens(g: "_Obj | None", files: dict[str, FileRecord]) -> GoldensInfo | None:
-    if g is None:
-        return None
-    return GoldensInfo(g.file("cases", files), g.file("features", files), g.int("new_tokens", 1))
-
-
-def _tokens(t: "_Obj", image_seq_len: int) -> TokenInfo:
-    eos = t.int_list("eos_ids", None)
-    if not eos:
-        raise BundleError(f"{MANIFEST}: 'tokens.eos_ids' is empty: the bundle cannot know where an answer ends; "
-                          "convert it again")
-    prompt = PromptTokens(image=t.str("image"), image_id=t.int("image_id", 0), fake_image=t.str("fake_image"),
-                          global_image=t.str("global_image"), image_seq_len=image_seq_len,
-                          end_of_utterance=t.str("end_of_utterance"))
-    return TokenInfo(prompt, tuple(eos), t.optional_int("bos_id"), t.optional_int("pad_id"))
-
-
-class _Obj:
+class _Section:
     """A JSON object being read, with its place in the manifest for error messages."""
 
-    def __init__(self, data: Any, where: str, root: Path):
+    def __init__(self, data: Any, where: str, bundle: _Bundle):
         if not isinstance(data, dict):
             raise BundleError(f"{MANIFEST}: '{where}' must be an object, not {_kind(data)}: the bundle is damaged "
                               "or was not written by rksmolvlm; convert it again")
-        self.data, self.where, self.root = data, where, root
+        self.data, self.where, self.bundle = data, where, bundle
 
-    def _key(self, key: str) -> str:
+    def key(self, key: str) -> str:
         return key if self.where == MANIFEST else f"{self.where}.{key}"
 
     def _fail(self, key: str, want: str, value: Any = None, missing: bool = False) -> BundleError:
         what = "is missing" if missing else f"must be {want}, not {_kind(value)}"
-        return BundleError(f"{MANIFEST}: '{self._key(key)}' {what}: the bundle is damaged or was not written by "
+        return BundleError(f"{MANIFEST}: '{self.key(key)}' {what}: the bundle is damaged or was not written by "
                            "this rksmolvlm; convert it again")
 
     def _get(self, key: str, want: str) -> Any:
@@ -363,17 +691,20 @@ class _Obj:
             raise self._fail(key, want, missing=True)
         return self.data[key]
 
+    def _absent(self, key: str) -> bool:
+        return self.data.get(key) is None
+
     def keys(self) -> list[str]:
         return list(self.data)
 
-    def obj(self, key: str) -> "_Obj":
+    def obj(self, key: str) -> "_Section":
         value = self._get(key, "an object")
         if not isinstance(value, dict):
             raise self._fail(key, "an object", value)
-        return _Obj(value, self._key(key), self.root)
+        return _Section(value, self.key(key), self.bundle)
 
-    def optional_obj(self, key: str) -> "_Obj | None":
-        return None if self.data.get(key) is None else self.obj(key)
+    def optional_obj(self, key: str) -> "_Section | None":
+        return None if self._absent(key) else self.obj(key)
 
     def str(self, key: str) -> str:
         value = self._get(key, "a string")
@@ -382,7 +713,7 @@ class _Obj:
         return value
 
     def optional_str(self, key: str) -> str | None:
-        return None if self.data.get(key) is None else self.str(key)
+        return None if self._absent(key) else self.str(key)
 
     def choice(self, key: str, allowed: tuple[str, ...]) -> str:
         value = self.str(key)
@@ -396,8 +727,8 @@ class _Obj:
             raise self._fail(key, "an integer" + (f" ≥ {minimum}" if minimum is not None else ""), value)
         return value
 
-    def optional_int(self, key: str) -> int | None:
-        return None if self.data.get(key) is None else self.int(key, None)
+    def optional_int(self, key: str, minimum: int | None) -> int | None:
+        return None if self._absent(key) else self.int(key, minimum)
 
     def float(self, key: str) -> float:
         value = self._get(key, "a number")
@@ -410,6 +741,9 @@ class _Obj:
         if not isinstance(value, bool):
             raise self._fail(key, "true or false", value)
         return value
+
+    def optional_bool(self, key: str) -> bool | None:
+        return None if self._absent(key) else self.bool(key)
 
     def sha256(self, key: str) -> str:
         value = self.str(key)
@@ -430,22 +764,33 @@ class _Obj:
             raise self._fail(key, f"a list of {length} numbers", value)
         return [float(v) for v in value]
 
+    def str_list(self, key: str, allowed: tuple[str, ...] | None = None) -> list[str]:
+        want = f"a list of strings from {', '.join(allowed)}" if allowed else "a list of strings"
+        value = self._get(key, want)
+        if not isinstance(value, list) or not all(isinstance(v, str) and (not allowed or v in allowed)
+                                                  for v in value):
+            raise self._fail(key, want, value)
+        return list(value)
+
+    def optional_str_list(self, key: str, allowed: tuple[str, ...] | None = None) -> list[str] | None:
+        return None if self._absent(key) else self.str_list(key, allowed)
+
     def str_map(self) -> dict[str, str | None]:
         for key, value in self.data.items():
             if value is not None and not isinstance(value, str):
                 raise self._fail(key, "a string or null", value)
         return dict(self.data)
 
-    def file(self, key: str, files: dict[str, FileRecord]) -> str:
+    def file(self, key: str) -> str:
         value = self._get(key, "a file name")
-        confined_path(self.root, value, self._key(key))
-        if value not in files:
-            raise BundleError(f"{MANIFEST}: '{self._key(key)}' names {value!r}, which is not among the bundle's "
+        confined_path(self.bundle.root, value, self.key(key))
+        if self.bundle.files is not None and value not in self.bundle.files:
+            raise BundleError(f"{MANIFEST}: '{self.key(key)}' names {value!r}, which is not among the bundle's "
                               "files: the bundle is damaged, convert it again")
         return value
 
-    def optional_file(self, key: str, files: dict[str, FileRecord]) -> str | None:
-        return None if self.data.get(key) is None else self.file(key, files)
+    def optional_file(self, key: str) -> str | None:
+        return None if self._absent(key) else self.file(key)
 
 
 def _is_int(value: Any) -> bool:

@@ -8,6 +8,7 @@ conversion removes the temp directory and leaves the destination as it was.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -15,24 +16,33 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 from rksmolvlm import __version__
 from rksmolvlm.errors import BundleError
-from rksmolvlm.bundle.manifest import MANIFEST, SCHEMA_VERSION
+from rksmolvlm.bundle.manifest import MANIFEST, SCHEMA_VERSION, FileRecord, Manifest
 
-if TYPE_CHECKING:
-    from rksmolvlm.bundle.manifest import Manifest
-
-__all__ = ["SCHEMA_VERSION", "MANIFEST", "staged_bundle", "read_manifest", "file_record", "staging_dirs"]
+__all__ = ["SCHEMA_VERSION", "MANIFEST", "staged_bundle", "read_manifest", "file_record", "file_table",
+           "staging_dirs", "stamped", "check_reads_back"]
 
 _STAGING_PREFIX = ".rksmolvlm-staging-"
 
 
 def file_record(path: Path) -> dict:
-    from rksmolvlm.hashing import sha256_file
+    """``manifest.json``'s record of one file (size and sha256), as written."""
+    return FileRecord.of(path.parent, path.name).to_dict()
 
-    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
+
+def file_table(root: Path) -> dict[str, FileRecord]:
+    """Every file under ``root`` but the manifest, by relative POSIX path, sorted."""
+    return {p.relative_to(root).as_posix(): FileRecord.of(root, p.relative_to(root).as_posix())
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name not in (MANIFEST, MANIFEST + ".tmp")}
+
+
+def stamped(manifest: Manifest, root: Path) -> Manifest:
+    """``manifest`` as the bundle at ``root`` holds it now: this rksmolvlm's schema and name, and every file."""
+    return dataclasses.replace(manifest, root=root, schema_version=SCHEMA_VERSION,
+                               created_by=f"rksmolvlm {__version__}", files=file_table(root))
 
 
 def staging_dirs(destination: Path) -> list[Path]:
@@ -62,28 +72,22 @@ def staged_bundle(destination: str | os.PathLike, overwrite: bool = False) -> It
 
 
 class StagedBundle:
-    """A bundle being written. Add files under ``path``; set ``manifest``; the context commits."""
+    """A bundle being written. Add files under ``path``; set ``manifest`` (its ``files`` are listed
+    and its schema, name and time stamped at commit); the context commits."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.manifest: dict = {}
+        self.manifest: Manifest | None = None
 
     def _commit(self, dest: Path) -> None:
-        files = {}
-        for p in sorted(self.path.rglob("*")):
-            if p.is_file() and p.name != MANIFEST:
-                files[p.relative_to(self.path).as_posix()] = file_record(p)
-        manifest = {"schema_version": SCHEMA_VERSION, "created_by": f"rksmolvlm {__version__}",
-                    "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    **self.manifest, "files": files}
-        from rksmolvlm.bundle.manifest import Manifest
-
-        try:  # the writer and the only reader must agree
-            Manifest.from_dict(manifest, self.path)
-        except BundleError as exc:
-            raise BundleError(f"internal: the manifest written does not read back: {exc}") from exc
+        if self.manifest is None:
+            raise BundleError("internal: a bundle was staged without a manifest")
+        now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        manifest = dataclasses.replace(stamped(self.manifest, self.path), created_at=now)
+        text = json.dumps(manifest.to_dict(), indent=2, sort_keys=False) + "\n"
+        check_reads_back(manifest, text)
         tmp = self.path / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, self.path / MANIFEST)
         umask = os.umask(0)
         os.umask(umask)
@@ -98,7 +102,19 @@ class StagedBundle:
         else:
             os.replace(self.path, dest)
         self.path = dest
-        self.manifest = manifest
+        self.manifest = dataclasses.replace(manifest, root=dest)
+
+
+def check_reads_back(manifest: Manifest, text: str) -> None:
+    """The writer and the only reader must agree: ``text`` (``manifest`` as JSON) reads back equal."""
+    try:
+        back = Manifest.from_dict(json.loads(text), manifest.root)
+    except BundleError as exc:
+        raise BundleError(f"internal: the manifest written does not read back: {exc}") from exc
+    if back != manifest:
+        differ = [f.name for f in dataclasses.fields(Manifest) if getattr(back, f.name) != getattr(manifest, f.name)]
+        raise BundleError(f"internal: the manifest reads back different in {', '.join(differ)}: the record and its "
+                          "to_dict/from_dict disagree")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -114,8 +130,6 @@ def _fsync_dir(path: Path) -> None:
 
 def read_manifest(bundle: str | os.PathLike, verify: bool = True) -> "Manifest":
     """The bundle's typed manifest (every key checked); with ``verify`` also every file's size and sha256."""
-    from rksmolvlm.bundle.manifest import Manifest
-
     manifest = Manifest.read(bundle)
     if verify:
         manifest.verify_files()

@@ -10,80 +10,29 @@ through the runtime's own Runner on the engines given and compares. numpy only: 
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from rksmolvlm.bundle.goldens import (CASES_FILE, FEATURES_FILE, GOLDENS_DIR, GOLDENS_FORMAT, INPUTS_DIR, GoldenCase,
+                                      Goldens, load_goldens)
 from rksmolvlm.errors import BundleError
-from rksmolvlm.processing.content import ImagePart, VideoPart, conversation, media_parts
+from rksmolvlm.processing.content import ImagePart, VideoPart, media_parts
 
 __all__ = ["GOLDENS_DIR", "CASES_FILE", "FEATURES_FILE", "INPUTS_DIR", "GOLDENS_FORMAT", "GoldenCase", "Goldens",
            "CaseResult", "VerifyResult", "case_media", "cut_at_stop", "verify_bundle", "load_goldens",
            "open_sim_engines", "SimulatedVisionEncoder", "DEFAULT_MIN_COSINE", "default_min_agreement"]
 
-GOLDENS_DIR = "goldens"
-CASES_FILE, FEATURES_FILE, INPUTS_DIR = "cases.json", "features.npz", "inputs"
-GOLDENS_FORMAT = 1
 DEFAULT_MIN_COSINE = 0.99
 _MIN_AGREEMENT = {"host": 1.0, "npu": 0.5, "sim": 0.5}
-NO_GOLDENS = ("{root} has no golden answers (goldens/ in manifest.json): it was converted with --no-goldens, "
-              "with only one part, or by an older rksmolvlm; convert the checkpoint again with "
-              "'rksmolvlm convert MODEL -o BUNDLE' (both parts, without --no-goldens) to record them")
 
 
 def default_min_agreement(engine: str) -> float:
     """host engines compute what transformers computes: all tokens must agree; board/simulated
     engines quantize, so half the tokens before the first divergence is the default floor."""
     return _MIN_AGREEMENT.get(engine, 0.5)
-
-
-@dataclass(frozen=True)
-class GoldenCase:
-    name: str
-    messages: list[dict]  # chat messages; media sources are file names under goldens/inputs/
-    prompt_ids: list[int]
-    token_ids: list[int]  # transformers' greedy ids, cut after the first end id
-    feature_tiles: list[int]  # indices into the case's tiles/frames (media order) with reference features
-
-
-@dataclass(frozen=True)
-class Goldens:
-    root: Path  # the bundle
-    new_tokens: int
-    reference: str
-    cases: list[GoldenCase]
-    features: dict[str, np.ndarray]  # case name → (len(feature_tiles), seq, hidden) float16
-
-    @classmethod
-    def read(cls, root: Path, cases_file: Path, features_file: Path) -> "Goldens":
-        try:
-            data = json.loads(cases_file.read_text(encoding="utf-8"))
-            if data.get("format") != GOLDENS_FORMAT:
-                raise ValueError(f"format {data.get('format')!r}, this rksmolvlm reads {GOLDENS_FORMAT}")
-            cases = [GoldenCase(c["name"], list(c["messages"]), [int(i) for i in c["prompt_ids"]],
-                                [int(i) for i in c["token_ids"]], [int(i) for i in c["feature_tiles"]])
-                     for c in data["cases"]]
-            with np.load(features_file, allow_pickle=False) as npz:
-                features = {k: npz[k] for k in npz.files}
-            new_tokens, reference = int(data["new_tokens"]), str(data["reference"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise BundleError(f"{cases_file} cannot be read ({exc}): convert the bundle again") from exc
-        return cls(root, new_tokens, reference, cases, features)
-
-    def messages(self, case: GoldenCase) -> list:
-        """The case's messages as typed records, media names resolved in goldens/inputs/."""
-        inputs = self.root / GOLDENS_DIR / INPUTS_DIR
-
-        def part(p):
-            kind = p.get("type")
-            if kind in ("image", "video") and isinstance(p.get(kind), str):
-                return {**p, kind: str(inputs / p[kind])}
-            return p
-
-        return conversation([{**m, "content": [part(p) for p in m["content"]]} for m in case.messages])
 
 
 def case_media(messages: list, image_settings, video_settings) -> tuple[list[np.ndarray], list[Any], list[str]]:
@@ -187,14 +136,6 @@ class VerifyResult:
                      f"{self.min_agreement:.0%} per case, tower cosine {self.min_cosine})")
         lines += [f"  {f}" for f in self.failures]
         return "\n".join(lines)
-
-
-def load_goldens(bundle) -> Goldens:
-    """The goldens of an opened RuntimeBundle; a BundleError naming the fix when it has none."""
-    info = getattr(bundle.manifest, "goldens", None)
-    if info is None:
-        raise BundleError(NO_GOLDENS.format(root=bundle.path))
-    return Goldens.read(Path(bundle.path), bundle.manifest.path(info.cases), bundle.manifest.path(info.features))
 
 
 def verify_bundle(bundle, vision, llm, engine: str, min_agreement: float | None = None,

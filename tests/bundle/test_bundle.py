@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from support.manifests import minimal_manifest
+from support.manifests import minimal_record
 from rksmolvlm.bundle import SCHEMA_VERSION, read_manifest, staged_bundle, staging_dirs
 from rksmolvlm.errors import BundleError
 from rksmolvlm.bundle.manifest import FileRecord
@@ -16,7 +16,7 @@ def _write(dest, payload=b"abc", **kw):
         (stage.path / "tokenizer.json").write_text("{}")
         (stage.path / "sub").mkdir()
         (stage.path / "sub" / "x.bin").write_bytes(b"x" * 10)
-        stage.manifest = minimal_manifest()
+        stage.manifest = minimal_record()
     return stage
 
 
