@@ -95,7 +95,7 @@ class Goldens:
         if data.get("format") != GOLDENS_FORMAT:
             raise ValueError(f"format {data.get('format')!r}, this rksmolvlm reads {GOLDENS_FORMAT}")
         new_tokens, reference, cases = data.get("new_tokens"), data.get("reference"), data.get("cases")
-        if not _ids(new_tokens, single=True) or new_tokens < 1:
+        if not isinstance(new_tokens, int) or isinstance(new_tokens, bool) or new_tokens < 1:
             raise ValueError(f"'new_tokens' must be an integer ≥ 1, not {new_tokens!r}")
         if not isinstance(reference, str):
             raise ValueError("'reference' must be a string")
@@ -152,6 +152,6 @@ def _ids(value: Any, single: bool = False) -> bool:
 
 def _id_list(data: dict, key: str, name: str) -> list[int]:
     value = data.get(key)
-    if not _ids(value):
+    if not isinstance(value, list) or not _ids(value):
         raise ValueError(f"case {name!r}: {key!r} must be a list of non-negative integers")
     return list(value)

@@ -77,7 +77,7 @@ class FileRecord:
     @classmethod
     def _read(cls, s: "_Section", path: str) -> "FileRecord":
         confined_path(s.bundle.root, path, f"files[{path!r}]")
-        return cls(path, s.int("size", 0), s.sha256("sha256"))
+        return cls(path, s.integer("size", 0), s.sha256("sha256"))
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ class SourceInfo(_Part):
     @classmethod
     def _read(cls, s: "_Section") -> "SourceInfo":
         weights = s.optional_obj("weights")
-        return cls(s.str("model_id"), s.optional_str("revision"),
+        return cls(s.string("model_id"), s.optional_str("revision"),
                    {k: weights.obj(k).sha256("sha256") for k in weights.keys()} if weights else {})
 
 
@@ -118,7 +118,7 @@ class VisionTowerInfo(_Part):
 
     @classmethod
     def _read(cls, s: "_Section") -> "VisionTowerInfo":
-        return cls(s.int("image_seq_len", 1), *(s.optional_int(k, 1) for k in
+        return cls(s.integer("image_seq_len", 1), *(s.optional_int(k, 1) for k in
                                                 ("tile_size", "patch_size", "hidden_size", "layers", "heads",
                                                  "scale_factor")))
 
@@ -144,7 +144,7 @@ class TextDecoderInfo(_Part):
 
     @classmethod
     def _read(cls, s: "_Section") -> "TextDecoderInfo":
-        return cls(s.int("hidden_size", 1), s.int("vocab_size", 1), s.optional_int("layers", 1),
+        return cls(s.integer("hidden_size", 1), s.integer("vocab_size", 1), s.optional_int("layers", 1),
                    s.optional_int("heads", 1), s.optional_int("kv_heads", 1),
                    s.optional_int("max_position_embeddings", 1), s.optional_bool("tie_word_embeddings"))
 
@@ -176,7 +176,7 @@ class ModelInfo(_Part):
 
     @classmethod
     def _read(cls, s: "_Section") -> "ModelInfo":
-        return cls(s.choice("family", FAMILIES), s.str("architecture"), s.str("size"),
+        return cls(s.choice("family", FAMILIES), s.string("architecture"), s.string("size"),
                    VisionTowerInfo._read(s.obj("vision")), TextDecoderInfo._read(s.obj("text")))
 
 
@@ -191,7 +191,7 @@ class TargetInfo(_Part):
 
     @classmethod
     def _read(cls, s: "_Section") -> "TargetInfo":
-        return cls(s.str("platform"), s.int("npu_cores", 1))
+        return cls(s.string("platform"), s.integer("npu_cores", 1))
 
 
 @dataclass(frozen=True)
@@ -246,7 +246,7 @@ class VisionQuantization(_Part):
 
     @classmethod
     def _read(cls, s: "_Section") -> "VisionQuantization":
-        return cls(s.str("dtype"), s.str("algorithm"), s.int("calibration_tiles", 0),
+        return cls(s.string("dtype"), s.string("algorithm"), s.integer("calibration_tiles", 0),
                    tuple(s.str_list("calibration_images")))
 
 
@@ -263,7 +263,7 @@ class VisionAccuracy(_Part):
 
     @classmethod
     def _read(cls, s: "_Section") -> "VisionAccuracy":
-        return cls(s.float("simulator_cosine"), s.float("min_tile_cosine"))
+        return cls(s.number("simulator_cosine"), s.number("min_tile_cosine"))
 
 
 @dataclass(frozen=True)
@@ -313,8 +313,8 @@ class LlmRecipe(_Part):
 
     @classmethod
     def _read(cls, s: "_Section") -> "LlmRecipe":
-        return cls(s.str("target"), s.str("dtype"), s.str("algorithm"), s.int("num_npu_core", 1),
-                   s.int("max_context", 1), s.int("optimization_level", 0), s.float("hybrid_rate"))
+        return cls(s.string("target"), s.string("dtype"), s.string("algorithm"), s.integer("num_npu_core", 1),
+                   s.integer("max_context", 1), s.integer("optimization_level", 0), s.number("hybrid_rate"))
 
 
 @dataclass(frozen=True)
@@ -349,7 +349,7 @@ class LlmPart(_Part):
         decoder_dir = s.optional_str("decoder_dir")
         if decoder_dir is not None:
             confined_path(s.bundle.root, decoder_dir, s.key("decoder_dir"))
-        return cls(s.optional_file("file"), s.optional_str("toolkit_version"), s.int("max_context", 32),
+        return cls(s.optional_file("file"), s.optional_str("toolkit_version"), s.integer("max_context", 32),
                    embed.file("file"), (shape[0], shape[1]), decoder_dir, _optional(s, "recipe", LlmRecipe),
                    s.optional_str("board_decoder"), embed.optional_str("dtype"))
 
@@ -372,11 +372,11 @@ class ProcessorInfo(_Part):
         mean, std = s.float_list("image_mean", 3), s.float_list("image_std", 3)
         video = s.optional_obj("video_sampling")
         settings = ImageSettings(
-            tile_size=s.int("tile_size", 1), longest_edge=s.int("longest_edge", 1),
-            do_image_splitting=s.bool("do_image_splitting"), resample=s.int("resample", 0),
-            rescale_factor=s.float("rescale_factor"), image_mean=(mean[0], mean[1], mean[2]),
+            tile_size=s.integer("tile_size", 1), longest_edge=s.integer("longest_edge", 1),
+            do_image_splitting=s.boolean("do_image_splitting"), resample=s.integer("resample", 0),
+            rescale_factor=s.number("rescale_factor"), image_mean=(mean[0], mean[1], mean[2]),
             image_std=(std[0], std[1], std[2]), video_sampling=dict(video.data) if video else {})
-        return cls(settings, s.int("image_seq_len", 1))
+        return cls(settings, s.integer("image_seq_len", 1))
 
 
 @dataclass(frozen=True)
@@ -419,9 +419,10 @@ class TokenInfo:
         if not eos:
             raise BundleError(f"{MANIFEST}: 'tokens.eos_ids' is empty: the bundle cannot know where an answer ends; "
                               "convert it again")
-        prompt = PromptTokens(image=s.str("image"), image_id=s.int("image_id", 0), fake_image=s.str("fake_image"),
-                              global_image=s.str("global_image"), image_seq_len=image_seq_len,
-                              end_of_utterance=s.str("end_of_utterance"))
+        prompt = PromptTokens(image=s.string("image"), image_id=s.integer("image_id", 0),
+                              fake_image=s.string("fake_image"), global_image=s.string("global_image"),
+                              image_seq_len=image_seq_len,
+                              end_of_utterance=s.string("end_of_utterance"))
         ids = {k: s.optional_int(k, 0) for k in ("fake_image_id", "global_image_id", "end_of_utterance_id",
                                                   "eos_id")}
         return cls(prompt, tuple(eos), s.optional_int("bos_id", None), s.optional_int("pad_id", None),
@@ -452,19 +453,19 @@ class VideoPartInfo(_Part):
         from rksmolvlm.processing.video_frames import VideoSettings
 
         v = s.obj("settings")
-        fps, skip = v.float("fps"), v.float("skip_secs")
+        fps, skip = v.number("fps"), v.number("skip_secs")
         if fps <= 0 or skip < 0:
             raise BundleError(f"{MANIFEST}: 'video.settings' has fps {fps} and skip_secs {skip}: fps must be above 0 "
                               "and skip_secs at least 0; convert the bundle again")
         mean, std = v.float_list("image_mean", 3), v.float_list("image_std", 3)
         try:
-            settings = VideoSettings(fps=fps, max_frames=v.int("max_frames", 1), skip_secs=skip,
-                                     longest_edge=v.int("longest_edge", 1), frame_size=v.int("frame_size", 1),
+            settings = VideoSettings(fps=fps, max_frames=v.integer("max_frames", 1), skip_secs=skip,
+                                     longest_edge=v.integer("longest_edge", 1), frame_size=v.integer("frame_size", 1),
                                      image_mean=(mean[0], mean[1], mean[2]), image_std=(std[0], std[1], std[2]),
-                                     rescale_factor=v.float("rescale_factor"))
+                                     rescale_factor=v.number("rescale_factor"))
         except ValueError as exc:  # the settings' own checks (a zero std, a rescale of 0, …)
             raise BundleError(f"{MANIFEST}: '{v.where}' is not usable ({exc})") from None
-        return cls(settings, s.str("chat_template"))
+        return cls(settings, s.string("chat_template"))
 
 
 @dataclass(frozen=True)
@@ -482,7 +483,7 @@ class GoldensInfo(_Part):
 
     @classmethod
     def _read(cls, s: "_Section") -> "GoldensInfo":
-        return cls(s.file("cases"), s.file("features"), s.int("new_tokens", 1))
+        return cls(s.file("cases"), s.file("features"), s.integer("new_tokens", 1))
 
 
 @dataclass(frozen=True)
@@ -554,7 +555,7 @@ class Manifest:
         manifest = cls(
             root=root,
             schema_version=SCHEMA_VERSION,
-            created_by=top.str("created_by"),
+            created_by=top.string("created_by"),
             source=SourceInfo._read(top.obj("source")),
             model=ModelInfo._read(top.obj("model")),
             target=TargetInfo._read(top.obj("target")),
@@ -564,7 +565,7 @@ class Manifest:
             llm=_optional(top, "llm", LlmPart),
             processor=processor,
             tokens=TokenInfo._read(top.obj("tokens"), processor.image_seq_len),
-            chat_template=top.str("chat_template"),
+            chat_template=top.string("chat_template"),
             tokenizer=top.file("tokenizer"),
             files=records,
             video=_optional(top, "video", VideoPartInfo),
@@ -706,47 +707,47 @@ class _Section:
     def optional_obj(self, key: str) -> "_Section | None":
         return None if self._absent(key) else self.obj(key)
 
-    def str(self, key: str) -> str:
+    def string(self, key: str) -> str:
         value = self._get(key, "a string")
         if not isinstance(value, str):
             raise self._fail(key, "a string", value)
         return value
 
     def optional_str(self, key: str) -> str | None:
-        return None if self._absent(key) else self.str(key)
+        return None if self._absent(key) else self.string(key)
 
     def choice(self, key: str, allowed: tuple[str, ...]) -> str:
-        value = self.str(key)
+        value = self.string(key)
         if value not in allowed:
             raise self._fail(key, f"one of {', '.join(allowed)}", value)
         return value
 
-    def int(self, key: str, minimum: int | None) -> int:
+    def integer(self, key: str, minimum: int | None) -> int:
         value = self._get(key, "an integer")
         if not _is_int(value) or (minimum is not None and value < minimum):
             raise self._fail(key, "an integer" + (f" ≥ {minimum}" if minimum is not None else ""), value)
         return value
 
     def optional_int(self, key: str, minimum: int | None) -> int | None:
-        return None if self._absent(key) else self.int(key, minimum)
+        return None if self._absent(key) else self.integer(key, minimum)
 
-    def float(self, key: str) -> float:
+    def number(self, key: str) -> float:
         value = self._get(key, "a number")
         if not _is_number(value):
             raise self._fail(key, "a finite number", value)
         return float(value)
 
-    def bool(self, key: str) -> bool:
+    def boolean(self, key: str) -> bool:
         value = self._get(key, "true or false")
         if not isinstance(value, bool):
             raise self._fail(key, "true or false", value)
         return value
 
     def optional_bool(self, key: str) -> bool | None:
-        return None if self._absent(key) else self.bool(key)
+        return None if self._absent(key) else self.boolean(key)
 
     def sha256(self, key: str) -> str:
-        value = self.str(key)
+        value = self.string(key)
         if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
             raise self._fail(key, "a sha256 in hex (64 characters)", value)
         return value

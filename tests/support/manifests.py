@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from rksmolvlm.bundle.manifest import (SCHEMA_VERSION, FileRecord, Manifest, ModelInfo, ProcessorInfo, SourceInfo, TargetInfo,
-                                       TextDecoderInfo, TokenInfo, VisionTowerInfo)
+from rksmolvlm.bundle.manifest import (SCHEMA_VERSION, FileRecord, Manifest, ModelInfo, ProcessorInfo, SourceInfo,
+                                       TargetInfo, TextDecoderInfo, TokenInfo, VisionTowerInfo)
 from rksmolvlm.processing.image import ImageSettings
 from rksmolvlm.processing.prompt import PromptTokens
 
