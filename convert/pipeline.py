@@ -15,7 +15,7 @@ import numpy as np
 from rksmolvlm import __version__
 from rksmolvlm.boards import BoardProfile, load_profile
 from rksmolvlm.bundle import staged_bundle
-from rksmolvlm.bundle.manifest import (SCHEMA_VERSION, GoldensInfo, LlmPart, Manifest, ModelInfo, ProcessorInfo,
+from rksmolvlm.bundle.manifest import (PARTS, SCHEMA_VERSION, GoldensInfo, LlmPart, Manifest, ModelInfo, ProcessorInfo,
                                        SourceInfo, TargetInfo, TextDecoderInfo, TokenInfo, VideoPartInfo,
                                        VisionAccuracy, VisionInput, VisionOutput, VisionPart, VisionQuantization,
                                        VisionTowerInfo)
@@ -27,7 +27,6 @@ from rksmolvlm.processing.prompt import PromptTokens
 
 __all__ = ["ConvertOptions", "ConvertResult", "convert", "PARTS"]
 
-PARTS = ("vision", "llm")
 VISION_FILE, ONNX_FILE, TOKENIZER_FILE, REPORT_FILE = "vision.rknn", "vision.onnx", "tokenizer.json", "report.json"
 BUILD_LOG_FILE = "vision-build.log"
 
