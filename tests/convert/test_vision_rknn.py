@@ -46,6 +46,7 @@ class StockConnector(torch.nn.Module):
         return self.linear(h)
 
 
+@pytest.mark.slow  # rknn-toolkit2 builds a real-size tower
 @pytest.mark.parametrize("geometry", [
     pytest.param((768, 16, 512, 4, 576, 12), id="256M"),
     pytest.param((768, 16, 512, 4, 960, 12), id="500M"),
@@ -65,6 +66,7 @@ def test_real_geometry_keeps_every_op_on_the_npu(geometry, tmp_path):
     assert cosine(build.simulated.reshape(reference.shape), reference) > 0.999
 
 
+@pytest.mark.slow  # rknn-toolkit2 builds a real-size tower
 def test_stock_pixel_shuffle_falls_back_and_is_reported(tmp_path):
     tower = _tower(1152, 14, 384, 3, 2048, 16)
     linear = torch.nn.Linear(1152 * 9, 2048, bias=False)
