@@ -29,7 +29,8 @@ def package_dirs(root: Path) -> dict[str, Path]:
     mapping = config.get("tool", {}).get("setuptools", {}).get("package-dir", {})
     if not mapping:
         raise SystemExit(f"{pyproject} has no [tool.setuptools.package-dir]: pass the root of an rksmolvlm checkout")
-    return {name: (root / folder).resolve() for name, folder in sorted(mapping.items(), key=lambda kv: kv[0].count("."))}
+    ordered = sorted(mapping.items(), key=lambda item: item[0].count("."))
+    return {name: (root / folder).resolve() for name, folder in ordered}
 
 
 def build(root: Path, dest: Path) -> Path:

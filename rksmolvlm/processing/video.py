@@ -262,8 +262,8 @@ class VideoReader:
                 f"{limits.max_frame_pixels}-pixel limit: send a smaller video", limit="max_frame_pixels")
         if codec.codec.canonical_name not in SUPPORTED_CODECS:
             raise UnsupportedVideoError(
-                f"video codec '{codec.codec.canonical_name}' is not supported (only {', '.join(SUPPORTED_CODECS)} decode "
-                "identically on every CPU): re-encode the video as H.264")
+                f"video codec '{codec.codec.canonical_name}' is not supported (only {', '.join(SUPPORTED_CODECS)} "
+                "decode identically on every CPU): re-encode the video as H.264")
         pix_fmt = codec.format.name if codec.format is not None else None
         if pix_fmt is not None:
             _check_pix_fmt(pix_fmt)
@@ -302,7 +302,8 @@ class VideoReader:
                 t = packet.pts if packet.pts is not None else packet.dts
                 if t is None:
                     raise UnsupportedVideoError(
-                        "the video's packets carry no timestamps: remux it into MP4 or MKV (ffmpeg -i in -c copy out.mp4)")
+                        "the video's packets carry no timestamps: remux it into MP4 or MKV "
+                        "(ffmpeg -i in -c copy out.mp4)")
                 if len(pts) >= limits.max_stream_frames:
                     raise VideoTooLongError(
                         f"the video has more than {limits.max_stream_frames} frames: send a shorter clip",

@@ -174,7 +174,7 @@ def test_prompt_ids_equal_the_processor_in_every_mode(references, runtime_bundle
     edges = [t["longest_edge"] for t in got.stats.image_tiling]
     assert all(e % tile == 0 and e <= longest for e in edges) and all(t["rows"] * t["cols"] <= 4
                                                                      for t in got.stats.image_tiling)
-    for image, edge, tiling in zip(images, edges, got.stats.image_tiling):
+    for image, edge in zip(images, edges):
         own, _ = reference.inputs(_ask(image), [image], size={"longest_edge": edge})
         alone = fake_runner(bundle, [5], resolution=Resolution(longest_edge=edge)).generate(_ask(image), CONFIG)
         assert alone.consume().prefill_ids == own
