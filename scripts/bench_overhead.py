@@ -166,13 +166,15 @@ def _plan(bundle: Path, work: Path, repeats: int) -> dict:
     answer = (ids * (ANSWER_TOKENS // len(ids) + 1))[:ANSWER_TOKENS - 1] + [eos]
     photos = work / "photos"
     photos.mkdir()
-    runs = []
+    runs = []  # per run, per shape: its photo files (each photo once in the whole benchmark: no cache hits)
     for run in range(repeats + WARMUP):
-        files: dict[str, str] = {}
-        for width, height in sorted({size for _, sizes, _ in SHAPES.values() for size in sizes}):
-            path = photos / f"{run}-{width}x{height}.jpg"
-            path.write_bytes(_photo(width, height, seed=run))
-            files[f"{width}x{height}"] = str(path)
+        files: dict[str, list[str]] = {}
+        for number, (shape, (_, sizes, _)) in enumerate(SHAPES.items()):
+            files[shape] = []
+            for index, (width, height) in enumerate(sizes):
+                path = photos / f"{run}-{shape}-{index}.jpg"
+                path.write_bytes(_photo(width, height, seed=(run * len(SHAPES) + number) * 8 + index))
+                files[shape].append(str(path))
         runs.append(files)
     return {"repeats": repeats, "warmup": WARMUP, "seq": seq, "hidden": hidden, "answer": answer, "runs": runs,
             "answer_text": tokenizer.decode(answer, skip_special_tokens=True)}
@@ -199,10 +201,10 @@ def _photo(width: int, height: int, seed: int) -> bytes:
     return buffer.getvalue()
 
 
-def _messages(shape: str, files: dict[str, str], answer_text: str) -> list[dict]:
-    """The request of ``shape`` as OpenAI-style dicts (both trees accept them); images as bytes."""
-    _, sizes, follow_up = SHAPES[shape]
-    content: list[dict] = [{"type": "image", "image": Path(files[f"{w}x{h}"]).read_bytes()} for w, h in sizes]
+def _messages(shape: str, files: list[str], answer_text: str) -> list[dict]:
+    """The request of ``shape`` with its photo ``files``, as dicts both trees accept; images as bytes."""
+    _, _, follow_up = SHAPES[shape]
+    content: list[dict] = [{"type": "image", "image": Path(file).read_bytes()} for file in files]
     messages = [{"role": "user", "content": [*content, {"type": "text", "text": QUESTION}]}]
     if follow_up:
         messages += [{"role": "assistant", "content": [{"type": "text", "text": answer_text}]},
@@ -299,7 +301,7 @@ def _measure(bundle_dir: str, plan: dict) -> dict:
     for shape in SHAPES:
         cpu, wall = [], []
         for run, files in enumerate(plan["runs"]):
-            messages = _messages(shape, files, plan["answer_text"])
+            messages = _messages(shape, files[shape], plan["answer_text"])
             gc.collect()
             cpu_start, wall_start = time.process_time(), time.perf_counter()
             result = runner.generate(messages, config).consume()
