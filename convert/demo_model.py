@@ -268,7 +268,7 @@ def _train(steps: int, seed: int, lr: float, log: Callable[[str], None] | None) 
     vocab = model.config.text_config.vocab_size
     others = math.log(vocab - len(head_ids))  # the zero rows: vocab − K logits of exactly 0
     with torch.no_grad():  # HF's default init scale; the two big tables train only their rows, kept apart
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.02)
     embed_rows = torch.nn.Parameter(torch.randn(len(embed_ids), model.config.text_config.hidden_size) * 0.02)

@@ -58,9 +58,9 @@ def main() -> None:
         reference = processor(images=[[image]], return_tensors="np")["pixel_values"][0]
         ours = normalize(tile_image(image, settings).tiles, settings)
         diff = float(np.max(np.abs(ours - reference))) if ours.shape == reference.shape else float("inf")
-        t_ref = _median_ms(lambda: processor(images=[[image]], return_tensors="np"), args.repeats)
-        t_board = _median_ms(lambda: tile_image(image, settings), args.repeats)
-        t_float = _median_ms(lambda: normalize(tile_image(image, settings).tiles, settings), args.repeats)
+        t_ref = _median_ms(lambda image=image: processor(images=[[image]], return_tensors="np"), args.repeats)
+        t_board = _median_ms(lambda image=image: tile_image(image, settings), args.repeats)
+        t_float = _median_ms(lambda image=image: normalize(tile_image(image, settings).tiles, settings), args.repeats)
         rows.append({"size": f"{width}x{height}", "tiles": int(reference.shape[0]), "transformers_ms": t_ref,
                      "ours_uint8_ms": t_board, "ours_float_ms": t_float, "speedup_uint8": t_ref / t_board,
                      "speedup_float": t_ref / t_float, "max_abs_diff": diff,

@@ -175,10 +175,10 @@ def rotated_text(
     img: Image.Image, center: tuple[float, float], s: str, f, fill, angle: float
 ) -> None:
     """Paste text rotated by ``angle`` degrees (counter-clockwise) centred at ``center``."""
-    l, t, r, b = f.getbbox(s)
+    left, t, r, b = f.getbbox(s)
     pad = 4
-    tile = Image.new("RGBA", (int(r - l) + 2 * pad, int(b - t) + 2 * pad), (0, 0, 0, 0))
-    ImageDraw.Draw(tile).text((pad - l, pad - t), s, font=f, fill=fill)
+    tile = Image.new("RGBA", (int(r - left) + 2 * pad, int(b - t) + 2 * pad), (0, 0, 0, 0))
+    ImageDraw.Draw(tile).text((pad - left, pad - t), s, font=f, fill=fill)
     tile = tile.rotate(angle, expand=True, resample=Image.Resampling.BICUBIC)
     img.paste(tile, (int(center[0] - tile.width / 2), int(center[1] - tile.height / 2)), tile)
 
@@ -878,8 +878,8 @@ def doc_invoice(rng: random.Random) -> Image.Image:
     ]:
         d.text((x, y), title, font=font("sans-bold", 16), fill=accent)
         ly = y + 28
-        for i, l in enumerate(lines):
-            d.text((x, ly), l, font=fsb if i == 0 else fs, fill=dark)
+        for i, line in enumerate(lines):
+            d.text((x, ly), line, font=fsb if i == 0 else fs, fill=dark)
             ly += 27
     y = 480
     # table
@@ -1190,7 +1190,7 @@ def chart_line(rng: random.Random) -> Image.Image:
         xx = ax.x(i)
         d.line([(xx, ax.b), (xx, ax.b + 7)], fill=(60, 60, 60), width=2)
         text_center(d, xx, ax.b + 24, mname, fy, (40, 40, 40))
-    for ci, (name, vals) in enumerate(cities.items()):
+    for ci, (_name, vals) in enumerate(cities.items()):
         c = PALETTE[ci]
         pts = [(ax.x(i), ax.y(v)) for i, v in enumerate(vals)]
         d.line(pts, fill=c, width=4, joint="curve")
@@ -1252,7 +1252,7 @@ def chart_pie(rng: random.Random) -> Image.Image:
     cx, cy, r = 360 * S, 470 * S, 250 * S
     start = -90.0
     fl = font("sans-bold", 18 * S)
-    for i, (name, pct) in enumerate(parts):
+    for i, (_name, pct) in enumerate(parts):
         ext = pct / 100 * 360
         mid = math.radians(start + ext / 2)
         off = 18 * S if i == 0 else 0  # explode the largest slice
@@ -1385,7 +1385,7 @@ def chart_scatter(rng: random.Random) -> Image.Image:
 
 
 def window_frame(d, box, title: str, dark: bool = False):
-    l, t, r, b = box
+    left, t, r, b = box
     bar = (48, 48, 52) if dark else (232, 232, 236)
     d.rounded_rectangle(
         box,
@@ -1393,12 +1393,12 @@ def window_frame(d, box, title: str, dark: bool = False):
         fill=(30, 30, 34) if dark else (250, 250, 250),
         outline=(20, 20, 20) if dark else (170, 170, 175),
     )
-    d.rounded_rectangle([l, t, r, t + 40], radius=10, fill=bar)
-    d.rectangle([l, t + 20, r, t + 40], fill=bar)
+    d.rounded_rectangle([left, t, r, t + 40], radius=10, fill=bar)
+    d.rectangle([left, t + 20, r, t + 40], fill=bar)
     for i, c in enumerate([(255, 95, 87), (254, 188, 46), (40, 200, 64)]):
-        d.ellipse([l + 16 + i * 24, t + 13, l + 30 + i * 24, t + 27], fill=c)
+        d.ellipse([left + 16 + i * 24, t + 13, left + 30 + i * 24, t + 27], fill=c)
     text_center(
-        d, (l + r) / 2, t + 20, title, font("sans", 16), (220, 220, 220) if dark else (60, 60, 60)
+        d, (left + r) / 2, t + 20, title, font("sans", 16), (220, 220, 220) if dark else (60, 60, 60)
     )
 
 
@@ -1522,19 +1522,19 @@ def screen_settings(rng: random.Random) -> Image.Image:
         text_center(d, 62, yy + 74, label, font("sans", 14), "white")
     box = (200, 70, W - 120, H - 40)
     window_frame(d, box, "Preferences")
-    l, t, r, b = box
+    left, t, r, b = box
     # sidebar
-    sb_r = l + 250
-    d.rounded_rectangle([l + 1, t + 40, sb_r, b - 1], radius=9, fill=(243, 243, 246))
-    d.rectangle([l + 1, t + 40, sb_r, b - 12], fill=(243, 243, 246))
+    sb_r = left + 250
+    d.rounded_rectangle([left + 1, t + 40, sb_r, b - 1], radius=9, fill=(243, 243, 246))
+    d.rectangle([left + 1, t + 40, sb_r, b - 12], fill=(243, 243, 246))
     d.rectangle([sb_r - 12, t + 40, sb_r, b - 1], fill=(243, 243, 246))
     d.line([(sb_r, t + 40), (sb_r, b - 1)], fill=(210, 210, 215))
     d.rounded_rectangle(
-        [l + 12, t + 52, sb_r - 12, t + 84], radius=8, fill="white", outline=(210, 210, 215)
+        [left + 12, t + 52, sb_r - 12, t + 84], radius=8, fill="white", outline=(210, 210, 215)
     )
-    d.ellipse([l + 24, t + 60, l + 36, t + 72], outline=(140, 140, 140), width=2)  # magnifier
-    d.line([(l + 35, t + 71), (l + 41, t + 77)], fill=(140, 140, 140), width=2)
-    d.text((l + 50, t + 58), "Search settings", font=font("sans", 15), fill=(140, 140, 140))
+    d.ellipse([left + 24, t + 60, left + 36, t + 72], outline=(140, 140, 140), width=2)  # magnifier
+    d.line([(left + 35, t + 71), (left + 41, t + 77)], fill=(140, 140, 140), width=2)
+    d.text((left + 50, t + 58), "Search settings", font=font("sans", 15), fill=(140, 140, 140))
     items = [
         "General",
         "Appearance",
@@ -1551,10 +1551,10 @@ def screen_settings(rng: random.Random) -> Image.Image:
     for i, it in enumerate(items):
         yy = t + 100 + i * 40
         if it == "Network":
-            d.rounded_rectangle([l + 10, yy - 4, sb_r - 10, yy + 30], radius=7, fill=(52, 120, 246))
-            d.text((l + 26, yy + 2), it, font=fi, fill="white")
+            d.rounded_rectangle([left + 10, yy - 4, sb_r - 10, yy + 30], radius=7, fill=(52, 120, 246))
+            d.text((left + 26, yy + 2), it, font=fi, fill="white")
         else:
-            d.text((l + 26, yy + 2), it, font=fi, fill=(40, 40, 45))
+            d.text((left + 26, yy + 2), it, font=fi, fill=(40, 40, 45))
     # content pane
     cx = sb_r + 40
     y = t + 62
@@ -2061,7 +2061,7 @@ def scene_text_label(rng: random.Random) -> Image.Image:
     # slight wrinkle shading on the label
     shade = Image.new("L", (LW, LH), 0)
     sdraw = ImageDraw.Draw(shade)
-    for k in range(6):
+    for _k in range(6):
         x = rng.uniform(40, LW - 40)
         sdraw.line([(x, 0), (x + rng.uniform(-30, 30), LH)], fill=30, width=rng.choice([8, 14, 20]))
     shade = shade.filter(ImageFilter.GaussianBlur(12))

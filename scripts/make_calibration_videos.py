@@ -19,9 +19,10 @@ Usage::
     .venv/bin/python scripts/make_calibration_videos.py [--out DIR] [--only NAME ...]
 
 Encoding uses PyAV (``pip install av``: the project's own video dependency; its wheels bundle FFmpeg
-with libx264), not the ffmpeg command line: H.264 (High profile), 8-bit yuv420p tagged BT.601 limited range, even frame sizes,
-constant frame rate, a keyframe at least every 10 s, one encoder thread, no B-frames, in MP4 with the moov atom first. Frames are
-drawn with Pillow (LANCZOS crops and resizes) and converted to yuv420p by FFmpeg's swscale in PyAV.
+with libx264), not the ffmpeg command line: H.264 (High profile), 8-bit yuv420p tagged BT.601 limited
+range, even frame sizes, constant frame rate, a keyframe at least every 10 s, one encoder thread, no
+B-frames, in MP4 with the moov atom first. Frames are drawn with Pillow (LANCZOS crops and resizes)
+and converted to yuv420p by FFmpeg's swscale in PyAV.
 Frame content is deterministic; the bytes of the files also depend on the libx264/FFmpeg build
 (the committed clips were made with PyAV 18.1.0 — see the size/sha256 lines the script prints).
 """

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Goldens for tests/test_video_frames.py: what torchvision and transformers make of video frames after
+"""Goldens for tests/processing/test_video_frames.py: what torchvision and transformers make of video frames after
 decoding, for rksmolvlm/processing/lanczos.py and video_frames.py to match byte for byte.
 
 Run it in the reference venv (torch >= 2.14 with torchvision >= 0.27 — transformers falls back to
@@ -156,7 +156,7 @@ STAGE1_CASES = [(1080, 1920, 2048), (720, 1280, 2048), (480, 640, 2048), (1920, 
                 (1088, 1920, 2048), (360, 480, 1536), (2160, 3840, 2048), (3840, 2160, 2048), (99, 99, 2048)]
 
 
-# --- inputs (integer arithmetic only: the same bytes on every numpy) ----------------------------------------------------
+# --- inputs (integer arithmetic only: the same bytes on every numpy) --------------------------------------------------
 
 def _mix(values: np.ndarray, seed: int) -> np.ndarray:
     """lowbias32 of uint32 values: a fixed, version-independent integer hash."""
@@ -224,7 +224,7 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-# --- references (torch, torchvision, transformers) ---------------------------------------------------------------------
+# --- references (torch, torchvision, transformers) --------------------------------------------------------------------
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

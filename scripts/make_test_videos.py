@@ -112,8 +112,9 @@ BAD: dict[str, list[str]] = {
     "h264_yuv444p_96x64.mp4": [*testsrc("96x64", "25", 1), *X264, "-crf", "35", "-bf", "0",
                                "-pix_fmt", "yuv444p", *MP4],
     # odd frame size: x264 refuses odd 4:2:0 sizes, VP9 takes them
-    "vp9_odd_65x49.webm": [*testsrc("66x50", "25", 1), "-vf", "scale=65:49", "-c:v", "libvpx-vp9", "-crf", "45", "-b:v", "0",
-                           "-threads", "1", "-pix_fmt", "yuv420p", "-fflags", "+bitexact", "-map_metadata", "-1"],
+    "vp9_odd_65x49.webm": [*testsrc("66x50", "25", 1), "-vf", "scale=65:49", "-c:v", "libvpx-vp9", "-crf", "45",
+                           "-b:v", "0", "-threads", "1", "-pix_fmt", "yuv420p", "-fflags", "+bitexact",
+                           "-map_metadata", "-1"],
     # extreme aspect 2x100000: H.264 (x264) and VP9 (libvpx, <= 65535) refuse it; FFV1 takes any size
     "ffv1_2x100000.mkv": ["-f", "lavfi", "-i", "color=c=gray:size=2x100000:rate=1:duration=1", "-c:v", "ffv1",
                           "-pix_fmt", "yuv420p", "-fflags", "+bitexact", "-map_metadata", "-1"],

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Write tests/data/video/decode_goldens.json: what transformers' default video backend (torchcodec)
-gives for the test clips, for tests/test_video_decode.py.
+gives for the test clips, for tests/processing/test_video_decode.py.
 
 Runs in a reference environment with torch, torchvision, transformers and torchcodec (never in the
 test suite, which has none of them)::
@@ -24,6 +24,7 @@ Recorded:
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import platform
@@ -62,7 +63,7 @@ def frame_sha256(frame: np.ndarray) -> str:
 
 
 def exhaustive_planes(f: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Frame f of the all-triples set (also built by tests/test_video_decode.py)."""
+    """Frame f of the all-triples set (also built by tests/processing/test_video_decode.py)."""
     r = np.arange(SIDE)[:, None]
     c = np.arange(SIDE)[None, :]
     y = (4 * f + 2 * (r % 2) + (c % 2)).astype(np.uint8)
@@ -129,7 +130,8 @@ def converter_goldens() -> list[dict]:
                 for f, frame in enumerate(container.decode(video=0)):
                     for index, want in enumerate(exhaustive_planes(f)):
                         plane = frame.planes[index]
-                        got = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[:want.shape[0], :want.shape[1]]
+                        rows = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)
+                        got = rows[:want.shape[0], :want.shape[1]]
                         if not np.array_equal(got, want):
                             raise SystemExit(f"{clip.name}: frame {f} plane {index} is not lossless")
                     if frame.colorspace != colorspace or frame.color_range != (2 if full else 1):
@@ -168,7 +170,12 @@ def reference() -> dict:
     }
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+    try:
+        import torchcodec  # noqa: F401 - checked first: the goldens are torchcodec's answers
+    except ImportError as exc:
+        sys.exit(f"torchcodec is not importable here ({exc}): run this in the reference venv (see --help)")
     goldens = {"reference": reference(), "clips": clip_goldens(), "converter": converter_goldens()}
     OUT.write_text(json.dumps(goldens, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {OUT} ({OUT.stat().st_size / 1024:.0f} KiB)")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Goldens for the SmolVLM2 video parity tests (tests/test_video_parity.py): what transformers' own
+"""Goldens for the SmolVLM2 video parity tests (tests/processing/test_video_parity.py): what transformers' own
 ``SmolVLMProcessor`` makes of the test clips in ``tests/data/video/``.
 
 Run it in the reference venv (torch, torchvision >= 0.27 for the uint8 Lanczos transformers uses,
@@ -56,7 +56,7 @@ def good_clips() -> list[str]:
 
 
 def synthetic_image(width: int, height: int, seed: int) -> np.ndarray:
-    """A deterministic RGB uint8 picture (gradients plus noise); tests/video_board_path.py draws the
+    """A deterministic RGB uint8 picture (gradients plus noise); tests/support/video_board_path.py draws the
     same one and checks its sha256."""
     rng = np.random.RandomState(seed)
     y, x = np.mgrid[0:height, 0:width]

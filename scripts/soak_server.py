@@ -14,11 +14,11 @@ holds), streaming and not, with and without stop strings. Exit status 1 if any r
 process: idle sockets, clients that send a request head one byte every 2 s or a body 10 bytes a
 second (each reopened when the server closes it), and bombs the server must refuse with a 4xx at
 its default limits — a 900-megapixel 1-bit PNG, a 1×50,000,000 PNG, a progressive JPEG of 5,000
-scans and a TIFF with a progressive JPEG strip (tests/hostile_images.py), a 10-million-character
+scans and a TIFF with a progressive JPEG strip (tests/support/hostile_images.py), a 10-million-character
 text and a body over the size limit. /health is probed on a new connection every 100 ms. The report
 adds /health p50/p99/max, the bombs' answers and times, and how often the server closed the slow
 clients. The server gets max_connections above the mix (eviction is tested in
-tests/test_server_hostile_network.py). Exit status 1 also if a bomb was not refused or /health failed.
+tests/server/test_server_hostile_network.py). Exit status 1 also if a bomb was not refused or /health failed.
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def bombs(model: str) -> list[tuple[str, bytes]]:
            ("body over the limit", b'{"messages": [{"role": "user", "content": "' + b"a" * (21 << 20) + b'"}]}')]
     try:  # the test suite's costly-to-decode images, when run from a checkout
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from hostile_images import jpeg_tiff, scan_bomb, zero_png
+        from support.hostile_images import jpeg_tiff, scan_bomb, zero_png
     except ImportError:
         return out
     return out + [("1×50,000,000 PNG", image(zero_png(1, 50_000_000), "image/png")),

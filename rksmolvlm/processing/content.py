@@ -42,11 +42,10 @@ def _source_bytes(source, what: str) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
-        if what == "image":
-            from rksmolvlm.errors import ImageError as Error
-        else:
-            from rksmolvlm.errors import VideoError as Error
-        raise Error(f"cannot read the {what} file {path} ({exc.strerror or exc}): check the path") from None
+        from rksmolvlm.errors import ImageError, VideoError
+
+        error = ImageError if what == "image" else VideoError
+        raise error(f"cannot read the {what} file {path} ({exc.strerror or exc}): check the path") from None
 
 
 class _Keyed:
@@ -174,8 +173,9 @@ def conversation(messages: Sequence[Any], resolve: Callable[[Any], ImageSource] 
                 if source is None:
                     raise ValueError(f"message {i} part {j}: a video part needs its source under 'video' "
                                      "(a path or bytes)")
+                video: Any = resolve(source) if resolve else source  # VideoPart refuses a resolved Image
                 try:
-                    parts.append(VideoPart(resolve(source) if resolve else source, part.get("fps"),
+                    parts.append(VideoPart(video, part.get("fps"),
                                            part.get("max_frames")))
                 except ValueError as exc:
                     raise ValueError(f"message {i} part {j}: {exc}") from None

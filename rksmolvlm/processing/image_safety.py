@@ -206,7 +206,9 @@ def check_tiff_jpeg(image: Image.Image, data: bytes) -> None:
     up to 100 scans a strip, each a pass over it, and no TIFF writer makes them (TIFF's JPEG
     compression is baseline)."""
     tags = getattr(image, "tag_v2", None)
-    compression = tags.get(259) if tags is not None else None
+    if tags is None:  # not a TIFF
+        return
+    compression = tags.get(259)
     if compression not in (6, 7):  # old-style and new-style JPEG
         return
     offsets, counts = tags.get(273) or tags.get(324) or (), tags.get(279) or tags.get(325) or ()

@@ -28,10 +28,13 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TypeAlias
 
 import numpy as np
 
 __all__ = ["resize_uint8", "resize_uint8_chain"]
+
+_Float: TypeAlias = type[np.float32] | type[np.float64]  # the dtype of the exact sums (see _arithmetic)
 
 _SUPPORT = 3.0  # Lanczos-3: the filter is zero outside [-3, 3)
 _CHUNK_BYTES = 4 << 20  # float working set converted at once (fits a big L2/L3 cache)
@@ -103,7 +106,7 @@ class _AxisPlan:
     xsize: np.ndarray  # inputs of each output
     weights: np.ndarray  # (out, taps) int16
     precision: int
-    dtype: type
+    dtype: _Float
     shift: int  # subtracted from the uint8 inputs before the sums (0 or 128)
     offset: np.ndarray  # (out,) added to the scaled sums before the floor
     row_blocks: tuple[_Block, ...]  # for filtering the last axis (width)
@@ -171,7 +174,7 @@ def _axis_plan(in_size: int, out_size: int) -> _AxisPlan:
     return _AxisPlan(in_size, out_size, xmin, xsize, ints, precision, dtype, shift, offset, rows, columns)
 
 
-def _arithmetic(ints: np.ndarray, precision: int) -> tuple[type, int, np.ndarray]:
+def _arithmetic(ints: np.ndarray, precision: int) -> tuple[_Float, int, np.ndarray]:
     """How to get ``(Σ w·x + 2^(p−1)) >> p`` exactly from BLAS: (dtype, shift, offset). The matrices hold
     w·2^−p (a power-of-two scaling changes no mantissa), so the result is ``floor(Σ w·2^−p·(x − shift) +
     offset)`` with offset = (shift·Σw + 2^(p−1))·2^−p, clipped to [0, 255]. float32 adds integers exactly below
@@ -188,6 +191,7 @@ def _arithmetic(ints: np.ndarray, precision: int) -> tuple[type, int, np.ndarray
     row_sum = wide.sum(axis=1)
     half = 1 << (precision - 1) if precision > 0 else 0
     unit = 1.0 / (1 << precision)
+    dtype: _Float
     if 255 * abs_sum + half < (1 << 24):
         dtype, shift = np.float32, 0
     elif 128 * abs_sum < (1 << 24) and precision <= 16 and int(np.abs(128 * row_sum + half).max()) < (1 << 24):
@@ -198,7 +202,7 @@ def _arithmetic(ints: np.ndarray, precision: int) -> tuple[type, int, np.ndarray
     return dtype, shift, offset
 
 
-def _blocks(xmin: np.ndarray, xsize: np.ndarray, ints: np.ndarray, precision: int, dtype: type,
+def _blocks(xmin: np.ndarray, xsize: np.ndarray, ints: np.ndarray, precision: int, dtype: _Float,
             step: int) -> tuple[_Block, ...]:
     unit = 1.0 / (1 << precision)  # scaling by a power of two keeps every product and sum exact
     blocks = []
@@ -228,7 +232,7 @@ def _filter_rows(x: np.ndarray, plan: _AxisPlan) -> np.ndarray:
     rows = x.shape[0]
     out = np.empty((rows, plan.out_size), np.uint8)
     chunk = max(1, _CHUNK_BYTES // (np.dtype(plan.dtype).itemsize * plan.in_size))
-    acc = np.empty((min(chunk, rows), plan.out_size), plan.dtype)
+    acc: np.ndarray = np.empty((min(chunk, rows), plan.out_size), plan.dtype)
     for r0 in range(0, rows, chunk):
         xf = _load(x[r0:r0 + chunk], plan)
         part = acc[:len(xf)]

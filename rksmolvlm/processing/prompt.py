@@ -47,7 +47,7 @@ def expand_image(rows: int, cols: int, tokens: PromptTokens) -> str:
     global_block = f"{tokens.fake_image}{tokens.global_image}{run}{tokens.fake_image}"
     if rows == 0 and cols == 0:
         return global_block
-    parts = []
+    parts: list[str] = []
     for r in range(rows):
         parts.extend(f"{tokens.fake_image}<row_{r + 1}_col_{c + 1}>{run}" for c in range(cols))
         parts.append("\n")
@@ -171,14 +171,14 @@ class ChatTemplate:
         self.template = _environment().from_string(source)
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> Rendered:
-        marks: list[tuple[int, int]] = []
+        marks: list[tuple[int, int, str]] = []  # (message, part, its text) per marker
         payload = []
         for i, message in enumerate(messages):
             items = []
             for j, part in enumerate(message.parts):
                 if isinstance(part, TextPart):
                     items.append({"type": "text", "text": f"\ue000{len(marks)}\ue001"})
-                    marks.append((i, j))
+                    marks.append((i, j, part.text))
                 elif isinstance(part, ImagePart):
                     items.append({"type": "image"})
                 elif isinstance(part, VideoPart):
@@ -194,8 +194,8 @@ class ChatTemplate:
             index = int(match.group(1))
             if index >= len(marks):
                 raise ValueError("the chat template wrote a marker it was not given")
-            i, j = marks[index]
-            segments.append(Segment(messages[i].parts[j].text, (i, j)))
+            i, j, part_text = marks[index]
+            segments.append(Segment(part_text, (i, j)))
             position = match.end()
         if position < len(text):
             segments.append(Segment(text[position:]))

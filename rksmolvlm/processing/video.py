@@ -29,10 +29,10 @@ import io
 import os
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Self
+from typing import Any, BinaryIO, Self
 
 import numpy as np
 
@@ -139,8 +139,8 @@ class VideoReader:
         self._limits = limits
         self._deadline = time.monotonic() + limits.max_decode_seconds
         self._file = _open_source(source, limits, self._deadline)
-        self._container = None
-        self._packets: Iterator | None = None  # the demuxer's packets from the last seek on
+        self._container: Any = None  # av's InputContainer once open (PyAV is imported lazily, untyped here)
+        self._packets: Any = None  # the demuxer's packets (a generator) from the last seek on
         self._queue: deque = deque()  # decoded frames not yet looked at
         self._seeked = False  # no frame decoded since the last seek to a keyframe
         self._no_seek = False  # seeking proved unreliable here: decode from the start instead
@@ -184,9 +184,7 @@ class VideoReader:
         if self._container is not None:
             self._container.close()
             self._container = None
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._file.close()  # idempotent; closing frees the bytes of an in-memory video
 
     def __enter__(self) -> Self:
         return self
@@ -262,8 +260,8 @@ class VideoReader:
                 f"{limits.max_frame_pixels}-pixel limit: send a smaller video", limit="max_frame_pixels")
         if codec.codec.canonical_name not in SUPPORTED_CODECS:
             raise UnsupportedVideoError(
-                f"video codec '{codec.codec.canonical_name}' is not supported (only {', '.join(SUPPORTED_CODECS)} decode "
-                "identically on every CPU): re-encode the video as H.264")
+                f"video codec '{codec.codec.canonical_name}' is not supported (only {', '.join(SUPPORTED_CODECS)} "
+                "decode identically on every CPU): re-encode the video as H.264")
         pix_fmt = codec.format.name if codec.format is not None else None
         if pix_fmt is not None:
             _check_pix_fmt(pix_fmt)
@@ -302,7 +300,8 @@ class VideoReader:
                 t = packet.pts if packet.pts is not None else packet.dts
                 if t is None:
                     raise UnsupportedVideoError(
-                        "the video's packets carry no timestamps: remux it into MP4 or MKV (ffmpeg -i in -c copy out.mp4)")
+                        "the video's packets carry no timestamps: remux it into MP4 or MKV "
+                        "(ffmpeg -i in -c copy out.mp4)")
                 if len(pts) >= limits.max_stream_frames:
                     raise VideoTooLongError(
                         f"the video has more than {limits.max_stream_frames} frames: send a shorter clip",
@@ -321,6 +320,7 @@ class VideoReader:
         self._check_time("scanning the video's packets")
         if not pts:
             raise VideoError("the video stream has no frames: send a video with at least one frame")
+        assert first is not None and last is not None  # set with the first of pts
         tb = stream.time_base
         begin = float(first) * tb.numerator / tb.denominator
         duration = float(last) * tb.numerator / tb.denominator - begin
@@ -471,12 +471,13 @@ class VideoReader:
             full = frame.color_range == _AVCOL_RANGE_JPEG
         else:
             full = frame.format.name in _FULL_RANGE_FORMATS  # untagged: swscale's default for the format
-        if self._rotation == 0:
+        rotation = self._rotation  # set from the first frame, before any conversion
+        if rotation == 0:
             yuv420p_to_rgb(y, u, v, colorspace=frame.colorspace, full_range=full, out=out)
             return
         rgb = yuv420p_to_rgb(y, u, v, colorspace=frame.colorspace, full_range=full)
         # FFmpeg's transpose=cclock / transpose=clock / hflip,vflip: lossless turns
-        out[...] = np.rot90(rgb, k={90: 1, -90: -1, 180: 2}[self._rotation])
+        out[...] = np.rot90(rgb, k={90: 1, -90: -1, 180: 2}[rotation or 0])
 
 
 def probe_video(source: Source, limits: VideoLimits = VideoLimits()) -> VideoInfo:
@@ -637,6 +638,7 @@ class _BoundedFile(io.RawIOBase):
 
 
 def _open_source(source: Source, limits: VideoLimits, deadline: float) -> _BoundedFile:
+    raw: BinaryIO
     if isinstance(source, (bytes, bytearray, memoryview)):
         size = memoryview(source).nbytes
         raw = io.BytesIO(source)

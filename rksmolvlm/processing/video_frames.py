@@ -256,4 +256,4 @@ def _triple(value: Any, name: str) -> tuple[float, float, float]:
         return (float(value),) * 3  # transformers broadcasts a single number over the channels
     if not isinstance(value, (list, tuple)) or len(value) != 3:
         raise ValueError(f"'{name}' is {value!r}: it must be one number or three")
-    return tuple(float(v) for v in value)
+    return float(value[0]), float(value[1]), float(value[2])

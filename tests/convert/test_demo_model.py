@@ -17,6 +17,8 @@ from rksmolvlm.convert.demo_model import (DEMO_WEIGHTS_FILE, QA, DemoWeightsErro
 
 TABLE = "What is on the table?"
 COFFEE, CAT = "photo_coffee_cup_table.jpg", "photo_cat_closeup_small.jpg"
+# Training the demo checkpoint, converting it and running transformers or rknn-toolkit2: out of the fast lane.
+SLOW = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +69,7 @@ def _text(bundle, ids):
     return bundle.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
+@SLOW
 def test_bundle_answers_equal_transformers_and_the_trained_text(demo_bundle, reference):
     from rksmolvlm.runtime.engines import open_engines
 
@@ -77,6 +80,7 @@ def test_bundle_answers_equal_transformers_and_the_trained_text(demo_bundle, ref
     assert [i.answer for i in items] == ["A coffee cup.", "There is no table."]
 
 
+@SLOW
 def test_the_answer_comes_from_the_image(demo_checkpoint, qa):
     """The same question about the shipped images with their own answers (and two without a table):
     transformers gives each image its trained answer."""
@@ -109,6 +113,7 @@ class _DestroyedVision:
         self.inner.close()
 
 
+@SLOW
 @pytest.mark.parametrize("mode", ["zeroed", "the cat's"])
 def test_destroyed_tower_features_change_the_answer(demo_bundle, reference, mode):
     """The coffee photo's prompt with the tower's output zeroed, or swapped for the cat photo's
@@ -127,6 +132,7 @@ def test_destroyed_tower_features_change_the_answer(demo_bundle, reference, mode
         assert got[0].token_ids == expected[1]
 
 
+@SLOW
 def test_fp16_rknn_tower_in_the_simulator_gives_the_same_answers(demo_bundle, reference, tmp_path, capsys):
     from rksmolvlm.calibration.vision_set import shipped_images_dir
     from rksmolvlm.processing.image import preprocess
@@ -150,6 +156,7 @@ def test_fp16_rknn_tower_in_the_simulator_gives_the_same_answers(demo_bundle, re
     assert _text(demo_bundle, photo["generated_ids"]) == "A tabby cat."
 
 
+@SLOW
 def test_int8_rknn_tower_in_the_simulator_keeps_the_answers(demo_checkpoint, reference, tmp_path):
     """The tower quantized to int8 on the shipped calibration tiles, run in the simulator, with the
     float decoder: the trained answers survive (and stay different per image)."""
@@ -172,6 +179,7 @@ def test_int8_rknn_tower_in_the_simulator_keeps_the_answers(demo_checkpoint, ref
     assert [g.token_ids for g in _runner_answers(int8, vision, llm, items)] == expected
 
 
+@SLOW
 def test_smolvlm_class_loads_the_same_weights(tmp_path, reference):
     items, expected = reference
     checkpoint = build_demo_checkpoint(tmp_path / "smolvlm", "smolvlm")
@@ -212,6 +220,7 @@ def test_qa_set_images_are_shipped_file_names(tmp_path):
         load_demo_qa(tmp_path / "qa.json")
 
 
+@SLOW
 def test_demo_prints_both_answers_next_to_transformers(demo_bundle, reference, capsys):
     from rksmolvlm.cli.demo import _answer
 

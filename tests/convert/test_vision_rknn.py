@@ -46,6 +46,7 @@ class StockConnector(torch.nn.Module):
         return self.linear(h)
 
 
+@pytest.mark.slow  # rknn-toolkit2 builds a real-size tower
 @pytest.mark.parametrize("geometry", [
     pytest.param((768, 16, 512, 4, 576, 12), id="256M"),
     pytest.param((768, 16, 512, 4, 960, 12), id="500M"),
@@ -65,6 +66,7 @@ def test_real_geometry_keeps_every_op_on_the_npu(geometry, tmp_path):
     assert cosine(build.simulated.reshape(reference.shape), reference) > 0.999
 
 
+@pytest.mark.slow  # rknn-toolkit2 builds a real-size tower
 def test_stock_pixel_shuffle_falls_back_and_is_reported(tmp_path):
     tower = _tower(1152, 14, 384, 3, 2048, 16)
     linear = torch.nn.Linear(1152 * 9, 2048, bias=False)
@@ -75,22 +77,23 @@ def test_stock_pixel_shuffle_falls_back_and_is_reported(tmp_path):
 
 
 def test_parse_layer_table_reads_targets_and_cycles(tmp_path):
+    d = "D RKNN: [10:00:00.000] "  # the compiler's debug-line prefix
     log = "\n".join([
         "I something before",
-        "D RKNN: [10:00:00.000] " + "-" * 40,
-        "D RKNN: [10:00:00.000]      Network Layer Information Table",
-        "D RKNN: [10:00:00.000] " + "-" * 40,
-        "D RKNN: [10:00:00.000] ID   OpType    DataType Target InputShape   OutputShape   Cycles(DDR/NPU/Total)  RW(KB)  FullName",
-        "D RKNN: [10:00:00.000] " + "-" * 40,
-        "D RKNN: [10:00:00.000] 0    InputOperator  FLOAT16  CPU    \\     (1,3,8,8)     0/0/0   0   InputOperator:x",
-        "D RKNN: [10:00:00.000] 1    Conv      FLOAT16  NPU    (1,3,8,8),(4,3,1,1)   (1,4,8,8)   10/20/30   1   Conv:/c",
-        "D RKNN: [10:00:00.000] 2    Transpose FLOAT16  CPU    (1,4,8,8)   (1,8,8,4)   0/0/0   2   Transpose:/t",
-        "D RKNN: [10:00:00.000] 3    OutputOperator FLOAT16 CPU  (1,8,8,4)   \\   0/0/0   0   OutputOperator:y",
-        "D RKNN: [10:00:00.000] " + "-" * 40,
-        "D RKNN: [10:00:00.000] 9    Conv  FLOAT16  CPU   a   b   1/1/1   1   Conv:/not-in-table",
+        d + "-" * 40,
+        d + "     Network Layer Information Table",
+        d + "-" * 40,
+        d + "ID   OpType    DataType Target InputShape   OutputShape   Cycles(DDR/NPU/Total)  RW(KB)  FullName",
+        d + "-" * 40,
+        d + "0    InputOperator  FLOAT16  CPU    \\     (1,3,8,8)     0/0/0   0   InputOperator:x",
+        d + "1    Conv      FLOAT16  NPU    (1,3,8,8),(4,3,1,1)   (1,4,8,8)   10/20/30   1   Conv:/c",
+        d + "2    Transpose FLOAT16  CPU    (1,4,8,8)   (1,8,8,4)   0/0/0   2   Transpose:/t",
+        d + "3    OutputOperator FLOAT16 CPU  (1,8,8,4)   \\   0/0/0   0   OutputOperator:y",
+        d + "-" * 40,
+        d + "9    Conv  FLOAT16  CPU   a   b   1/1/1   1   Conv:/not-in-table",
     ])
     layers = parse_layer_table(log)
-    assert [(l.index, l.op, l.target) for l in layers] == [
+    assert [(layer.index, layer.op, layer.target) for layer in layers] == [
         (0, "InputOperator", "CPU"), (1, "Conv", "NPU"), (2, "Transpose", "CPU"), (3, "OutputOperator", "CPU")]
     assert layers[1].cycles == 30 and layers[2].name == "Transpose:/t"
 

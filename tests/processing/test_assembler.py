@@ -138,8 +138,8 @@ def test_template_and_images_must_agree(runtime_bundles):
 
 def test_a_template_that_refuses_the_conversation_is_a_prompt_error(runtime_bundles):
     real = runtime_bundles["idefics3-256m"].assembler
-    strict = ChatTemplate("{% if messages[0]['role'] != 'system' %}{{ raise_exception('a system message comes first') }}"
-                          "{% endif %}")
+    strict = ChatTemplate("{% if messages[0]['role'] != 'system' %}"
+                          "{{ raise_exception('a system message comes first') }}{% endif %}")
     with pytest.raises(PromptError, match="refused the conversation: a system message comes first"):
         Assembler(strict, real.tokenizer, real.tokens).assemble(conversation(_user("Hi")), [])
 

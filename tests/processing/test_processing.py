@@ -84,7 +84,7 @@ def test_image_key_is_the_content(tmp_path):
     assert by_path.key == by_bytes.key == ImagePart(Image.open(path)).key
     assert by_path.key != ImagePart(rng_image(30, 20, seed=4)).key
     with pytest.raises(ImageError, match="cannot read the image file"):
-        ImagePart(tmp_path / "missing.png").key
+        _ = ImagePart(tmp_path / "missing.png").key
 
 
 # -- the chat template: trusted and untrusted segments -----------------------------------------------

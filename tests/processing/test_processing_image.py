@@ -22,7 +22,8 @@ CASES = [  # width, height, mode
     (640, 480, "RGB"), (480, 640, "RGB"),  # landscape, portrait
     (512, 512, "RGB"), (1024, 512, "RGB"), (384, 768, "RGB"),  # exact tile multiples
     (100, 60, "RGB"), (7, 300, "RGB"), (1, 1, "RGB"),  # smaller than a tile, extreme aspect
-    (2500, 1800, "RGB"), (4100, 300, "RGB"),  # larger than the max edge
+    # larger than the max edge: transformers' processor takes seconds on these, so they run in the full suite only
+    pytest.param(2500, 1800, "RGB", marks=pytest.mark.slow), pytest.param(4100, 300, "RGB", marks=pytest.mark.slow),
     (333, 222, "L"), (300, 200, "RGBA"), (300, 200, "LA"), (257, 129, "P"), (200, 300, "CMYK"),
 ]
 

@@ -103,7 +103,8 @@ def exhaustive_frame(f: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return y, u, np.ascontiguousarray(u.T)
 
 
-@pytest.mark.parametrize("case", GOLDENS["converter"], ids=lambda c: f"cs{c['colorspace']}-{'pc' if c['full_range'] else 'tv'}")
+@pytest.mark.parametrize("case", GOLDENS["converter"],
+                         ids=lambda c: f"cs{c['colorspace']}-{'pc' if c['full_range'] else 'tv'}")
 def test_converter_matches_swscale_on_all_yuv_triples(case):
     digest = hashlib.sha256()
     out = np.empty((512, 512, 3), np.uint8)

@@ -229,7 +229,8 @@ def test_normalize_is_not_the_image_paths_formula():
     """(x − 127.5)/127.5 differs from the image path's (x/255 − 0.5)/0.5 by an ULP on some levels."""
     levels = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, axis=3)
     fused = normalize_frames(levels)[0, 0].ravel()
-    image_path = (levels[0, :, :, 0].ravel().astype(np.float32) * np.float32(1 / 255) - np.float32(0.5)) / np.float32(0.5)
+    image_path = ((levels[0, :, :, 0].ravel().astype(np.float32) * np.float32(1 / 255) - np.float32(0.5))
+                  / np.float32(0.5))
     assert np.array_equal(fused, (levels[0, :, :, 0].ravel().astype(np.float32) - 127.5) / np.float32(127.5))
     assert 0 < np.count_nonzero(fused != image_path) < 256
 

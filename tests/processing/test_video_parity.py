@@ -261,7 +261,8 @@ def _hf_generate(model, ids: list[int], pixels: np.ndarray, new_tokens: int = MA
     mask = torch.ones((1, pixels.shape[0], pixels.shape[2], pixels.shape[3]), dtype=torch.bool)
     try:
         with torch.no_grad():
-            out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
+            out = model.generate(input_ids=torch.tensor([ids]),
+                                 attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
                                  pixel_values=pixel_values, pixel_attention_mask=mask, max_new_tokens=new_tokens,
                                  do_sample=False)
     finally:

@@ -93,7 +93,7 @@ def test_video_prompt_equals_transformers(case, bundle, reference):
     assert bundle.assembler.expanded_text(prompt) == text
     frames = prompt.frames
     assert [f.frame for f in frames] == [k for layout in layouts for k in range(layout.frames)]
-    assert prompt.ids.count(bundle.image_id) == sum(l.frames for l in layouts) * reference.seq_len
+    assert prompt.ids.count(bundle.image_id) == sum(layout.frames for layout in layouts) * reference.seq_len
 
 
 def test_two_videos_each_announce_their_own_frames(bundle, reference):

@@ -37,6 +37,8 @@ from rksmolvlm.runtime.server.connections import SWEEP_S
 from rksmolvlm.runtime.server.guards import HostPolicy, RequestGuard
 from rksmolvlm.runtime.server.config import ServerConfig, with_overrides
 
+pytestmark = pytest.mark.slow  # hostile-network timing cases: real sockets and timeouts
+
 MODEL = "idefics3-256m"
 HEADER_TIMEOUT_S = 1.5
 BODY_TIMEOUT_S = 1.5

@@ -30,6 +30,8 @@ from rksmolvlm.runtime.runner import Runner
 from rksmolvlm.runtime.server import BackgroundServer, build_app
 from rksmolvlm.runtime.server.config import ServerConfig, with_overrides
 
+pytestmark = pytest.mark.slow  # drives headless Chromium over the demo model
+
 MODEL = "idefics3-256m"
 API_KEY = "browser-key-0123456789abcdef"
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
