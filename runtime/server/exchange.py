@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterable, Protocol
+from typing import TYPE_CHECKING, Any, AsyncGenerator, Callable, Iterable, MutableMapping, Protocol
 
 from rksmolvlm.runtime.server.config import ServerConfig
 from rksmolvlm.runtime.server.errors import ApiError
@@ -30,6 +30,8 @@ from rksmolvlm.runtime.server.media_checks import video_decoder_available
 from rksmolvlm.runtime.server.requests import ChatRequest, RequestReader
 
 if TYPE_CHECKING:
+    from starlette.requests import Request
+
     from rksmolvlm.runtime.server.service import Answer, Job, ModelService
 
 __all__ = ["ClientGone", "EventStream", "Exchange", "Frames", "Gateway", "note", "read_body"]
@@ -39,12 +41,12 @@ class ClientGone(Exception):
     """The client closed the connection."""
 
 
-def note(scope: dict, **fields) -> None:
+def note(scope: MutableMapping[str, Any], **fields: object) -> None:
     """Facts about a request for its access-log line (never message text or image bytes)."""
     scope.setdefault("state", {}).setdefault("log", {}).update(fields)
 
 
-async def read_body(request, limit: int, configured: int | None = None) -> bytes:
+async def read_body(request: Request, limit: int, configured: int | None = None) -> bytes:
     """The request body, refused with 413 past ``limit`` bytes (after letting the client finish
     sending up to a bound, so it can read the answer); ``configured`` is limits.max_body_bytes when
     ``limit`` was raised above it to carry a video. Raises ClientGone when the client left."""
@@ -100,7 +102,7 @@ class Exchange:
         remaining = max(0.0, job.received + timeout_s - time.monotonic())
         self._timer = loop.call_later(remaining, self._expire)
 
-    async def next(self) -> tuple[str, object]:
+    async def next(self) -> tuple[str, Any]:
         """The next event: ("delta", text), ("done", Answer) or ("error", ApiError); raises
         ClientGone after cancelling the job when the client left."""
         kind, value = await self.job.events.get()
@@ -146,7 +148,7 @@ class EventStream:
     """A streamed response (text/event-stream unless the headers say otherwise) that always closes its
     generator (cancelling the job) when the client goes away or the server stops."""
 
-    def __init__(self, chunks: AsyncIterator[bytes], headers: dict[str, str],
+    def __init__(self, chunks: AsyncGenerator[bytes, None], headers: dict[str, str],
                  on_close: Callable[[], None] | None = None):
         self.chunks = chunks
         self.on_close = on_close  # also when the generator never started (closing it would not run its finally)
@@ -185,7 +187,7 @@ class Gateway:
         """The model takes video, the server allows it and can decode it."""
         return self.model.video is not None and self.config.video.enabled and video_decoder_available()
 
-    def authorize(self, request) -> None:
+    def authorize(self, request: Request) -> None:
         """Refuse a request without the server's API key (when it has one) with a 401."""
         if self.api_key is None:
             return
@@ -201,12 +203,12 @@ class Gateway:
             raise ApiError(401, "the API key is not valid: send 'Authorization: Bearer KEY' with the key from the "
                            "server's server.api_key_file", "invalid_api_key", headers=challenge)
 
-    def count_error(self, scope: dict, error: ApiError) -> None:
+    def count_error(self, scope: MutableMapping[str, Any], error: ApiError) -> None:
         """An error answered (whatever its wire format): counted by code and noted for the access log."""
         self.metrics.inc("rksmolvlm_errors_total", code=error.code)
         note(scope, error=error.code)
 
-    async def admit(self, request, read: Callable[[bytes], object], limit: int | None = None):
+    async def admit(self, request: Request, read: Callable[[bytes], object], limit: int | None = None):
         """The common entry of the generating endpoints: the key, a ready model, the body within
         its limit (``body_limit`` unless given), then ``read(body)`` off the event loop. None when
         the client left meanwhile."""
@@ -219,7 +221,7 @@ class Gateway:
             return None
         return await asyncio.get_running_loop().run_in_executor(None, read, body)
 
-    def enqueue(self, request, chat: ChatRequest) -> Exchange:
+    def enqueue(self, request: Request, chat: ChatRequest) -> Exchange:
         """Note what the request holds, queue its job, and watch its client and deadline."""
         note(request.scope, images=chat.images, image_bytes=chat.image_bytes, stream=chat.stream,
              max_tokens=chat.config.max_new_tokens)
@@ -228,11 +230,11 @@ class Gateway:
         job = self.service.submit(chat, asyncio.get_running_loop(), request.scope["state"]["request_id"])
         return Exchange(job, self.service, request.receive, self.config.server.request_timeout_s)
 
-    def note_answer(self, request, answer: Answer) -> None:
+    def note_answer(self, request: Request, answer: Answer) -> None:
         note(request.scope, prompt_tokens=answer.prompt_tokens, completion_tokens=len(answer.token_ids),
              finish=answer.finish_reason, queue_ms=round(answer.queue_ms))
 
-    async def complete(self, request, exchange: Exchange) -> Answer | None:
+    async def complete(self, request: Request, exchange: Exchange) -> Answer | None:
         """The finished answer of a non-streamed request (noted), None when the client left; raises the
         job's ApiError. The exchange is closed either way."""
         try:
@@ -244,11 +246,11 @@ class Gateway:
         self.note_answer(request, answer)
         return answer
 
-    def stream(self, request, exchange: Exchange, frames: Frames, headers: dict[str, str]) -> EventStream:
+    def stream(self, request: Request, exchange: Exchange, frames: Frames, headers: dict[str, str]) -> EventStream:
         """The streamed response of ``exchange``: ``frames`` write its events as they come."""
         return EventStream(self._pump(request, exchange, frames), headers, on_close=exchange.close)
 
-    async def _pump(self, request, exchange: Exchange, frames: Frames) -> AsyncIterator[bytes]:
+    async def _pump(self, request: Request, exchange: Exchange, frames: Frames) -> AsyncGenerator[bytes, None]:
         try:
             yield frames.opening()
             while True:

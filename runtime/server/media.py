@@ -54,6 +54,7 @@ class MediaKind:
     remote_types: str  # what a remote server must answer with
     other_prefix: str  # the other kind's MIME types ...
     other_hint: str  # ... and where they go instead
+    article: str  # "an image" | "a video"
 
     def accepts(self, mime: str) -> bool:
         """Is ``mime`` (lower case, no parameters) a type of this kind?"""
@@ -71,10 +72,6 @@ class MediaKind:
         return ApiError(413, f"{param} is {shown} bytes, over {self.limit_key} = {self.limit(config):,}: {self.shrink}",
                         f"{self.name}_too_large", param)
 
-    @property
-    def article(self) -> str:
-        return "an image" if self.name == "image" else "a video"
-
 
 IMAGE = MediaKind(
     name="image", example="data:image/png;base64,…", limit_key="limits.max_image_bytes",
@@ -82,12 +79,13 @@ IMAGE = MediaKind(
     generic_ok=False, send_types="send image/png, image/jpeg, image/webp, image/gif, image/bmp or image/tiff",
     remote_types="an image type (PNG, JPEG, WebP, GIF, BMP or TIFF)", other_prefix="video/",
     other_hint="a video goes in a video_url part, {\"type\": \"video_url\", \"video_url\": {\"url\": "
-               "\"data:video/mp4;base64,…\"}}")
+               "\"data:video/mp4;base64,…\"}}", article="an image")
 VIDEO = MediaKind(
     name="video", example="data:video/mp4;base64,…", limit_key="video.max_bytes",
     shrink="send a shorter or more compressed video", exact_types=(), type_prefix="video/", generic_ok=True,
     send_types="send a video (data:video/mp4;base64,…; any video/* type)", remote_types="a video type (video/*)",
-    other_prefix="image/", other_hint="an image goes in an image_url part (data:video/mp4;base64,…; any video/* type)")
+    other_prefix="image/", other_hint="an image goes in an image_url part (data:video/mp4;base64,…; any video/* type)",
+    article="a video")
 
 
 @dataclass(frozen=True)
@@ -105,7 +103,8 @@ class MediaRef:
             if "\x00" in url:
                 raise ApiError(400, f"{param} holds a NUL character: send the {kind.name}'s standard base64",
                                f"invalid_{kind.name}_url", param)
-            return cls(kind, _typed_data_uri(url, param) if kind is IMAGE else url, param)
+            # a kind that does not take generic types as they are (images) gets them typed from its first bytes
+            return cls(kind, url if kind.generic_ok else _typed_data_uri(url, param), param)
         if _URL_CONTROL.search(url):
             raise ApiError(400, f"{param} holds control characters (NUL, CR, LF, …) or invalid Unicode: send a plain "
                            "URL or path", f"invalid_{kind.name}_url", param)
@@ -158,8 +157,9 @@ class MediaSource:
         kind, param, what = ref.kind, ref.param, ref.kind.name
         root = self.config.images.local_dir
         if not root:
-            raise ApiError(400, f"{param}: local {what} paths are off: send the {what} as a data: URI ({kind.example}), "
-                           "or set images.local_dir in the server config to the directory they may come from",
+            raise ApiError(400, f"{param}: local {what} paths are off: send the {what} as a data: URI "
+                           f"({kind.example}), or set images.local_dir in the server config to the directory they "
+                           "may come from",
                            f"local_{what}s_disabled", param)
         if ref.url.startswith("file://"):
             parsed = urllib.parse.urlparse(ref.url)

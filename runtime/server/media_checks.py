@@ -26,7 +26,7 @@ __all__ = ["VIDEO_STATUS", "check_image", "check_video", "looks_like_video", "vi
            "video_decoder_available"]
 
 # A VideoError whose limit is the byte size is a 413, as an image over its byte limit; every other one a 400.
-VIDEO_STATUS = {"max_bytes": 413}
+VIDEO_STATUS: dict[str | None, int] = {"max_bytes": 413}
 
 
 def check_image(data: bytes, param: str, config: ServerConfig) -> None:
@@ -116,8 +116,9 @@ def looks_like_video(data: bytes) -> bool:
 # ==============================================================================================
 _PIL_FORMATS = tuple(sorted(set(IMAGE_TYPES.values())))
 # The DecodeLimits field an image is over → the config key that sets it (in refusal messages).
-_DECODE_LIMIT_KEYS = {"max_decode_bytes": "limits.max_decode_bytes", "max_jpeg_scans": "limits.max_jpeg_scans",
-                      "max_pixels": "limits.max_image_pixels"}
+_DECODE_LIMIT_KEYS: dict[str | None, str] = {"max_decode_bytes": "limits.max_decode_bytes",
+                                             "max_jpeg_scans": "limits.max_jpeg_scans",
+                                             "max_pixels": "limits.max_image_pixels"}
 # Leading bytes of video containers (ISO BMFF's ftyp box is checked apart): Matroska/WebM, AVI, FLV, MPEG-PS.
 _VIDEO_MAGIC = (b"\x1a\x45\xdf\xa3", b"FLV\x01", b"\x00\x00\x01\xba")
 _IMAGE_BRANDS = (b"avif", b"avis", b"heic", b"heix", b"mif1", b"msf1", b"heim", b"heis", b"hevc", b"hevx")

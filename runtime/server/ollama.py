@@ -131,7 +131,7 @@ def translate_generate(payload: dict, model: str) -> Translation:
     images = _images(payload.get("images"), "images")
     if not prompt and not images:
         return Translation({}, model, load=True)
-    messages = [{"role": "system", "content": system}] if system else []
+    messages: list[dict] = [{"role": "system", "content": system}] if system else []
     user = len(messages)
     if images:
         messages.append({"role": "user", "content": [*images, *_text_part(prompt)]})

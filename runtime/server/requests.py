@@ -220,7 +220,7 @@ class RequestReader:
         if not isinstance(content, list):
             raise ApiError(400, f"{where}.content must be a string or an array of parts", "invalid_type",
                            f"{where}.content")
-        parts = []
+        parts: list = []
         for j, part in enumerate(content):
             param = f"{where}.content[{j}]"
             kind = part.get("type") if isinstance(part, dict) else None
