@@ -56,11 +56,10 @@ class ChatRequest:
     video_bytes: int = 0
 
 
-
-
 class RequestReader:
-    """Reads a chat completion body: every field checked, every image fetched and its header checked
-    against the limits (type, bytes, pixels) — all before the request may take a queue slot."""
+    """Reads a chat completion body: every field checked, every image and video read (MediaSource) and
+    checked against the limits (an image's header, a video's container) — all before the request may
+    take a queue slot."""
 
     def __init__(self, config: ServerConfig, model: ServedModel):
         self.config = config

@@ -70,8 +70,7 @@ def _private_imports() -> list[str]:
             if source == "__future__" or source == name:
                 continue
             names = source.split(".") + ([imported] if imported else [])
-            private = [part for part in names if part.startswith("_") and part not in ALLOWED_PRIVATE
-                       and not (part.startswith("__") and part.endswith("__"))]
+            private = [part for part in names if part.startswith("_") and part not in ALLOWED_PRIVATE]
             if private:
                 bad.append(f"{MODULES[name][0].relative_to(ROOT)}:{line} imports {private[0]} from {source}")
     return bad
@@ -381,3 +380,99 @@ def test_loopback_is_really_refused_without_private_networks(remote):
     host, port = remote.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=2):
         pass
+
+
+# ==============================================================================================
+# The exchange: one event pump, whatever the adapter's wire format
+# ==============================================================================================
+class _FakeService:
+    """A ModelService as the Gateway uses it: ready, queues jobs, records cancels."""
+
+    def __init__(self):
+        from rksmolvlm.runtime.server.metrics import Metrics
+        from rksmolvlm.runtime.server.model import ServedModel
+
+        self.model = ServedModel("tiny", (), 2048, 0, "host")
+        self.metrics = Metrics()
+        self.state = "ready"
+        self.jobs, self.cancels = [], []
+
+    def submit(self, chat, loop, request_id):
+        from rksmolvlm.runtime.server.service import Job
+
+        self.jobs.append(Job(chat, loop, request_id))
+        return self.jobs[-1]
+
+    def cancel(self, job, reason, answer=None):
+        self.cancels.append(reason)
+        return True
+
+
+class _TaggedFrames:
+    """A third adapter's wire format (as a Responses API would bring): one tagged line per event."""
+
+    def opening(self) -> bytes:
+        return b"created"
+
+    def delta(self, text: str) -> bytes:
+        return b"delta:" + text.encode()
+
+    def done(self, answer):
+        yield b"completed:" + answer.finish_reason.encode()
+
+    def error(self, error):
+        yield b"failed:" + error.code.encode()
+
+
+def _pumped(events: list[tuple[str, object]], leave: bool = False):
+    """The frames a stream of ``events`` becomes through the Gateway, the request's scope, the service."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from rksmolvlm.runtime.engines import GenerationConfig
+    from rksmolvlm.runtime.server.exchange import Gateway
+    from rksmolvlm.runtime.server.requests import ChatRequest
+
+    async def run():
+        gone = asyncio.Event()
+
+        async def receive():
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        service = _FakeService()
+        gateway = Gateway(service, ServerConfig())
+        request = SimpleNamespace(scope={"state": {"request_id": "r1"}}, receive=receive)
+        exchange = gateway.enqueue(request, ChatRequest([], GenerationConfig(max_new_tokens=8), stream=True))
+        for kind, value in events:
+            service.jobs[0].post(kind, value)
+        if leave:
+            gone.set()
+        stream = gateway.stream(request, exchange, _TaggedFrames(), {"Content-Type": "text/plain"})
+        return [chunk async for chunk in stream.chunks], request.scope, service
+
+    return asyncio.run(run())
+
+
+def test_the_pump_writes_a_finished_answer_in_the_adapters_frames():
+    from rksmolvlm.runtime.server.service import Answer
+
+    answer = Answer("A cup.", [5, 6], "stop", 12, None, 3.0)
+    chunks, scope, service = _pumped([("delta", "A "), ("delta", "cup."), ("done", answer)])
+    assert chunks == [b"created", b"delta:A ", b"delta:cup.", b"completed:stop"]
+    log = scope["state"]["log"]
+    assert (log["prompt_tokens"], log["completion_tokens"], log["finish"], log["max_tokens"]) == (12, 2, "stop", 8)
+    assert service.cancels == ["client_disconnect"]  # the closing cancel, a no-op on a finished job
+
+
+def test_the_pump_counts_an_error_and_ends_with_the_adapters_error_frame():
+    chunks, scope, service = _pumped([("delta", "A"), ("error", ApiError(504, "too slow", "request_timeout"))])
+    assert chunks == [b"created", b"delta:A", b"failed:request_timeout"]
+    assert scope["state"]["log"]["error"] == "request_timeout"
+    assert service.metrics.value("rksmolvlm_errors_total", code="request_timeout") == 1
+
+
+def test_the_pump_stops_and_cancels_the_job_when_the_client_leaves():
+    chunks, scope, service = _pumped([], leave=True)
+    assert chunks == [b"created"]
+    assert service.cancels[0] == "client_disconnect" and "finish" not in scope["state"]["log"]
