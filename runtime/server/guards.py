@@ -25,8 +25,8 @@ from typing import Callable, Sequence
 from urllib.parse import urlsplit
 
 from rksmolvlm.runtime.server.cors import CorsPolicy
-from rksmolvlm.runtime.server.requests import ApiError
 from rksmolvlm.runtime.server.config import ServerConfig
+from rksmolvlm.runtime.server.errors import ApiError
 
 __all__ = ["RequestGuard", "HostPolicy", "is_loopback"]
 

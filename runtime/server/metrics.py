@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 
-__all__ = ["Metrics"]
+__all__ = ["Metrics", "rss_bytes"]
 
 
 # ==============================================================================================
@@ -102,6 +102,15 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
+def rss_bytes() -> int:
+    """The resident memory of this process (0 where /proc is not there)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def _labels(labels: dict) -> str:
     if not labels:
         return ""
@@ -114,11 +123,3 @@ def _escape(value) -> str:
 
 def _num(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
-
-
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0

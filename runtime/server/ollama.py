@@ -27,14 +27,14 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from rksmolvlm import __version__
-from rksmolvlm.runtime.server.http import _ClientGone, _EventStream, _Exchange, _note, _read_body
-from rksmolvlm.runtime.server.requests import ApiError, ChatRequest, _parse_json
+from rksmolvlm.runtime.server.errors import ApiError
+from rksmolvlm.runtime.server.exchange import ClientGone, Gateway, read_body
+from rksmolvlm.runtime.server.requests import ChatRequest, parse_json
 
 if TYPE_CHECKING:
-    from rksmolvlm.runtime.server.http import _Api
     from rksmolvlm.runtime.server.service import Answer
 
 __all__ = ["ollama_routes", "OllamaApi", "OLLAMA_API_VERSION", "translate_chat", "translate_generate",
@@ -49,12 +49,12 @@ PATHS = ("/api/version", "/api/tags", "/api/show", "/api/ps", "/api/chat", "/api
 # ==============================================================================================
 # Routes
 # ==============================================================================================
-def ollama_routes(api: "_Api") -> list:
-    """The Starlette routes of the Ollama API over the OpenAI side's endpoints object (its service,
+def ollama_routes(gateway: Gateway) -> list:
+    """The Starlette routes of the Ollama API over the Gateway the OpenAI adapter shares (its service,
     reader, key and metrics); any other ``/api/…`` path gets an Ollama-style 404 (or 405)."""
     from starlette.routing import Route
 
-    ollama = OllamaApi(api)
+    ollama = OllamaApi(gateway)
     return [
         Route("/api/version", ollama.endpoint(ollama.version), methods=["GET"]),
         Route("/api/tags", ollama.endpoint(ollama.tags), methods=["GET"]),
@@ -131,7 +131,7 @@ def translate_generate(payload: dict, model: str) -> Translation:
     images = _images(payload.get("images"), "images")
     if not prompt and not images:
         return Translation({}, model, load=True)
-    messages = [{"role": "system", "content": system}] if system else []
+    messages: list[dict] = [{"role": "system", "content": system}] if system else []
     user = len(messages)
     if images:
         messages.append({"role": "user", "content": [*images, *_text_part(prompt)]})
@@ -148,13 +148,13 @@ def translate_generate(payload: dict, model: str) -> Translation:
 # Endpoints
 # ==============================================================================================
 class OllamaApi:
-    """The Ollama endpoints, over the OpenAI side's service, reader, API key and metrics."""
+    """The Ollama endpoints, over the Gateway (service, reader, API key, metrics) the OpenAI side shares."""
 
-    def __init__(self, api: "_Api"):
-        self.api = api
-        self.service = api.service
-        self.model = api.model
-        self.config = api.config
+    def __init__(self, gateway: Gateway):
+        self.gateway = gateway
+        self.service = gateway.service
+        self.model = gateway.model
+        self.config = gateway.config
         base = self.model.id
         self.tag = base if ":" in base.rsplit("/", 1)[-1] else f"{base}:latest"
         self._facts: dict | None = None
@@ -172,8 +172,7 @@ class OllamaApi:
     def error_response(self, request, error: ApiError):
         from starlette.responses import JSONResponse
 
-        self.api.metrics.inc("rksmolvlm_errors_total", code=error.code)
-        _note(request.scope, error=error.code)
+        self.gateway.count_error(request.scope, error)
         return JSONResponse({"error": error.message}, status_code=error.status, headers=error.headers)
 
     # -- model names and facts -----------------------------------------------------------------
@@ -227,7 +226,7 @@ class OllamaApi:
     async def tags(self, request):
         from starlette.responses import JSONResponse
 
-        self.api.authorize(request)
+        self.gateway.authorize(request)
         facts = self.facts(request)
         return JSONResponse({"models": [{"name": self.tag, "model": self.tag, "modified_at": facts["modified_at"],
                                          "size": facts["size"], "digest": facts["digest"],
@@ -236,7 +235,7 @@ class OllamaApi:
     async def show(self, request):
         from starlette.responses import JSONResponse
 
-        self.api.authorize(request)
+        self.gateway.authorize(request)
         payload = await self._payload(request)
         self.model_name(payload, "model" if "model" in payload else "name")
         facts, context = self.facts(request), self.model.max_context
@@ -257,7 +256,7 @@ class OllamaApi:
     async def ps(self, request):
         from starlette.responses import JSONResponse
 
-        self.api.authorize(request)
+        self.gateway.authorize(request)
         if self.service.state != "ready":
             return JSONResponse({"models": []})
         facts = self.facts(request)
@@ -289,89 +288,83 @@ class OllamaApi:
         from starlette.responses import JSONResponse, Response
 
         started = time.monotonic_ns()
+        gateway = self.gateway
         # Ollama bodies carry no video: limits.max_body_bytes as configured
-        admitted = await self.api.admit(request, lambda body: self._read(body, translate),
-                                        self.config.limits.max_body_bytes)
+        admitted = await gateway.admit(request, lambda body: self._read(body, translate),
+                                       self.config.limits.max_body_bytes)
         if admitted is None:
             return Response(status_code=499)
         translation, chat = admitted
         head = {"model": translation.model, "created_at": _now()}
         if chat is None:  # Ollama's "load the model": it is loaded
             return JSONResponse({**head, **content(""), "done": True, "done_reason": "load"})
-        exchange = self.api.enqueue(request, chat)
+        exchange = gateway.enqueue(request, chat)
         if chat.stream:  # as on the OpenAI side, the first line goes out now: queue wait and prefill do not eat
             # the client's first-byte timeout; what fails after this point is an {"error"} line
-            return _EventStream(self._lines(request, exchange, translation, content, started), on_close=exchange.close,
-                                headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache",
-                                         "X-Accel-Buffering": "no"})
+            return gateway.stream(request, exchange, _LineFrames(translation, content, started),
+                                  {"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache",
+                                   "X-Accel-Buffering": "no"})
         try:
-            try:
-                answer = await exchange.answer()
-            except ApiError as exc:
-                raise translation.rename(exc) from None
-            self.api._note_answer(request, answer)
-            head["created_at"] = _now()
-            return JSONResponse({**head, **content(answer.text), **_final(answer, started)})
-        except _ClientGone:
+            answer = await gateway.complete(request, exchange)
+        except ApiError as exc:
+            raise translation.rename(exc) from None
+        if answer is None:
             return Response(status_code=499)
-        finally:
-            exchange.close()
+        head["created_at"] = _now()
+        return JSONResponse({**head, **content(answer.text), **_final(answer, started)})
 
     def _read(self, body: bytes,
               translate: Callable[[dict, str], Translation]) -> tuple[Translation, ChatRequest | None]:
         """The body → (translation, checked request), or no request for a "load the model" call; runs
         in a worker thread (base64 and image headers are read here)."""
-        payload = _parse_json(body)
+        payload = parse_json(body)
         translation = translate(payload, self.model_name(payload))
         if translation.load:
             return translation, None
         try:
-            chat = self.api.reader.read_payload(translation.payload)
+            chat = self.gateway.reader.read_payload(translation.payload)
         except ApiError as error:
             raise translation.rename(error) from None
         if translation.repeat_penalty is not None:
             chat.config = dataclasses.replace(chat.config, repeat_penalty=translation.repeat_penalty)
         return translation, chat
 
-    async def _lines(self, request, exchange: _Exchange, translation: Translation, content: Callable[[str], dict],
-                     started: int) -> AsyncIterator[bytes]:
-        """The NDJSON stream: an empty first line at once, then one line per text delta, then the
-        closing line with the counts (or an {"error"} line)."""
-        try:
-            yield _line({"model": translation.model, "created_at": _now(), **content(""), "done": False})
-            event = await exchange.next()
-            while True:
-                kind, value = event
-                head = {"model": translation.model, "created_at": _now()}
-                if kind == "delta":
-                    yield _line({**head, **content(value), "done": False})
-                elif kind == "done":
-                    self.api._note_answer(request, value)
-                    yield _line({**head, **content(""), **_final(value, started)})
-                    return
-                elif kind == "error":
-                    error = translation.rename(value)
-                    self.api.metrics.inc("rksmolvlm_errors_total", code=error.code)
-                    _note(request.scope, error=error.code)
-                    yield _line({"error": error.message})
-                    return
-                event = await exchange.next()
-        except _ClientGone:
-            return
-        finally:
-            exchange.close()
-
     async def _payload(self, request) -> dict:
         try:
-            body = await _read_body(request, self.config.limits.max_body_bytes)
-        except _ClientGone:
+            body = await read_body(request, self.config.limits.max_body_bytes)
+        except ClientGone:
             raise ApiError(400, "the client closed the connection", "client_gone") from None
-        return _parse_json(body)
+        return parse_json(body)
 
 
 # ==============================================================================================
 # Private helpers
 # ==============================================================================================
+class _LineFrames:
+    """The NDJSON stream: an empty first line at once, then one line per text delta, then the closing
+    line with the counts (or an {"error"} line, its message naming the Ollama fields)."""
+
+    def __init__(self, translation: Translation, content: Callable[[str], dict], started: int):
+        self.translation = translation
+        self.content = content
+        self.started = started
+
+    def opening(self) -> bytes:
+        return _line({**self._head(), **self.content(""), "done": False})
+
+    def delta(self, text: str) -> bytes:
+        return _line({**self._head(), **self.content(text), "done": False})
+
+    def done(self, answer: Answer) -> Iterable[bytes]:
+        yield _line({**self._head(), **self.content(""), **_final(answer, self.started)})
+
+    def error(self, error: ApiError) -> Iterable[bytes]:
+        yield _line({"error": self.translation.rename(error).message})
+
+    def _head(self) -> dict:
+        return {"model": self.translation.model, "created_at": _now()}
+
+
 _NEVER = "9999-12-31T23:59:59Z"  # /api/ps: the model stays loaded while the server runs
 _DATA_URI = "data:image/png;base64,"  # nominal type: the reader identifies the image from its header
 _OPTIONS = ("temperature", "top_p", "top_k", "seed", "stop", "presence_penalty", "frequency_penalty")

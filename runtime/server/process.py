@@ -27,8 +27,8 @@ from rksmolvlm.runtime.server.connections import ConnectionBook, ConnectionLimit
 from rksmolvlm.runtime.server.guards import is_loopback
 from rksmolvlm.runtime.server.http import create_app
 from rksmolvlm.runtime.server.metrics import Metrics
+from rksmolvlm.runtime.server.model import ServedModel
 from rksmolvlm.runtime.server.notify import SystemdNotifier
-from rksmolvlm.runtime.server.requests import ServedModel
 from rksmolvlm.runtime.server.service import ModelService, open_runner
 
 if TYPE_CHECKING:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from rksmolvlm.errors import RkSmolVLMError
 
-__all__ = ["FetchError", "Fetched", "fetch", "fetch_image", "MAX_REDIRECTS", "is_public_address"]
+__all__ = ["FetchError", "Fetched", "fetch", "MAX_REDIRECTS", "is_public_address"]
 
 MAX_REDIRECTS = 3
 _REDIRECTS = (301, 302, 303, 307, 308)
@@ -52,12 +52,6 @@ class Fetched:
     content_type: str
     content_length: int | None
     data: bytes
-
-
-def fetch_image(url: str, *, timeout_s: float, max_bytes: int, allow_private: bool = False,
-                user_agent: str = "rksmolvlm") -> Fetched:
-    """``fetch`` of an image."""
-    return fetch(url, timeout_s=timeout_s, max_bytes=max_bytes, allow_private=allow_private, user_agent=user_agent)
 
 
 def fetch(url: str, *, timeout_s: float, max_bytes: int, allow_private: bool = False, user_agent: str = "rksmolvlm",

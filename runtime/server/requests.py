@@ -1,7 +1,7 @@
-"""Requests: the JSON body of a chat completion → a checked ChatRequest, every limit (body, JSON,
-parameters, image type, bytes and pixel count; a video's bytes and its container's duration, frame
-count and frame size) checked before the request may queue; ApiError is the OpenAI-style error every
-refusal is answered with.
+"""Requests: the OpenAI chat completion schema → a checked, typed ChatRequest. Every field and limit
+(body JSON, parameters, message and text sizes, image and video counts) is checked here, and every
+media part is read (``runtime/server/media.py``) and checked (``runtime/server/media_checks.py``)
+before the request may queue; a refusal is an ApiError (``runtime/server/errors.py``).
 
 Videos (SmolVLM2 bundles) come as vLLM's ``{"type": "video_url", "video_url": {"url": …}}`` parts,
 from the same sources as images (data: URIs, files under images.local_dir, remote URLs when allowed);
@@ -12,80 +12,30 @@ defaults — a max_frames above the checkpoint's own limit is capped by the runn
 Images' resolution budget: the request's ``mm_processor_kwargs`` may also hold the image processor's
 ``size`` (``{"longest_edge": N}``, N a multiple of the tile size), ``max_tiles`` (our extension: the
 most split tiles per image) and ``do_image_splitting`` (false: one tile per image); absent, the
-server's images.longest_edge / images.max_tiles apply. An image's ``detail`` "low" is still one tile."""
+server's images.longest_edge / images.max_tiles apply. An image's ``detail`` "low" is still one tile.
+
+The Responses API's part types (``input_text``, ``input_image``) are read here too, so that a later
+Responses adapter translates only the envelope."""
 
 from __future__ import annotations
 
-import base64
-import binascii
-import functools
-import io
 import json
 import math
-import os
 import re
-import stat
-import urllib.parse
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
-from rksmolvlm import __version__
-from rksmolvlm.errors import RkSmolVLMError
 from rksmolvlm.runtime.server.config import ServerConfig
+from rksmolvlm.runtime.server.errors import ApiError
+from rksmolvlm.runtime.server.media import IMAGE, VIDEO, MediaKind, MediaRef, MediaSource
+from rksmolvlm.runtime.server.media_checks import check_image, check_video, video_decoder_available
+from rksmolvlm.runtime.server.model import ServedModel
 
 if TYPE_CHECKING:  # the module is imported for `rksmolvlm --help`: numpy and friends load on use
     from rksmolvlm.processing.content import Message
     from rksmolvlm.runtime.engines import GenerationConfig
-    from rksmolvlm.runtime.loader import RuntimeBundle
 
-__all__ = ["ApiError", "ChatRequest", "ServedModel", "RequestReader", "IMAGE_TYPES", "VIDEO_STATUS", "video_api_error",
-           "video_decoder_available"]
-
-# MIME type → Pillow format; nothing else is ever handed to the decoder.
-IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WEBP",
-               "image/gif": "GIF", "image/bmp": "BMP", "image/x-ms-bmp": "BMP", "image/tiff": "TIFF"}
-_PIL_FORMATS = tuple(sorted(set(IMAGE_TYPES.values())))
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-_TOOL_ROLES = ("tool", "function")  # a tool's result (legacy: function), rendered as user text
-_MAX_STOPS = 4
-# The DecodeLimits field an image is over → the config key that sets it (in refusal messages).
-_DECODE_LIMIT_KEYS = {"max_decode_bytes": "limits.max_decode_bytes", "max_jpeg_scans": "limits.max_jpeg_scans",
-                      "max_pixels": "limits.max_image_pixels"}
-_MAX_STOP_CHARS = 64  # the text stream holds back any prefix of a stop string: keep them short
-_MAX_SEED = 2**63 - 1  # OpenAI's seed is an int64
-_SURROGATE = re.compile("[\ud800-\udfff]")
-_URL_CONTROL = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
-_GENERIC_TYPES = ("application/octet-stream", "binary/octet-stream", "")
-# A VideoError whose limit is the byte size is a 413, as an image over its byte limit; every other one a 400.
-VIDEO_STATUS = {"max_bytes": 413}
-_MM_KWARGS = ("fps", "num_frames", "max_frames")  # what mm_processor_kwargs may hold (vLLM's names and ours)
-_MM_IMAGE_KWARGS = ("size", "max_tiles", "do_image_splitting")  # and for images: see the module docstring
-_MAX_FPS = 1000.0  # rksmolvlm.processing.content.VideoPart's bound
-_MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF87a", "image/gif"),
-          (b"GIF89a", "image/gif"), (b"BM", "image/bmp"), (b"II*\x00", "image/tiff"), (b"MM\x00*", "image/tiff"))
-
-
-# ==============================================================================================
-# Errors
-# ==============================================================================================
-_TYPE_BY_STATUS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                   404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
-                   429: "rate_limit_error", 500: "server_error", 503: "server_error", 504: "timeout_error"}
-
-
-class ApiError(RkSmolVLMError):
-    """An error answered as ``{"error": {"message", "type", "param", "code"}}`` with an HTTP status."""
-
-    def __init__(self, status: int, message: str, code: str, param: str | None = None, type: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
-        self.type = type or _TYPE_BY_STATUS.get(status, "invalid_request_error")
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+__all__ = ["ChatRequest", "RequestReader", "parse_json"]
 
 
 # ==============================================================================================
@@ -106,53 +56,19 @@ class ChatRequest:
     video_bytes: int = 0
 
 
-@dataclass(frozen=True)
-class ServedModel:
-    """What the server says about its model: the id clients name, and the bundle's facts."""
-
-    id: str
-    aliases: tuple[str, ...]
-    max_context: int
-    created: int
-    engine: str
-    details: dict = field(default_factory=dict)
-    video: dict | None = None  # the checkpoint's video sampling (fps, max_frames, …); None: the model takes no video
-
-    @classmethod
-    def from_bundle(cls, bundle: RuntimeBundle, name: str | None, engine: str) -> "ServedModel":
-        from rksmolvlm.bundle.manifest import MANIFEST
-
-        manifest = bundle.manifest
-        source = manifest.source.model_id or bundle.path.name
-        created = int(bundle.path.joinpath(MANIFEST).stat().st_mtime)
-        details = {"family": manifest.model.family, "size": manifest.model.size,
-                   "target": manifest.target.platform,
-                   "vision_dtype": manifest.vision.dtype if manifest.vision else None,
-                   "llm_dtype": manifest.llm.dtype if manifest.llm else None,
-                   "max_context": bundle.max_context, "engine": engine}
-        ident = name or source
-        aliases = tuple(dict.fromkeys(a for a in (source, bundle.path.name) if a != ident))
-        video = manifest.video.settings if manifest.video is not None else None
-        sampling = None if video is None else {"fps": video.fps, "max_frames": video.max_frames,
-                                               "skip_secs": video.skip_secs, "frame_size": video.frame_size}
-        return cls(ident, aliases, bundle.max_context, created, engine, details, sampling)
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return (self.id, *self.aliases)
-
-
 class RequestReader:
-    """Reads a chat completion body: every field checked, every image fetched and its header checked
-    against the limits (type, bytes, pixels) — all before the request may take a queue slot."""
+    """Reads a chat completion body: every field checked, every image and video read (MediaSource) and
+    checked against the limits (an image's header, a video's container) — all before the request may
+    take a queue slot."""
 
     def __init__(self, config: ServerConfig, model: ServedModel):
         self.config = config
         self.limits = config.limits
         self.model = model
+        self.media = MediaSource(config)
 
     def read(self, body: bytes) -> ChatRequest:
-        return self.read_payload(_parse_json(body))
+        return self.read_payload(parse_json(body))
 
     def read_payload(self, payload: dict) -> ChatRequest:
         """A chat completion body already parsed from JSON (the Ollama endpoints translate theirs into one)."""
@@ -174,15 +90,15 @@ class RequestReader:
         budget = _image_budget(payload.get("mm_processor_kwargs"))
         self._check_sizes(payload.get("messages"))
         drafts = self._messages(payload.get("messages"))
-        refs = [part for _, parts in drafts for part in parts if isinstance(part, _ImageRef)]
+        refs = [part for _, parts in drafts for part in parts if isinstance(part, _ImagePart)]
         if len(refs) > self.limits.max_images:
             raise ApiError(400, f"the request has {len(refs)} images, over limits.max_images = "
                            f"{self.limits.max_images}: send at most {self.limits.max_images} per request",
                            "too_many_images", "messages")
-        clips = [part for _, parts in drafts for part in parts if isinstance(part, _VideoRef)]
+        clips = [part for _, parts in drafts for part in parts if isinstance(part, _VideoPart)]
         self._check_video_count(clips)
-        images = {ref: self._image(ref.url, ref.param) for ref in refs}  # refs differ by param
-        videos = {ref: self._video(ref.url, ref.param) for ref in clips}
+        images = {part: self._read_media(part.ref) for part in refs}  # parts differ by param
+        videos = {part: self._read_media(part.ref) for part in clips}
         messages = [_message(role, parts, images, videos, sampling, budget) for role, parts in drafts]
         return ChatRequest(messages, config, stream, include_usage, len(refs), sum(map(len, images.values())),
                            len(clips), sum(map(len, videos.values())))
@@ -257,7 +173,7 @@ class RequestReader:
         return tuple(_clean(s) for s in stops if s)
 
     def _messages(self, messages) -> list[tuple[str, list]]:
-        """(role, parts) per message, checked; a part is a TextPart, or an _ImageRef or _VideoRef still to fetch.
+        """(role, parts) per message, checked; a part is a TextPart, or an _ImagePart or _VideoPart still to read.
 
         Tool history (clients that offer tools keep it even though SmolVLM never calls one): a tool's
         result becomes a user message "Tool result: …"; an assistant's tool_calls are dropped (its
@@ -294,8 +210,8 @@ class RequestReader:
         return out
 
     def _parts(self, content, where: str) -> list:
-        """A message's content (a string, or an array of text, image and video parts) as TextParts, _ImageRefs
-        and _VideoRefs."""
+        """A message's content (a string, or an array of text, image and video parts) as TextParts, _ImageParts
+        and _VideoParts."""
         from rksmolvlm.processing.content import TextPart
 
         if content is None or isinstance(content, str):
@@ -303,7 +219,7 @@ class RequestReader:
         if not isinstance(content, list):
             raise ApiError(400, f"{where}.content must be a string or an array of parts", "invalid_type",
                            f"{where}.content")
-        parts = []
+        parts: list = []
         for j, part in enumerate(content):
             param = f"{where}.content[{j}]"
             kind = part.get("type") if isinstance(part, dict) else None
@@ -324,8 +240,7 @@ class RequestReader:
                     where_detail = f"{param}.image_url.detail" if isinstance(ref, dict) else f"{param}.detail"
                     raise ApiError(400, f"{where_detail} is {_shown(detail)}: use \"low\" (one tile), \"high\" (the "
                                    "image split into tiles) or \"auto\"", "invalid_value", where_detail)
-                parts.append(_ImageRef(_checked_url(url, f"{param}.image_url"), f"{param}.image_url",
-                                       detail or "auto"))
+                parts.append(_ImagePart(MediaRef.parse(IMAGE, url, f"{param}.image_url"), detail or "auto"))
             elif kind == "video_url":  # vLLM's video part: {"video_url": {"url": …, "fps"?, "max_frames"?}}
                 ref = part.get("video_url")
                 url = ref.get("url") if isinstance(ref, dict) else ref
@@ -333,9 +248,9 @@ class RequestReader:
                     raise ApiError(400, f"{param}.video_url must be {{\"url\": \"data:video/mp4;base64,…\"}}",
                                    "invalid_type", f"{param}.video_url")
                 own = ref if isinstance(ref, dict) else {}
-                parts.append(_VideoRef(_checked_video_url(url, f"{param}.video_url"), f"{param}.video_url",
-                                       _fps(own.get("fps"), f"{param}.video_url.fps"),
-                                       _max_frames(own.get("max_frames"), f"{param}.video_url.max_frames")))
+                parts.append(_VideoPart(MediaRef.parse(VIDEO, url, f"{param}.video_url"),
+                                        _fps(own.get("fps"), f"{param}.video_url.fps"),
+                                        _max_frames(own.get("max_frames"), f"{param}.video_url.max_frames")))
             else:
                 raise ApiError(400, f"{param} has type {_shown(kind)}: use 'text' or 'image_url' (or 'video_url' for a "
                                "model that takes video)", "invalid_value", f"{param}.type")
@@ -370,169 +285,19 @@ class RequestReader:
             raise ApiError(400, f"the messages hold {chars:,} characters of text, over the {limit:,} allowed "
                            f"({where}): send less text", "text_too_long", "messages")
 
-    # -- images ----------------------------------------------------------------------------------
-    def _media(self, url: str, param: str, kind: str, from_data_uri, from_remote) -> bytes:
-        """The bytes of an image or video URL: a data: URI, a remote URL or a local file."""
-        if url.startswith("data:"):
-            return from_data_uri(url, param)
-        if url.startswith(("http://", "https://")):
-            return from_remote(url, param)
-        if url.startswith("file://") or url.startswith("/"):
-            return self._from_local(url, param, kind)
-        scheme = url.split(":", 1)[0][:16] if ":" in url else "a relative path"
-        example = "data:image/png;base64,…" if kind == "image" else "data:video/mp4;base64,…"
-        raise ApiError(400, f"{param}: {scheme!r} {kind}s are not supported: send a data: URI ({example})",
-                       f"invalid_{kind}_url", param)
-
-    def _image(self, url: str, param: str) -> bytes:
-        data = self._media(url, param, "image", self._from_data_uri, self._from_remote)
-        self._check_image(data, param)
+    # -- media: read and checked, images first ---------------------------------------------------
+    def _read_media(self, ref: MediaRef) -> bytes:
+        data = self.media.read(ref)
+        _CHECKS[ref.kind](data, ref.param, self.config)
         return data
-
-    def _too_big(self, size: int | str, param: str, what: str = "image") -> ApiError:
-        shown = size if isinstance(size, str) else f"{size:,}"
-        if what == "video":
-            return ApiError(413, f"{param} is {shown} bytes, over video.max_bytes = {self.config.video.max_bytes:,}: "
-                            "send a shorter or more compressed video", "video_too_large", param)
-        return ApiError(413, f"{param} is {shown} bytes, over limits.max_image_bytes = "
-                        f"{self.limits.max_image_bytes:,}: send a smaller image (downscale or compress it)",
-                        "image_too_large", param)
-
-    def _max_bytes(self, what: str) -> int:
-        return self.config.video.max_bytes if what == "video" else self.limits.max_image_bytes
-
-    def _from_data_uri(self, url: str, param: str) -> bytes:
-        header, comma, payload = url[5:].partition(",")
-        if not comma:
-            raise ApiError(400, f"{param} is not a valid data: URI: write data:image/png;base64,<base64 bytes>",
-                           "invalid_image_url", param)
-        fields = [f.strip().lower() for f in header.split(";")]
-        mime = fields[0] or "text/plain"
-        if mime.startswith("video/"):
-            raise ApiError(400, f"{param} has the type {mime[:64]!r}: a video goes in a video_url part, "
-                           "{\"type\": \"video_url\", \"video_url\": {\"url\": \"data:video/mp4;base64,…\"}}",
-                           "unsupported_image_type", param)
-        if mime not in IMAGE_TYPES:
-            raise ApiError(400, f"{param} has the type {mime[:64]!r}: send image/png, image/jpeg, image/webp, "
-                           "image/gif, image/bmp or image/tiff", "unsupported_image_type", param)
-        if "base64" not in fields[1:]:
-            raise ApiError(400, f"{param} must be base64-encoded: write data:{mime};base64,<base64 bytes>",
-                           "invalid_image_url", param)
-        if len(payload) // 4 * 3 > self.limits.max_image_bytes + 3:
-            raise self._too_big(f"about {len(payload) // 4 * 3:,}", param)
-        return _base64(payload, param, "image")
-
-    def _from_local(self, url: str, param: str, what: str = "image") -> bytes:
-        """A file under images.local_dir (images and videos alike), read up to the byte limit of ``what``."""
-        root = self.config.images.local_dir
-        example = "data:video/mp4;base64,…" if what == "video" else "data:image/png;base64,…"
-        if not root:
-            raise ApiError(400, f"{param}: local {what} paths are off: send the {what} as a data: URI ({example}), "
-                           "or set images.local_dir in the server config to the directory they may come from",
-                           f"local_{what}s_disabled", param)
-        if url.startswith("file://"):
-            parsed = urllib.parse.urlparse(url)
-            if parsed.netloc not in ("", "localhost"):
-                raise ApiError(400, f"{param}: file URLs must name this machine (file:///path)", f"invalid_{what}_url",
-                               param)
-            text = urllib.parse.unquote(parsed.path)
-        else:
-            text = url
-        if "\x00" in text:  # %00 in a file URL: the OS cannot take it (ValueError, not OSError)
-            raise ApiError(400, f"{param} holds a NUL character: send a plain path", f"invalid_{what}_url", param)
-        path = Path(text).resolve()
-        base = Path(root).resolve()
-        if not path.is_relative_to(base):
-            raise ApiError(400, f"{param} is outside images.local_dir ({root}): only {what}s under it may be read",
-                           f"{what}_path_not_allowed", param)
-        limit = self._max_bytes(what)
-        try:  # O_NONBLOCK: a FIFO under local_dir must not block the reader; only regular files are read
-            with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
-                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                    article = "a video" if what == "video" else "an image"
-                    raise ApiError(400, f"{param} is not a regular file: name {article} file under images.local_dir",
-                                   f"invalid_{what}", param)
-                data = f.read(limit + 1)
-        except FileNotFoundError:
-            raise ApiError(400, f"{param}: no such file under images.local_dir", f"invalid_{what}", param) from None
-        except OSError as exc:
-            raise ApiError(400, f"{param}: cannot read the file ({exc.strerror})", f"invalid_{what}", param) from None
-        if len(data) > limit:
-            raise self._too_big(f"over {limit:,}", param, what)
-        return data
-
-    def _from_remote(self, url: str, param: str) -> bytes:
-        """An http(s) image, fetched within images.remote_timeout_s in all (runtime/server/remote.py: only
-        public addresses unless images.allow_private_networks, checked redirects, generic errors)."""
-        from rksmolvlm.runtime.server.remote import FetchError, fetch_image
-
-        images = self.config.images
-        if not images.allow_remote:
-            raise ApiError(400, f"{param}: remote image URLs are off (images.allow_remote = false): send the image "
-                           "as a data: URI (data:image/png;base64,…)", "remote_images_disabled", param)
-        limit = self.limits.max_image_bytes
-        try:
-            fetched = fetch_image(url, timeout_s=images.remote_timeout_s, max_bytes=limit,
-                                  allow_private=images.allow_private_networks, user_agent=f"rksmolvlm/{__version__}")
-        except FetchError as exc:
-            raise ApiError(exc.status, f"{param}: {exc}", exc.code, param) from None
-        if fetched.content_type not in IMAGE_TYPES:
-            raise ApiError(400, f"{param}: the remote server did not answer with an image type (PNG, JPEG, WebP, "
-                           "GIF, BMP or TIFF)", "unsupported_image_type", param)
-        if fetched.content_length is not None and fetched.content_length > limit:
-            raise self._too_big(fetched.content_length, param)
-        if len(fetched.data) > limit:
-            raise self._too_big(f"over {limit:,}", param)
-        return fetched.data
-
-    def _check_image(self, data: bytes, param: str) -> None:
-        """Type, size, pixel count, side, decode memory and a JPEG's scan count from the header and the
-        marker structure only: nothing is decoded here (rksmolvlm.processing.image_safety)."""
-        from PIL import Image, UnidentifiedImageError
-
-        from rksmolvlm.errors import ImageError
-        from rksmolvlm.processing.image_safety import DecodeLimits, check_decodable, check_jpeg
-
-        limit = self.limits.max_image_pixels
-        if not data:
-            raise ApiError(400, f"{param}: the image is empty (0 bytes): send the image file's contents",
-                           "invalid_image", param)
-        if len(data) > self.limits.max_image_bytes:
-            raise self._too_big(len(data), param)
-        limits = DecodeLimits(max_pixels=limit, max_decode_bytes=self.limits.max_decode_bytes,
-                              max_jpeg_scans=self.limits.max_jpeg_scans)
-        try:
-            jpeg = check_jpeg(data, limits)  # before Pillow walks the markers itself
-            with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as image:
-                width, height = image.size
-                if width * height <= limit:
-                    check_decodable(image, limits, jpeg, data)
-        except ImageError as exc:
-            key = _DECODE_LIMIT_KEYS.get(exc.limit)
-            raise ApiError(400, f"{param}: {exc}" + (f" (the server's {key})" if key else ""), exc.code,
-                           param) from None
-        except Image.DecompressionBombError:
-            raise ApiError(400, f"{param} has more pixels than limits.max_image_pixels = {limit:,} (refused before "
-                           "decoding): downscale it", "image_too_many_pixels", param) from None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
-            if _looks_like_video(data):
-                raise ApiError(400, f"{param} is a video, not an image: send it as a video_url part of POST "
-                               "/v1/chat/completions (the Ollama API has no field for videos)",
-                               "unsupported_image_type", param) from None
-            raise ApiError(400, f"{param} cannot be read as a PNG, JPEG, WebP, GIF, BMP or TIFF image: the data is "
-                           "corrupt or in another format", "invalid_image", param) from None
-        if width * height > limit:
-            raise ApiError(400, f"{param} is {width}×{height} = {width * height:,} pixels, over "
-                           f"limits.max_image_pixels = {limit:,}: downscale it", "image_too_many_pixels", param)
-
 
     # -- videos ----------------------------------------------------------------------------------
-    def _check_video_count(self, clips: list["_VideoRef"]) -> None:
+    def _check_video_count(self, clips: list[_VideoPart]) -> None:
         """Videos are wanted: the model takes them, the server allows them, not too many — refused
         before any video is fetched."""
         if not clips:
             return
-        param = clips[0].param
+        param = clips[0].ref.param
         if self.model.video is None:
             raise ApiError(400, f"{param}: this model ({self.model.id}) does not take video (only SmolVLM2 "
                            "checkpoints do): send frames as image_url parts, or serve a bundle converted from a "
@@ -548,118 +313,60 @@ class RequestReader:
             raise ApiError(400, f"the request has {len(clips)} videos, over video.max_videos = {video.max_videos}: "
                            f"send at most {video.max_videos} per request", "too_many_videos", "messages")
 
-    def _video(self, url: str, param: str) -> bytes:
-        data = self._media(url, param, "video", self._video_from_data_uri, self._video_from_remote)
-        self._check_video(data, param)
-        return data
 
-    def _video_from_data_uri(self, url: str, param: str) -> bytes:
-        header, comma, payload = url[5:].partition(",")
-        if not comma:
-            raise ApiError(400, f"{param} is not a valid data: URI: write data:video/mp4;base64,<base64 bytes>",
-                           "invalid_video_url", param)
-        fields = [f.strip().lower() for f in header.split(";")]
-        mime = fields[0]
-        if not (mime.startswith("video/") or mime in _GENERIC_TYPES):  # the container is read from the bytes
-            hint = "an image goes in an image_url part" if mime.startswith("image/") else "send a video"
-            raise ApiError(400, f"{param} has the type {mime[:64]!r}: {hint} (data:video/mp4;base64,…; any video/* "
-                           "type)", "unsupported_video_type", param)
-        if "base64" not in fields[1:]:
-            raise ApiError(400, f"{param} must be base64-encoded: write data:{mime or 'video/mp4'};base64,<base64 "
-                           "bytes>", "invalid_video_url", param)
-        limit = self.config.video.max_bytes
-        if len(payload) // 4 * 3 > limit + 3:
-            raise self._too_big(f"about {len(payload) // 4 * 3:,}", param, "video")
-        return _base64(payload, param, "video")
-
-    def _video_from_remote(self, url: str, param: str) -> bytes:
-        """An http(s) video, fetched as remote images are (runtime/server/remote.py), up to video.max_bytes."""
-        from rksmolvlm.runtime.server.remote import FetchError, fetch
-
-        images = self.config.images
-        if not images.allow_remote:
-            raise ApiError(400, f"{param}: remote video URLs are off (images.allow_remote = false): send the video "
-                           "as a data: URI (data:video/mp4;base64,…)", "remote_videos_disabled", param)
-        limit = self.config.video.max_bytes
-        try:
-            fetched = fetch(url, timeout_s=images.remote_timeout_s, max_bytes=limit, what="video",
-                            allow_private=images.allow_private_networks, user_agent=f"rksmolvlm/{__version__}")
-        except FetchError as exc:
-            raise ApiError(exc.status, f"{param}: {exc}", exc.code, param) from None
-        kind = fetched.content_type
-        if not (kind.startswith("video/") or kind in _GENERIC_TYPES):
-            raise ApiError(400, f"{param}: the remote server did not answer with a video type (video/*)",
-                           "unsupported_video_type", param)
-        if fetched.content_length is not None and fetched.content_length > limit:
-            raise self._too_big(fetched.content_length, param, "video")
-        if len(fetched.data) > limit:
-            raise self._too_big(f"over {limit:,}", param, "video")
-        return fetched.data
-
-    def _check_video(self, data: bytes, param: str) -> None:
-        """Size, then the container read without decoding a frame (rksmolvlm.processing.video.probe_video):
-        a video stream, its duration, frame count and frame size within the [video] limits."""
-        from rksmolvlm.errors import VideoError
-        from rksmolvlm.processing.video import probe_video
-
-        if not data:
-            raise ApiError(400, f"{param}: the video is empty (0 bytes): send the video file's contents",
-                           "invalid_video", param)
-        if len(data) > self.config.video.max_bytes:
-            raise self._too_big(len(data), param, "video")
-        try:
-            probe_video(data, self.config.video.limits())
-        except VideoError as exc:
-            raise video_api_error(exc, param) from None
+def parse_json(body: bytes) -> dict:
+    """A request body as a JSON object, or the 400 naming what is wrong with it."""
+    try:
+        payload = json.loads(body)
+    except UnicodeDecodeError:
+        raise ApiError(400, "the request body is not UTF-8 JSON: send a JSON object", "invalid_json") from None
+    except json.JSONDecodeError as exc:
+        raise ApiError(400, f"the request body is not valid JSON ({exc.msg} at line {exc.lineno}, column "
+                       f"{exc.colno}): send a JSON object", "invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the request body's JSON is nested too deeply: a chat request needs a few levels",
+                       "invalid_json") from None
+    except ValueError:  # an integer of more than 4,300 digits (Python's int conversion limit)
+        raise ApiError(400, "the request body holds a number too long to read: send numbers of ordinary size",
+                       "invalid_json") from None
+    if not isinstance(payload, dict):
+        raise ApiError(400, "the request body must be a JSON object with model and messages", "invalid_json")
+    return payload
 
 
-@functools.lru_cache(maxsize=1)
-def video_decoder_available() -> bool:
-    """PyAV is installed (looked up, not imported: the import is paid while the model loads)."""
-    import importlib.util
 
-    return importlib.util.find_spec("av") is not None
-
-
-def video_api_error(exc, param: str | None) -> ApiError:
-    """A VideoError as the API answers it: its code, 413 for the byte limit else 400, the message naming the
-    server's config key of the limit it is over."""
-    limit = getattr(exc, "limit", None)
-    key = f" (the server's video.{limit})" if limit else ""
-    where = f"{param}: " if param else ""
-    return ApiError(VIDEO_STATUS.get(limit, 400), f"{where}{exc}{key}", exc.code, param)
-
-
+# ==============================================================================================
+# Private helpers
+# ==============================================================================================
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_TOOL_ROLES = ("tool", "function")  # a tool's result (legacy: function), rendered as user text
+_MAX_STOPS = 4
+_MAX_STOP_CHARS = 64  # the text stream holds back any prefix of a stop string: keep them short
+_MAX_SEED = 2**63 - 1  # OpenAI's seed is an int64
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_MM_KWARGS = ("fps", "num_frames", "max_frames")  # what mm_processor_kwargs may hold (vLLM's names and ours)
+_MM_IMAGE_KWARGS = ("size", "max_tiles", "do_image_splitting")  # and for images: see the module docstring
+_MAX_FPS = 1000.0  # rksmolvlm.processing.content.VideoPart's bound
 _DETAILS = ("auto", "low", "high")  # rksmolvlm.processing.content.DETAILS, without importing Pillow here
+# A media kind → its pre-queue check (runtime/server/media_checks.py).
+_CHECKS: dict[MediaKind, Callable[[bytes, str, ServerConfig], None]] = {IMAGE: check_image, VIDEO: check_video}
 
 
 @dataclass(frozen=True)
-class _ImageRef:
-    """An image part as the request names it, before it is fetched and checked."""
+class _ImagePart:
+    """An image part as the request names it, before it is read and checked."""
 
-    url: str
-    param: str
+    ref: MediaRef
     detail: str = "auto"
 
 
 @dataclass(frozen=True)
-class _VideoRef:
-    """A video part as the request names it, before it is fetched and checked: its own sampling, if any."""
+class _VideoPart:
+    """A video part as the request names it, before it is read and checked: its own sampling, if any."""
 
-    url: str
-    param: str
+    ref: MediaRef
     fps: float | None = None
     max_frames: int | None = None
-
-
-def _checked_video_url(url: str, param: str) -> str:
-    """A video URL fit to be fetched: no control characters (a data: URI's base64 may be wrapped in lines, but
-    holds no NUL)."""
-    bad = "\x00" in url if url.startswith("data:") else _URL_CONTROL.search(url) is not None
-    if bad:
-        raise ApiError(400, f"{param} holds control characters (NUL, CR, LF, …) or invalid Unicode: send a plain "
-                       "URL or path, or standard base64", "invalid_video_url", param)
-    return url
 
 
 def _fps(value, param: str) -> float | None:
@@ -741,64 +448,6 @@ def _image_budget(value) -> dict | None:
     return budget
 
 
-# Leading bytes of video containers (ISO BMFF's ftyp box is checked apart): Matroska/WebM, AVI, FLV, MPEG-PS.
-_VIDEO_MAGIC = (b"\x1a\x45\xdf\xa3", b"FLV\x01", b"\x00\x00\x01\xba")
-_IMAGE_BRANDS = (b"avif", b"avis", b"heic", b"heix", b"mif1", b"msf1", b"heim", b"heis", b"hevc", b"hevx")
-
-
-def _base64(payload: str, param: str, kind: str) -> bytes:
-    """A data URI's base64 payload (also when a client wrapped it in lines)."""
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        try:
-            return base64.b64decode("".join(payload.split()), validate=True)
-        except (binascii.Error, ValueError):
-            raise ApiError(400, f"{param} is not valid base64: encode the {kind} file's bytes with standard base64",
-                           f"invalid_{kind}", param) from None
-
-
-def _looks_like_video(data: bytes) -> bool:
-    """True when ``data`` starts like a video container (MP4/MOV/3GP, Matroska/WebM, AVI, FLV, MPEG-PS)."""
-    if data[4:8] == b"ftyp":
-        return data[8:12] not in _IMAGE_BRANDS
-    return data.startswith(_VIDEO_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"AVI ")
-
-
-def _checked_url(url: str, param: str) -> str:
-    """An image URL fit to be fetched: no control characters (NUL, CR/LF; a data: URI's base64 may be wrapped
-    in lines) and a generic data: type (application/octet-stream) replaced by the image type its bytes show."""
-    if url.startswith("data:"):
-        if "\x00" in url:
-            raise ApiError(400, f"{param} holds a NUL character: send the image's standard base64", "invalid_image_url",
-                           param)
-        return _typed_data_uri(url, param)
-    if _URL_CONTROL.search(url):
-        raise ApiError(400, f"{param} holds control characters (NUL, CR, LF, …) or invalid Unicode: send a plain "
-                       "URL or path", "invalid_image_url", param)
-    return url
-
-
-def _typed_data_uri(url: str, param: str) -> str:
-    comma = url.find(",", 5, 512)
-    first = url[5:comma].split(";", 1)[0] if comma > 0 else ""
-    if comma < 0 or first.strip().lower() not in _GENERIC_TYPES:
-        return url
-    head = "".join(url[comma + 1:comma + 65].split())[:16]
-    try:
-        start = base64.b64decode(head[:len(head) // 4 * 4], validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(400, f"{param} is not valid base64: encode the image file's bytes with standard base64",
-                       "invalid_image", param) from None
-    kind = next((mime for magic, mime in _MAGIC if start.startswith(magic)), None)
-    if kind is None and start[:4] == b"RIFF" and start[8:12] == b"WEBP":
-        kind = "image/webp"
-    if kind is None:
-        raise ApiError(400, f"{param} is {first.strip()[:40] or 'untyped'} data whose first bytes are not a PNG, "
-                       "JPEG, WebP, GIF, BMP or TIFF image: send an image", "unsupported_image_type", param)
-    return "data:" + kind + url[5 + len(first):]
-
-
 def _clean(text: str) -> str:
     """Text with lone UTF-16 surrogates (JSON allows "\\ud800"; JavaScript clients send them when they cut a
     string inside an emoji) replaced by U+FFFD: the tokenizer and the UTF-8 response cannot carry them."""
@@ -813,7 +462,7 @@ def _shown(value) -> str:
     return text if len(text) <= 48 else text[:45] + "..."
 
 
-def _message(role: str, parts: list, images: dict[_ImageRef, bytes], videos: dict[_VideoRef, bytes],
+def _message(role: str, parts: list, images: dict[_ImagePart, bytes], videos: dict[_VideoPart, bytes],
              sampling: tuple[float | None, int | None], budget: dict | None = None) -> "Message":
     from rksmolvlm.processing.content import ImagePart, Message, VideoPart
     from rksmolvlm.processing.image import Resolution
@@ -821,33 +470,14 @@ def _message(role: str, parts: list, images: dict[_ImageRef, bytes], videos: dic
     resolution = Resolution(**budget) if budget else None  # None: the server's images.longest_edge/max_tiles
 
     def typed(p):
-        if isinstance(p, _ImageRef):
+        if isinstance(p, _ImagePart):
             return ImagePart(images[p], p.detail, resolution)
-        if isinstance(p, _VideoRef):  # its own sampling, else the request's mm_processor_kwargs
+        if isinstance(p, _VideoPart):  # its own sampling, else the request's mm_processor_kwargs
             return VideoPart(videos[p], p.fps if p.fps is not None else sampling[0],
                              p.max_frames if p.max_frames is not None else sampling[1])
         return p
 
     return Message(role, tuple(typed(p) for p in parts))
-
-
-def _parse_json(body: bytes) -> dict:
-    try:
-        payload = json.loads(body)
-    except UnicodeDecodeError:
-        raise ApiError(400, "the request body is not UTF-8 JSON: send a JSON object", "invalid_json") from None
-    except json.JSONDecodeError as exc:
-        raise ApiError(400, f"the request body is not valid JSON ({exc.msg} at line {exc.lineno}, column "
-                       f"{exc.colno}): send a JSON object", "invalid_json") from None
-    except RecursionError:
-        raise ApiError(400, "the request body's JSON is nested too deeply: a chat request needs a few levels",
-                       "invalid_json") from None
-    except ValueError:  # an integer of more than 4,300 digits (Python's int conversion limit)
-        raise ApiError(400, "the request body holds a number too long to read: send numbers of ordinary size",
-                       "invalid_json") from None
-    if not isinstance(payload, dict):
-        raise ApiError(400, "the request body must be a JSON object with model and messages", "invalid_json")
-    return payload
 
 
 def _bool(payload: dict, name: str, default: bool, param: str | None = None) -> bool:

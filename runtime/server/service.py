@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Callable
 
 from rksmolvlm.errors import ImageError, RkSmolVLMError
 from rksmolvlm.runtime.server.config import ServerConfig
-from rksmolvlm.runtime.server.requests import ApiError, ChatRequest, ServedModel
+from rksmolvlm.runtime.server.errors import ApiError
+from rksmolvlm.runtime.server.model import ServedModel
+from rksmolvlm.runtime.server.requests import ChatRequest
 
 if TYPE_CHECKING:  # imported for `rksmolvlm --help`: numpy, torch and friends load on use
     from rksmolvlm.runtime.engines import PerfStats
@@ -239,7 +241,7 @@ class ModelService:
     def _run(self, job: Job) -> None:
         from rksmolvlm.errors import VideoError
         from rksmolvlm.runtime.runner import ContextError, InputError
-        from rksmolvlm.runtime.server.requests import video_api_error
+        from rksmolvlm.runtime.server.media_checks import video_api_error
 
         request = job.request
         job.started = self._progress = time.monotonic()

@@ -27,7 +27,7 @@ from support.images import rng_image
 from support.net import health_within_limit, loopback_http
 from support.hostile_images import float_tiff, jpeg_tiff, scan_bomb, zero_png
 from rksmolvlm.runtime.server import BackgroundServer, Metrics, ModelService, ServedModel, build_app, create_app
-from rksmolvlm.runtime.server.remote import FetchError, fetch_image, is_public_address
+from rksmolvlm.runtime.server.remote import FetchError, fetch, is_public_address
 from rksmolvlm.runtime.server.config import ServerConfig, with_overrides
 
 MODEL = "idefics3-256m"
@@ -399,7 +399,7 @@ def test_public_addresses(address, public):
 def test_urls_refused_before_any_lookup(url, code, monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: pytest.fail("looked up"))
     with pytest.raises(FetchError) as info:
-        fetch_image(url, timeout_s=1, max_bytes=1000)
+        fetch(url, timeout_s=1, max_bytes=1000)
     assert info.value.code == code
 
 
@@ -415,7 +415,7 @@ def test_the_checked_address_is_the_one_connected_to(remote, monkeypatch):
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port_))]
 
     monkeypatch.setattr(socket, "getaddrinfo", rebinding)
-    fetched = fetch_image(f"http://images.rebind.test:{port}/cat.png", timeout_s=2, max_bytes=1 << 20,
+    fetched = fetch(f"http://images.rebind.test:{port}/cat.png", timeout_s=2, max_bytes=1 << 20,
                           allow_private=True)
     assert fetched.data == CAT and answers == ["images.rebind.test"]
 
@@ -428,7 +428,7 @@ def test_a_name_with_any_private_address_is_refused_whole(monkeypatch):
 
     monkeypatch.setattr(socket, "getaddrinfo", mixed)
     with pytest.raises(FetchError) as info:
-        fetch_image("http://mixed.test/cat.png", timeout_s=1, max_bytes=1000)
+        fetch("http://mixed.test/cat.png", timeout_s=1, max_bytes=1000)
     assert info.value.code == "image_url_not_allowed"
 
 
@@ -438,12 +438,12 @@ def test_a_host_that_does_not_resolve_fails_generically(monkeypatch):
 
     monkeypatch.setattr(socket, "getaddrinfo", missing)
     with pytest.raises(FetchError, match="does not resolve") as info:
-        fetch_image("http://nowhere.test/cat.png", timeout_s=1, max_bytes=1000)
+        fetch("http://nowhere.test/cat.png", timeout_s=1, max_bytes=1000)
     assert "internal resolver detail" not in str(info.value)
 
 
 def test_a_body_over_the_limit_stops_at_the_limit(remote):
-    fetched = fetch_image(f"{remote}/cat.png", timeout_s=2, max_bytes=100, allow_private=True)
+    fetched = fetch(f"{remote}/cat.png", timeout_s=2, max_bytes=100, allow_private=True)
     assert fetched.content_length == len(CAT) and fetched.data == b""  # declared too big: not read
 
 
@@ -531,10 +531,10 @@ def test_https_verifies_the_name_while_connecting_to_the_checked_address(https_r
 
     port, cert = https_remote
     with pytest.raises(FetchError, match="certificate was refused"):  # not trusted by default
-        fetch_image(f"https://localhost:{port}/cat.png", timeout_s=2, max_bytes=1 << 20, allow_private=True)
+        fetch(f"https://localhost:{port}/cat.png", timeout_s=2, max_bytes=1 << 20, allow_private=True)
     trusting = ssl.create_default_context(cafile=str(cert))
     monkeypatch.setattr(remote.ssl, "create_default_context", lambda: trusting)
-    fetched = fetch_image(f"https://localhost:{port}/cat.png", timeout_s=2, max_bytes=1 << 20, allow_private=True)
+    fetched = fetch(f"https://localhost:{port}/cat.png", timeout_s=2, max_bytes=1 << 20, allow_private=True)
     assert fetched.data == CAT
     with pytest.raises(FetchError, match="certificate was refused"):  # the address is not the name on the cert
-        fetch_image(f"https://127.0.0.1:{port}/cat.png", timeout_s=2, max_bytes=1 << 20, allow_private=True)
+        fetch(f"https://127.0.0.1:{port}/cat.png", timeout_s=2, max_bytes=1 << 20, allow_private=True)

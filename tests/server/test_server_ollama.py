@@ -18,7 +18,7 @@ import pytest
 from support.images import rng_image
 from rksmolvlm.runtime.server import BackgroundServer, build_app
 from rksmolvlm.runtime.server.ollama import OllamaApi, translate_chat, translate_generate
-from rksmolvlm.runtime.server.requests import ApiError
+from rksmolvlm.runtime.server.errors import ApiError
 from rksmolvlm.runtime.server.config import ServerConfig, with_overrides
 
 API_KEY = "ollama-test-key-0123456789"

@@ -1,0 +1,124 @@
+"""The pre-queue checks of media bytes: an image's header and marker structure, a video's container,
+each against the server's limits, without decoding a pixel or a frame — so a request that would fail
+or blow up in the worker is refused before it may take a queue slot.
+
+- ``check_image``: type, bytes, pixel count, side, decode memory and a JPEG's scan count
+  (``rksmolvlm.processing.image_safety``).
+- ``check_video``: bytes, then the container read (``rksmolvlm.processing.video.probe_video``): a video
+  stream, its duration, frame count and frame size within the ``[video]`` limits.
+- ``video_api_error``: a VideoError as the API answers it (also for the worker's decode failures).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+from typing import TYPE_CHECKING
+
+from rksmolvlm.runtime.server.config import ServerConfig
+from rksmolvlm.runtime.server.errors import ApiError
+from rksmolvlm.runtime.server.media import IMAGE, IMAGE_TYPES, VIDEO
+
+if TYPE_CHECKING:
+    from rksmolvlm.errors import VideoError
+
+__all__ = ["VIDEO_STATUS", "check_image", "check_video", "looks_like_video", "video_api_error",
+           "video_decoder_available"]
+
+# A VideoError whose limit is the byte size is a 413, as an image over its byte limit; every other one a 400.
+VIDEO_STATUS: dict[str | None, int] = {"max_bytes": 413}
+
+
+def check_image(data: bytes, param: str, config: ServerConfig) -> None:
+    """Type, size, pixel count, side, decode memory and a JPEG's scan count from the header and the
+    marker structure only: nothing is decoded here (rksmolvlm.processing.image_safety)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from rksmolvlm.errors import ImageError
+    from rksmolvlm.processing.image_safety import DecodeLimits, check_decodable, check_jpeg
+
+    limits = config.limits
+    limit = limits.max_image_pixels
+    if not data:
+        raise ApiError(400, f"{param}: the image is empty (0 bytes): send the image file's contents",
+                       "invalid_image", param)
+    if len(data) > IMAGE.limit(config):
+        raise IMAGE.too_large(config, len(data), param)
+    decode = DecodeLimits(max_pixels=limit, max_decode_bytes=limits.max_decode_bytes,
+                          max_jpeg_scans=limits.max_jpeg_scans)
+    try:
+        jpeg = check_jpeg(data, decode)  # before Pillow walks the markers itself
+        with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as image:
+            width, height = image.size
+            if width * height <= limit:
+                check_decodable(image, decode, jpeg, data)
+    except ImageError as exc:
+        key = _DECODE_LIMIT_KEYS.get(exc.limit)
+        raise ApiError(400, f"{param}: {exc}" + (f" (the server's {key})" if key else ""), exc.code,
+                       param) from None
+    except Image.DecompressionBombError:
+        raise ApiError(400, f"{param} has more pixels than limits.max_image_pixels = {limit:,} (refused before "
+                       "decoding): downscale it", "image_too_many_pixels", param) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
+        if looks_like_video(data):
+            raise ApiError(400, f"{param} is a video, not an image: send it as a video_url part of POST "
+                           "/v1/chat/completions (the Ollama API has no field for videos)",
+                           "unsupported_image_type", param) from None
+        raise ApiError(400, f"{param} cannot be read as a PNG, JPEG, WebP, GIF, BMP or TIFF image: the data is "
+                       "corrupt or in another format", "invalid_image", param) from None
+    if width * height > limit:
+        raise ApiError(400, f"{param} is {width}×{height} = {width * height:,} pixels, over "
+                       f"limits.max_image_pixels = {limit:,}: downscale it", "image_too_many_pixels", param)
+
+
+def check_video(data: bytes, param: str, config: ServerConfig) -> None:
+    """Size, then the container read without decoding a frame (rksmolvlm.processing.video.probe_video):
+    a video stream, its duration, frame count and frame size within the [video] limits."""
+    from rksmolvlm.errors import VideoError
+    from rksmolvlm.processing.video import probe_video
+
+    if not data:
+        raise ApiError(400, f"{param}: the video is empty (0 bytes): send the video file's contents",
+                       "invalid_video", param)
+    if len(data) > VIDEO.limit(config):
+        raise VIDEO.too_large(config, len(data), param)
+    try:
+        probe_video(data, config.video.limits())
+    except VideoError as exc:
+        raise video_api_error(exc, param) from None
+
+
+def video_api_error(exc: VideoError, param: str | None) -> ApiError:
+    """A VideoError as the API answers it: its code, 413 for the byte limit else 400, the message naming the
+    server's config key of the limit it is over."""
+    key = f" (the server's video.{exc.limit})" if exc.limit else ""
+    where = f"{param}: " if param else ""
+    return ApiError(VIDEO_STATUS.get(exc.limit, 400), f"{where}{exc}{key}", exc.code, param)
+
+
+@functools.lru_cache(maxsize=1)
+def video_decoder_available() -> bool:
+    """PyAV is installed (looked up, not imported: the import is paid while the model loads)."""
+    import importlib.util
+
+    return importlib.util.find_spec("av") is not None
+
+
+def looks_like_video(data: bytes) -> bool:
+    """True when ``data`` starts like a video container (MP4/MOV/3GP, Matroska/WebM, AVI, FLV, MPEG-PS)."""
+    if data[4:8] == b"ftyp":
+        return data[8:12] not in _IMAGE_BRANDS
+    return data.startswith(_VIDEO_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"AVI ")
+
+
+# ==============================================================================================
+# Private helpers
+# ==============================================================================================
+_PIL_FORMATS = tuple(sorted(set(IMAGE_TYPES.values())))
+# The DecodeLimits field an image is over → the config key that sets it (in refusal messages).
+_DECODE_LIMIT_KEYS: dict[str | None, str] = {"max_decode_bytes": "limits.max_decode_bytes",
+                                             "max_jpeg_scans": "limits.max_jpeg_scans",
+                                             "max_pixels": "limits.max_image_pixels"}
+# Leading bytes of video containers (ISO BMFF's ftyp box is checked apart): Matroska/WebM, AVI, FLV, MPEG-PS.
+_VIDEO_MAGIC = (b"\x1a\x45\xdf\xa3", b"FLV\x01", b"\x00\x00\x01\xba")
+_IMAGE_BRANDS = (b"avif", b"avis", b"heic", b"heix", b"mif1", b"msf1", b"heim", b"heis", b"hevc", b"hevx")
