@@ -148,20 +148,18 @@ def verify_staged(stage: Path, manifest: dict) -> dict:
     provisional = {"schema_version": SCHEMA_VERSION, "created_by": f"rksmolvlm {__version__}", **manifest,
                    "files": files}
     (stage / MANIFEST).write_text(json.dumps(provisional), encoding="utf-8")
-    from rksmolvlm.runtime.engines import open_engines
     from rksmolvlm.runtime.loader import RuntimeBundle
-    from rksmolvlm.tools.verify import verify_bundle
+    from rksmolvlm.tools.verify import open_verify_runner, verify_bundle
 
     from rksmolvlm.errors import RkSmolVLMError
 
     try:  # a conversion is not lost to its own check: a failure to run is reported, not raised
         bundle = RuntimeBundle.open(stage, verify=False)
-        vision_engine, llm_engine = open_engines(bundle, "host")
+        runner = open_verify_runner(bundle, "host")
         try:
-            result = verify_bundle(bundle, vision_engine, llm_engine, "host")
+            result = verify_bundle(runner, "host")
         finally:
-            vision_engine.close()
-            llm_engine.close()
+            runner.close()
     except RkSmolVLMError as exc:
         return {"skipped": f"the host engines could not replay the goldens: {exc}"}
     out = result.to_dict()

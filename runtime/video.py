@@ -101,8 +101,7 @@ class VideoEncoder:
                 if tiles is None or aborted():
                     return None
                 start = time.perf_counter()
-                encode = getattr(self.encoder, "encode_frames", self.encoder.encode)
-                encoded = encode(tiles)
+                encoded = self.encoder.encode_frames(tiles)
                 stats.vision_ms += (time.perf_counter() - start) * 1000
                 stats.vision_tiles += len(tiles)
                 stats.video_frames += len(tiles)

@@ -20,13 +20,16 @@ import sys
 import threading
 import time
 
+from support.fakes import LlmWrapper
 
-class SlowLlm:
+
+class SlowLlm(LlmWrapper):
     """The real LLM engine, ``delay`` seconds per token; counts the tokens it produced and says whether
     a generation is under way; an abort may be made to land ``abort_lag`` seconds late."""
 
     def __init__(self, llm, delay: float):
-        self.llm, self.delay = llm, delay
+        super().__init__(llm)
+        self.delay = delay
         self.abort_lag = 0.0
         self.produced = 0
         self.running = False
@@ -54,16 +57,14 @@ class SlowLlm:
         """No late abort pending (it would hit the next request)."""
         return self._late is None or not self._late.is_alive()
 
-    def __getattr__(self, name):
-        return getattr(self.llm, name)
-
 
 def main(bundle: str, settings: str) -> None:
     from starlette.requests import Request
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    from rksmolvlm.runtime.engines import EngineOptions, open_engines
+    from rksmolvlm.runtime.engines import EngineOptions
+    from rksmolvlm.runners import open_engines
     from rksmolvlm.runtime.runner import Runner
     from rksmolvlm.runtime.server import BackgroundServer, build_app
     from rksmolvlm.runtime.server.config import ServerConfig, with_overrides
