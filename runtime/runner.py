@@ -360,7 +360,7 @@ class Runner:
         images = self.images.encode(turn.images, stats, self._abort.is_set)
         if images is None:
             return None
-        videos = self.videos.encode(turn.videos, stats, self._abort.is_set) if turn.videos else []
+        videos = self.videos.encode(turn.videos, stats, self._abort.is_set) if turn.videos and self.videos else []
         if videos is None:
             return None
         images, videos = iter(images), iter(videos)

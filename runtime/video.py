@@ -84,7 +84,7 @@ class VideoEncoder:
     def encode(self, plans: Sequence[VideoPlan], stats: PerfStats,
                aborted: Callable[[], bool] = lambda: False) -> list[np.ndarray] | None:
         """Features per video ((frames, seq, hidden)), in order; None when ``aborted`` turned true."""
-        out = []
+        out: list[np.ndarray] = []
         for plan in plans:
             if aborted():
                 return None
@@ -106,9 +106,9 @@ class VideoEncoder:
                 stats.vision_tiles += len(tiles)
                 stats.video_frames += len(tiles)
                 for k, row in zip(missing, encoded):
-                    features[k] = row[None]
-                    self.cache.put(plan.keys[k], features[k], None)
-            out.append(np.concatenate(features))
+                    features[k] = frame = row[None]
+                    self.cache.put(plan.keys[k], frame, None)
+            out.append(np.concatenate([f for f in features if f is not None]))  # all filled by now
         return out
 
     def _frames(self, plan: VideoPlan, wanted: list[int], aborted: Callable[[], bool]) -> np.ndarray | None:

@@ -49,12 +49,10 @@ class OnnxVisionEncoder:
 
     def encode_frames(self, frames: np.ndarray) -> np.ndarray:
         """Video frames (unsplit tiles): normalised as transformers' video processor does (its fused
-        ``(x − 127.5)/127.5``, one float32 rounding away from the image path's on some levels)."""
+        ``(x − 127.5)/127.5``, one float32 rounding away from the image path's on some levels; without
+        video settings, SmolVLM2's)."""
         from rksmolvlm.processing.video_frames import normalize_frames
 
-        if self.video_settings is None:
-            raise BundleError("this bundle's model takes no video (no video settings in its manifest): send "
-                              "frames as images, or convert a SmolVLM2 checkpoint")
         return self._run(normalize_frames(frames, self.video_settings))
 
     def _run(self, x: np.ndarray) -> np.ndarray:

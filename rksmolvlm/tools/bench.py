@@ -158,7 +158,7 @@ def _bench_video(bundle: RuntimeBundle, runner: Runner, vision: VisionEncoder, s
     settings = bundle.video_settings
     fps = settings.fps
     generated = clip is None
-    if generated:  # a clip whose default sampling gives ``frames`` frames (no skipped edges)
+    if clip is None:  # a clip whose default sampling gives ``frames`` frames (no skipped edges)
         clip = make_bench_clip(work / "bench_clip.mp4", seconds=math.ceil(frames / fps) + 1)
     limits = runner.videos.options.limits
     probe_ms, decode_ms, resize_ms = [], [], []
