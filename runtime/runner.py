@@ -19,7 +19,10 @@ split costs the most tokens first (earlier images first among equals), until the
 fewest images lose their split. The answer's room is max_new_tokens, or, when the request lets the
 answer be capped to what is left (``cap_to_context``: the server's max_tokens is a ceiling),
 max_new_tokens but at most ``fit_answer_tokens``. Explicit "high" images are never unsplit; a prompt
-that does not fit even with every auto-fit image unsplit is a ContextError.
+that does not fit even with every auto-fit image unsplit is a ContextError. The conversation is
+rendered and tokenized once (``Assembler.draft``): other layouts of the images are priced on that
+draft by their blocks' lengths, and the prompt is assembled once, with the layouts of the tiled images
+(a header may not tell all: an orientation stored after the pixels).
 
 Resolution budgets (``processing.image.Resolution``: the processor's longest_edge k·T, the most
 tiles, or no split): an image is tiled at its own ``ImagePart.resolution`` (fields it leaves unset: the
@@ -407,15 +410,6 @@ class RunnerFactory(Protocol):
         ...
 
 
-def _signature(messages: Sequence[Message]) -> list[tuple]:
-    """Messages reduced to what identifies them: roles, texts, image content hashes and details."""
-    return [(m.role, tuple(("text", p.text) if isinstance(p, TextPart) else
-                           ("image", p.key, p.detail, p.resolution) if isinstance(p, ImagePart) else
-                           ("video", p.key, p.fps, p.max_frames) if isinstance(p, VideoPart) else ("other", id(p))
-                           for p in m.parts))
-            for m in messages]
-
-
 def choose_unsplit(savings: Sequence[int], excess: int) -> set[int] | None:
     """The images to unsplit so the prompt shrinks by at least ``excess`` tokens, ``savings[i]``
     being what unsplitting image i saves (0: it may not be unsplit): the largest savings first, so
@@ -428,3 +422,12 @@ def choose_unsplit(savings: Sequence[int], excess: int) -> set[int] | None:
         chosen.add(i)
         excess -= savings[i]
     return chosen if excess <= 0 else None
+
+
+def _signature(messages: Sequence[Message]) -> list[tuple]:
+    """Messages reduced to what identifies them: roles, texts, image content hashes and details."""
+    return [(m.role, tuple(("text", p.text) if isinstance(p, TextPart) else
+                           ("image", p.key, p.detail, p.resolution) if isinstance(p, ImagePart) else
+                           ("video", p.key, p.fps, p.max_frames) if isinstance(p, VideoPart) else ("other", id(p))
+                           for p in m.parts))
+            for m in messages]

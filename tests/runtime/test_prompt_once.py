@@ -113,3 +113,31 @@ def test_a_session_continuation_renders_and_assembles_once(bundle, calls):
     g2 = session.generate(second).consume()
     assert dict(calls) == ONCE
     assert g2.reused_tokens == g1.prompt_tokens + len(answer) and runner.llm.prefills[-1].keep_history
+
+
+@pytest.mark.parametrize("name", ["idefics3-256m", "idefics3-2b", "smolvlm2"])
+def test_the_draft_prices_every_layout_as_its_assembly_counts_it(runtime_bundles, name):
+    """Drafted once, any layout of the images: its priced length is the assembled prompt's, and the
+    prompt is the one the whole-conversation assembly gives (a video's frames fixed in the draft)."""
+    from rksmolvlm.processing.assembler import VideoLayout
+    from rksmolvlm.processing.content import VideoPart, media_parts
+
+    bundle = runtime_bundles[name]
+    assembler = bundle.assembler
+    content = [{"type": "image", "image": IMAGES[0]}, {"type": "text", "text": "Compare"},
+               {"type": "image", "image": IMAGES[1]}, {"type": "text", "text": "and say why."}]
+    videos = []
+    if bundle.video_settings is not None:
+        content.insert(2, {"type": "video", "video": b"clip"})
+        videos = [VideoLayout((0.0, 1.5, 3.0), 3.5)]
+    messages = conversation([{"role": "user", "content": content}])
+    media = media_parts(messages)
+    draft = assembler.draft(assembler.render(messages), media, videos)
+    for layouts in ([Layout(2, 2), Layout(1, 3)], [Layout(0, 0), Layout(3, 1)], [Layout(0, 0), Layout(0, 0)]):
+        prompt = draft.prompt(layouts)
+        laid = iter(layouts)
+        whole = assembler.assemble(messages, [videos[0] if isinstance(p, VideoPart) else next(laid) for p in media])
+        assert draft.length(layouts) == len(prompt) == len(whole) and prompt.ids == whole.ids
+        assert [c.layout for c in prompt.images] == layouts
+    with pytest.raises(ValueError, match="2 images but 1 layouts"):
+        draft.length([Layout(0, 0)])
