@@ -359,7 +359,8 @@ def make_npu_vision(bundle: "RuntimeBundle", options: EngineOptions) -> RknnLite
     if bundle.manifest.vision.file is None:
         raise BundleError(f"{bundle.path} has no vision.rknn: convert the vision part for the board")
     profile: BoardProfile = load_profile(bundle.manifest.target.platform)
-    return RknnLiteVisionEncoder(bundle.file(bundle.manifest.vision.file), _core_masks(options.cores, profile.core_masks))
+    masks = _core_masks(options.cores, profile.core_masks)
+    return RknnLiteVisionEncoder(bundle.file(bundle.manifest.vision.file), masks)
 
 
 def _core_masks(cores: Sequence[int] | None, masks: Sequence[int]) -> list[int]:

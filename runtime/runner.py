@@ -203,7 +203,7 @@ class Runner:
             if turn is not None:
                 return turn
         media = media_parts(messages)
-        prompt, prepared, videos = self._fit(media, lambda layouts: self.assembler.draft(render(), media, layouts), 0,
+        prompt, prepared, videos = self._fit(media, lambda videos: self.assembler.draft(render(), media, videos), 0,
                                              config)
         return _Turn(prompt, prepared, videos, 0, prompt.text)
 
@@ -277,7 +277,7 @@ class Runner:
             after = after.removeprefix(self.assembler.tokens.end_of_utterance)
         parts = media_parts(messages[n + 1:])
         prompt, prepared, videos = self._fit(
-            parts, lambda layouts: self.assembler.draft(after, parts, layouts), self.llm.history_tokens, config)
+            parts, lambda videos: self.assembler.draft(after, parts, videos), self.llm.history_tokens, config)
         return _Turn(prompt, prepared, videos, self.llm.history_tokens, rendered.text)
 
     @staticmethod

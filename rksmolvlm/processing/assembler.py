@@ -33,7 +33,8 @@ from rksmolvlm.processing.embed import EmbeddingTable, splice
 from rksmolvlm.processing.prompt import (VIDEO_OUTRO, VIDEO_PLACEHOLDER, ChatTemplate, PromptTokens, Rendered, Segment,
                                          TextTokenizer, expand_image, frame_label, video_intro)
 
-__all__ = ["Assembler", "Draft", "Prompt", "TextChunk", "ImageChunk", "FrameChunk", "Layout", "VideoLayout", "PromptError"]
+__all__ = ["Assembler", "Draft", "Prompt", "TextChunk", "ImageChunk", "FrameChunk", "Layout", "VideoLayout",
+           "PromptError"]
 
 
 class PromptError(ValueError):
