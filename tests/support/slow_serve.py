@@ -20,16 +20,13 @@ import sys
 import threading
 import time
 
-from support.fakes import LlmWrapper
 
-
-class SlowLlm(LlmWrapper):
+class SlowLlm:
     """The real LLM engine, ``delay`` seconds per token; counts the tokens it produced and says whether
     a generation is under way; an abort may be made to land ``abort_lag`` seconds late."""
 
     def __init__(self, llm, delay: float):
-        super().__init__(llm)
-        self.delay = delay
+        self.llm, self.delay = llm, delay
         self.abort_lag = 0.0
         self.produced = 0
         self.running = False
@@ -56,6 +53,20 @@ class SlowLlm(LlmWrapper):
     def settled(self) -> bool:
         """No late abort pending (it would hit the next request)."""
         return self._late is None or not self._late.is_alive()
+
+    # the rest of the engine interface, forwarded (a script of its own: support.fakes.LlmWrapper is not importable yet)
+    def clear_history(self) -> None:
+        self.llm.clear_history()
+
+    @property
+    def history_tokens(self) -> int:
+        return self.llm.history_tokens
+
+    def embedding_table(self):
+        return self.llm.embedding_table()
+
+    def close(self) -> None:
+        self.llm.close()
 
 
 def main(bundle: str, settings: str) -> None:
