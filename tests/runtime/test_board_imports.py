@@ -49,7 +49,8 @@ def test_the_walk_reads_the_whole_board_package():
 
 def test_the_walk_catches_planted_imports_with_their_chain(tmp_path):
     """A board module importing, inside a function, a helper that imports the host preview under
-    TYPE_CHECKING; another importing torch and the runner factory: each named with its chain."""
+    TYPE_CHECKING; another importing torch, the runner factory and (by name) onnxruntime, and the
+    board's rknnlite: each forbidden one named with its chain."""
     package = tmp_path / "plant"
     package.mkdir()
     (package / "__init__.py").write_text("")
@@ -59,7 +60,8 @@ def test_the_walk_catches_planted_imports_with_their_chain(tmp_path):
                                        "if TYPE_CHECKING:\n    from rksmolvlm.preview.host_engines import "
                                        "TorchLlmEngine\n")
     (package / "other.py").write_text("import json\n\n\nclass A:\n    def run(self):\n        import torch.nn\n"
-                                      "        from rksmolvlm import runners\n        import rknnlite.api\n")
+                                      "        from rksmolvlm import runners\n        import rknnlite.api\n"
+                                      "        import importlib\n        importlib.import_module('onnxruntime')\n")
     roots = {**_roots(), "plant": package}
     start = {name: path for name, path in _modules_under("plant", package).items() if name != "plant.helper"}
     walked, violations = walk(start, roots)  # the helper is found through the function-level import
@@ -68,6 +70,7 @@ def test_the_walk_catches_planted_imports_with_their_chain(tmp_path):
         "plant.board → plant.helper (line 5) → rksmolvlm.preview.host_engines (line 6)",
         "plant.other → torch.nn (line 6)",
         "plant.other → rksmolvlm.runners (line 7)",
+        "plant.other → onnxruntime (line 10)",
     ])
 
 
@@ -95,7 +98,7 @@ def walk(start: dict[str, Path], roots: dict[str, Path]) -> tuple[set[str], list
 
 def _imports(name: str, path: Path) -> list[Import]:
     """Every import in the module's source, wherever it stands; ``from a import b`` counts as a.b too
-    (b may be a submodule)."""
+    (b may be a submodule), and ``importlib.import_module("a")`` / ``__import__("a")`` as ``import a``."""
     tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out = []
@@ -112,7 +115,16 @@ def _imports(name: str, path: Path) -> list[Import]:
             if not _forbidden(base):  # else the one line says it
                 out += [Import(f"{base}.{alias.name}", name, node.lineno) for alias in node.names
                         if alias.name != "*"]
+        elif isinstance(node, ast.Call) and _dynamic_import(node):
+            out.append(Import(node.args[0].value, name, node.lineno))
     return out
+
+
+def _dynamic_import(call: ast.Call) -> bool:
+    func = call.func
+    called = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else None
+    return (called in ("import_module", "__import__") and bool(call.args) and isinstance(call.args[0], ast.Constant)
+            and isinstance(call.args[0].value, str))
 
 
 def _forbidden(module: str) -> bool:
