@@ -141,20 +141,18 @@ def verify_staged(stage: Path, manifest: Manifest) -> dict:
                            "'rksmolvlm verify BUNDLE --engine npu' on the board"}
     provisional = stamped(manifest, stage)
     (stage / MANIFEST).write_text(json.dumps(provisional.to_dict()), encoding="utf-8")
-    from rksmolvlm.runtime.engines import open_engines
     from rksmolvlm.runtime.loader import RuntimeBundle
-    from rksmolvlm.tools.verify import verify_bundle
+    from rksmolvlm.tools.verify import open_verify_runner, verify_bundle
 
     from rksmolvlm.errors import RkSmolVLMError
 
     try:  # a conversion is not lost to its own check: a failure to run is reported, not raised
         bundle = RuntimeBundle.open(stage, verify=False)
-        vision_engine, llm_engine = open_engines(bundle, "host")
+        runner = open_verify_runner(bundle, "host")
         try:
-            result = verify_bundle(bundle, vision_engine, llm_engine, "host")
+            result = verify_bundle(runner, "host")
         finally:
-            vision_engine.close()
-            llm_engine.close()
+            runner.close()
     except RkSmolVLMError as exc:
         return {"skipped": f"the host engines could not replay the goldens: {exc}"}
     out = result.to_dict()

@@ -3,26 +3,19 @@
 A vision encoder turns uint8 NHWC tiles into image features; an LLM engine turns input embeddings
 into a stream of token ids, keeps or clears its history (KV cache), can be aborted from another
 thread and reports what it measured. NPU engines (RKNNLite, librkllmrt) and host-preview engines
-(onnxruntime, torch) implement the same interfaces, so one pipeline and one test suite serve both.
+(onnxruntime, torch), the simulator's tower (rknn-toolkit2) and the tests' fakes implement every
+member of these interfaces, so one pipeline and one test suite serve them all. Which engines a
+caller gets is chosen outside the board package, by ``rksmolvlm.runners``.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Protocol, Sequence, runtime_checkable
+from typing import Generator, Protocol, runtime_checkable
 
 import numpy as np
 
-from rksmolvlm.errors import BundleError
-
-if TYPE_CHECKING:
-    from rksmolvlm.runtime.loader import RuntimeBundle
-
-__all__ = ["VisionEncoder", "LlmEngine", "GenerationConfig", "PerfStats", "EngineOptions", "ENGINES",
-           "resolve_engine", "open_engines", "on_rockchip_board"]
-
-ENGINES = ("auto", "host", "npu")
+__all__ = ["VisionEncoder", "LlmEngine", "GenerationConfig", "PerfStats", "EngineOptions"]
 
 
 @dataclass(frozen=True)
@@ -88,9 +81,17 @@ class PerfStats:
 
 @runtime_checkable
 class VisionEncoder(Protocol):
-    """uint8 (N, T, T, 3) tiles → float32 (N, image_seq_len, text_hidden) features, tile order kept."""
+    """Images and video frames → features, order kept: uint8 (N, T, T, 3) → float32 (N, image_seq_len,
+    text_hidden)."""
 
-    def encode(self, tiles: np.ndarray) -> np.ndarray: ...
+    def encode(self, tiles: np.ndarray) -> np.ndarray:
+        """Image tiles (the processor's crops and global image)."""
+        ...
+
+    def encode_frames(self, frames: np.ndarray) -> np.ndarray:
+        """Video frames (unsplit tiles), normalised as transformers' video processor does (an engine
+        whose model bakes the normalisation in treats them as tiles)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -100,10 +101,10 @@ class LlmEngine(Protocol):
     """Embeddings in, token ids out, with a KV cache that can be kept across turns."""
 
     def generate(self, embeddings: np.ndarray, config: GenerationConfig, keep_history: bool,
-                 stats: PerfStats) -> Iterator[int]:
+                 stats: PerfStats) -> Generator[int, None, None]:
         """Prefill ``embeddings`` (float32, (n, hidden)) after the kept history (or from scratch when
         ``keep_history`` is false), then yield generated token ids until a stop id (yielded too),
-        ``max_new_tokens`` or abort."""
+        ``max_new_tokens`` or abort. Closing the generator early stops the engine."""
         ...
 
     def abort(self) -> None:
@@ -134,40 +135,3 @@ class EngineOptions:
     library: str | None = None
     cores: tuple[int, ...] | None = None
     max_new_tokens: int = 256
-
-
-def on_rockchip_board(root: str = "/") -> bool:
-    """True on a Rockchip SoC (device tree compatible string names rockchip)."""
-    path = Path(root) / "proc/device-tree/compatible"
-    try:
-        return b"rockchip," in path.read_bytes()
-    except OSError:
-        return False
-
-
-def resolve_engine(engine: str) -> str:
-    """``auto`` → ``npu`` on a Rockchip board, ``host`` elsewhere; ``host``/``npu`` stay."""
-    if engine not in ENGINES:
-        raise BundleError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
-    if engine == "auto":
-        return "npu" if on_rockchip_board() else "host"
-    return engine
-
-
-def open_engines(bundle: "RuntimeBundle", engine: str = "auto",
-                 options: EngineOptions | None = None) -> tuple[VisionEncoder, LlmEngine]:
-    """(vision encoder, LLM engine) for ``engine``: host (onnxruntime + torch), npu (RKNNLite +
-    librkllmrt), or auto."""
-    options = options or EngineOptions()
-    if resolve_engine(engine) == "npu":
-        from rksmolvlm.runtime.npu_engines import make_npu_engines
-
-        return make_npu_engines(bundle, options)
-    from rksmolvlm.preview.host_engines import make_host_engines
-
-    return make_host_engines(bundle, options)
-
-
-def cores_or_all(cores: Sequence[int] | None, masks: Sequence[int]) -> list[int]:
-    """Core masks of the chosen cores (all of the SoC's when none are chosen)."""
-    return [masks[i] for i in cores] if cores is not None else list(masks)

@@ -12,16 +12,20 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Generator, Sequence
 
 import numpy as np
 
 from rksmolvlm.boards import BoardProfile, load_profile
 from rksmolvlm.errors import BundleError, RkSmolVLMError, ToolkitMissingError
 from rksmolvlm.runtime import rkllm_abi as abi_mod
-from rksmolvlm.runtime.engines import EngineOptions, GenerationConfig, PerfStats, cores_or_all
+from rksmolvlm.runtime.engines import EngineOptions, GenerationConfig, PerfStats
 
-__all__ = ["RknnLiteVisionEncoder", "RkllmEngine", "find_rkllm_library", "make_npu_engines", "LIBRARY_DIRS",
+if TYPE_CHECKING:
+    from rksmolvlm.runtime.loader import RuntimeBundle
+
+__all__ = ["RknnLiteVisionEncoder", "RkllmEngine", "find_rkllm_library", "make_npu_engines", "make_npu_vision",
+           "LIBRARY_DIRS",
            "EngineError"]
 
 LIBRARY_DIRS = ("/usr/lib", "/usr/local/lib", "/usr/lib/aarch64-linux-gnu")
@@ -88,6 +92,10 @@ class RknnLiteVisionEncoder:
         for future in futures:
             future.result()
         return np.stack(out)
+
+    def encode_frames(self, frames: np.ndarray) -> np.ndarray:
+        """Video frames are unsplit tiles to the RKNN model: it bakes (x − 127.5) / 127.5 in for both."""
+        return self.encode(frames)
 
     def close(self) -> None:
         pool = getattr(self, "_pool", None)
@@ -233,7 +241,7 @@ class RkllmEngine:
             self.handle = ctypes.c_void_p()
 
     def generate(self, embeddings: np.ndarray, config: GenerationConfig, keep_history: bool,
-                 stats: PerfStats) -> Iterator[int]:
+                 stats: PerfStats) -> Generator[int, None, None]:
         if not self._running.acquire(blocking=False):
             raise EngineError("the decoder is busy with another request")
         try:
@@ -241,7 +249,7 @@ class RkllmEngine:
         finally:
             self._running.release()
 
-    def _generate(self, embeddings, config, keep_history, stats) -> Iterator[int]:
+    def _generate(self, embeddings, config, keep_history, stats) -> Generator[int, None, None]:
         A = self.abi
         embeds = np.ascontiguousarray(embeddings, dtype=np.float32)
         if not keep_history and self._history:
@@ -321,10 +329,9 @@ def _sampling(config: GenerationConfig) -> tuple:
     return (config.greedy, *shape, config.frequency_penalty, config.presence_penalty)
 
 
-def make_npu_engines(bundle, options: EngineOptions):
+def make_npu_engines(bundle: "RuntimeBundle", options: EngineOptions) -> tuple[RknnLiteVisionEncoder, RkllmEngine]:
     """(RknnLiteVisionEncoder, RkllmEngine) for a bundle on its board."""
     manifest = bundle.manifest
-    profile: BoardProfile = load_profile(manifest.target.platform)
     llm = manifest.llm
     if not llm.file or manifest.vision.file is None:
         raise BundleError(f"{bundle.path} has no board decoder (llm.rkllm; converted with --llm-host-only): convert "
@@ -335,7 +342,7 @@ def make_npu_engines(bundle, options: EngineOptions):
     if abi is None:
         raise BundleError(f"the bundle was built with rkllm-toolkit {version!r}, whose runtime ABI rksmolvlm does not "
                           f"know: set {ABI_ENV}=1.2 or 1.3 if you are sure")
-    vision = RknnLiteVisionEncoder(bundle.file(manifest.vision.file), cores_or_all(options.cores, profile.core_masks))
+    vision = make_npu_vision(bundle, options)
     try:
         # librkllmrt 1.2.x takes max_new_tokens at start-up only: room for the largest request
         startup = GenerationConfig(max_new_tokens=max(1, min(options.max_new_tokens, bundle.max_context - 1)))
@@ -345,3 +352,17 @@ def make_npu_engines(bundle, options: EngineOptions):
         vision.close()
         raise
     return vision, engine
+
+
+def make_npu_vision(bundle: "RuntimeBundle", options: EngineOptions) -> RknnLiteVisionEncoder:
+    """The bundle's tower on the NPU cores of ``options`` (all of the SoC's when it names none)."""
+    if bundle.manifest.vision.file is None:
+        raise BundleError(f"{bundle.path} has no vision.rknn: convert the vision part for the board")
+    profile: BoardProfile = load_profile(bundle.manifest.target.platform)
+    masks = _core_masks(options.cores, profile.core_masks)
+    return RknnLiteVisionEncoder(bundle.file(bundle.manifest.vision.file), masks)
+
+
+def _core_masks(cores: Sequence[int] | None, masks: Sequence[int]) -> list[int]:
+    """Core masks of the chosen cores (all of the SoC's when none are chosen)."""
+    return [masks[i] for i in cores] if cores is not None else list(masks)

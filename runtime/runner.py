@@ -19,7 +19,10 @@ split costs the most tokens first (earlier images first among equals), until the
 fewest images lose their split. The answer's room is max_new_tokens, or, when the request lets the
 answer be capped to what is left (``cap_to_context``: the server's max_tokens is a ceiling),
 max_new_tokens but at most ``fit_answer_tokens``. Explicit "high" images are never unsplit; a prompt
-that does not fit even with every auto-fit image unsplit is a ContextError.
+that does not fit even with every auto-fit image unsplit is a ContextError. The conversation is
+rendered and tokenized once (``Assembler.draft``): other layouts of the images are priced on that
+draft by their blocks' lengths, and the prompt is assembled once, with the layouts of the tiled images
+(a header may not tell all: an orientation stored after the pixels).
 
 Resolution budgets (``processing.image.Resolution``: the processor's longest_edge k·T, the most
 tiles, or no split): an image is tiled at its own ``ImagePart.resolution`` (fields it leaves unset: the
@@ -34,23 +37,26 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence, TypeVar
 
 
 from rksmolvlm.errors import RkSmolVLMError
-from rksmolvlm.processing.assembler import ImageChunk, Prompt, PromptError
+from rksmolvlm.processing.assembler import Draft, ImageChunk, Prompt, PromptError, VideoLayout
 from rksmolvlm.processing.content import ImagePart, Message, TextPart, VideoPart, conversation, media_parts
 from rksmolvlm.processing.embed import EmbeddingTable
 from rksmolvlm.processing.image import DEFAULT_MAX_PIXELS, Resolution
 from rksmolvlm.processing.image_safety import DecodeLimits
-from rksmolvlm.runtime.engines import GenerationConfig, LlmEngine, PerfStats, VisionEncoder
+from rksmolvlm.processing.prompt import Rendered
+from rksmolvlm.runtime.engines import EngineOptions, GenerationConfig, LlmEngine, PerfStats, VisionEncoder
 from rksmolvlm.runtime.loader import RuntimeBundle
 from rksmolvlm.runtime.text_stream import TextStream
 from rksmolvlm.runtime.vision import UNSPLIT, ImageEncoder, PreparedImage
 from rksmolvlm.runtime.video import VideoEncoder, VideoOptions, VideoPlan
 
-__all__ = ["Runner", "Session", "Generation", "ContextError", "InputError", "DEFAULT_DETAILS", "choose_unsplit",
-           "RequestStats"]
+__all__ = ["Runner", "RunnerFactory", "Session", "Generation", "ContextError", "InputError", "DEFAULT_DETAILS",
+           "choose_unsplit", "RequestStats"]
+
+_T = TypeVar("_T")
 
 # What an image's detail "auto" means (the server's images.default_detail): see the module docstring.
 DEFAULT_DETAILS = ("auto-fit", "high", "low")
@@ -83,7 +89,7 @@ class Generation:
     prompt_tokens: int = 0  # the whole context before generation (reused + prefilled)
     reused_tokens: int = 0  # of which already in the engine's KV cache
     prefill_ids: list[int] = field(default_factory=list)  # the ids prefilled for this turn
-    stats: PerfStats = field(default_factory=RequestStats)
+    stats: RequestStats = field(default_factory=RequestStats)
 
     def __iter__(self) -> Iterator[str]:
         return self._stream
@@ -133,12 +139,13 @@ class Runner:
         self.resolution = resolution or Resolution()
         self.resolution.check(bundle.settings.tile_size)  # ValueError naming the valid sizes
         self.assembler = bundle.assembler
+        self.vision = vision
         self.images = ImageEncoder(vision, bundle.settings, image_cache_size, max_pixels, decode_limits)
         video_settings = bundle.video_settings
         self.videos = VideoEncoder(vision, video_settings, video) if video_settings is not None else None
         self.llm = llm
         if table is None:
-            own = llm.embedding_table() if hasattr(llm, "embedding_table") else None
+            own = llm.embedding_table()
             table = EmbeddingTable.from_array(own) if own is not None else bundle.embedding_table()
         self.table = table
         self._lock = threading.Lock()
@@ -184,44 +191,47 @@ class Runner:
         return result
 
     def _plan(self, session: "Session | None", messages: list[Message], config: GenerationConfig) -> _Turn:
+        rendered: list[Rendered] = []  # the conversation rendered once, by whichever path needs it first
+
+        def render() -> Rendered:
+            if not rendered:
+                rendered.append(self._assemble(lambda: self.assembler.render(messages)))
+            return rendered[0]
+
         if session is not None and self._owner is session and session._held is not None:
-            turn = self._continuation(session._held, messages, config)
+            turn = self._continuation(session._held, messages, render, config)
             if turn is not None:
                 return turn
-        prompt, prepared, videos = self._fit(media_parts(messages),
-                                             lambda layouts: self.assembler.assemble(messages, layouts), 0, config)
+        media = media_parts(messages)
+        prompt, prepared, videos = self._fit(media, lambda videos: self.assembler.draft(render(), media, videos), 0,
+                                             config)
         return _Turn(prompt, prepared, videos, 0, prompt.text)
 
-    def _fit(self, media: list, build, held: int, config: GenerationConfig
+    def _fit(self, media: list, draft: Callable[[list[VideoLayout]], Draft], held: int, config: GenerationConfig
              ) -> tuple[Prompt, list[PreparedImage], list[VideoPlan]]:
         """Plan the videos' frames, choose how each image is tiled (see the module docstring), tile
-        the images, and assemble the prompt with ``build(layouts)`` (one layout per media part)."""
-        images = [i for i, p in enumerate(media) if isinstance(p, ImagePart)]
-        plans = {i: self._video_plan(p) for i, p in enumerate(media) if isinstance(p, VideoPart)}
-        splits = {i: self._tiling(media[i]) for i in images}
-        layouts = [plans[i].layout if i in plans else self.images.layout(p, splits[i])  # exact or from the header
-                   for i, p in enumerate(media)]
-        prompt = self._assemble(lambda: build(layouts))
+        the images, and assemble the prompt once: ``draft(video layouts)`` tokenizes it, the images'
+        layouts are priced on the draft and laid out last."""
+        plans = [self._video_plan(p) for p in media if isinstance(p, VideoPart)]
+        images = [p for p in media if isinstance(p, ImagePart)]
+        splits = [self._tiling(p) for p in images]
+        layouts = [self.images.layout(p, s) for p, s in zip(images, splits)]  # exact or from the header
+        drafted = self._assemble(lambda: draft([plan.layout for plan in plans]))
         # The answer's room: all of max_new_tokens, or when the answer may be capped to the room left
         # (the server's requests), a usual answer's: max_tokens is a ceiling, not a wish worth detail.
         room = min(config.max_new_tokens, self.fit_answer_tokens) if config.cap_to_context else config.max_new_tokens
-        excess = held + len(prompt) + room - self.bundle.max_context
-        flexible = {i for i in images if self._detail(media[i]) == "fit" and layouts[i] != UNSPLIT}
+        excess = held + self._assemble(lambda: drafted.length(layouts)) + room - self.bundle.max_context
+        flexible = {k for k, p in enumerate(images) if self._detail(p) == "fit" and layouts[k] != UNSPLIT}
         if flexible and excess > 0:
-            unsplit = [UNSPLIT if i in flexible else layout for i, layout in enumerate(layouts)]
-            smallest = self._assemble(lambda: build(unsplit))
-            savings = [len(a.ids) - len(b.ids) for a, b in zip(prompt.images, smallest.images)]
-            chosen = choose_unsplit(savings, excess)  # ordinals among the images
-            chosen = flexible if chosen is None else {images[k] for k in chosen}
-            for i in chosen:  # not even all unsplit fit: as small as it gets, the context check refuses it
-                splits[i], layouts[i] = replace(splits[i], split=False), UNSPLIT
-            prompt = smallest if chosen == flexible else self._assemble(lambda: build(layouts))
-        prepared = self.images.prepare([media[i] for i in images], [splits[i] for i in images])
-        if [p.layout for p in prepared] != [layouts[i] for i in images]:  # a header that did not tell all (image_size)
-            for i, p in zip(images, prepared):
-                layouts[i] = p.layout
-            prompt = self._assemble(lambda: build(layouts))
-        return prompt, prepared, [plans[i] for i in sorted(plans)]
+            unsplit = self._assemble(lambda: self.assembler.image_tokens(UNSPLIT))
+            savings = [self._assemble(lambda: self.assembler.image_tokens(layout)) - unsplit if k in flexible else 0
+                       for k, layout in enumerate(layouts)]
+            chosen = choose_unsplit(savings, excess)
+            for k in flexible if chosen is None else chosen:  # not all unsplit fit: the context check refuses it
+                splits[k], layouts[k] = replace(splits[k], split=False), UNSPLIT
+        prepared = self.images.prepare(images, splits)  # exact layouts: a header may not tell all (image_size)
+        prompt = self._assemble(lambda: drafted.prompt([p.layout for p in prepared]))
+        return prompt, prepared, plans
 
     def _video_plan(self, part: VideoPart) -> VideoPlan:
         if self.videos is None:
@@ -247,7 +257,8 @@ class Runner:
         detail = self.default_detail if part.detail == "auto" else part.detail
         return "fit" if detail == "auto-fit" else detail
 
-    def _continuation(self, held: _Held, messages: list[Message], config: GenerationConfig) -> _Turn | None:
+    def _continuation(self, held: _Held, messages: list[Message], render: Callable[[], Rendered],
+                      config: GenerationConfig) -> _Turn | None:
         n = len(held.signature)
         if (self.llm.history_tokens == 0 or len(messages) < n + 2
                 or _signature(messages[:n]) != held.signature):
@@ -257,7 +268,7 @@ class Runner:
             return None
         if answer.joined_text.strip() != held.answer.strip() or len(answer.parts) != 1:
             return None
-        rendered = self._assemble(lambda: self.assembler.render(messages))
+        rendered = render()
         split = rendered.split_at((n, 0))
         if split is None or not split[0].text.startswith(held.prompt_text):
             return None
@@ -266,12 +277,12 @@ class Runner:
             after = after.removeprefix(self.assembler.tokens.end_of_utterance)
         parts = media_parts(messages[n + 1:])
         prompt, prepared, videos = self._fit(
-            parts, lambda layouts: self.assembler.assemble_rendered(after, parts, layouts), self.llm.history_tokens,
-            config)
+            parts, lambda videos: self.assembler.draft(after, parts, videos), self.llm.history_tokens, config)
         return _Turn(prompt, prepared, videos, self.llm.history_tokens, rendered.text)
 
     @staticmethod
-    def _assemble(build):
+    def _assemble(build: Callable[[], _T]) -> _T:
+        """``build()``, a prompt the assembler refuses being the request's fault (InputError)."""
         try:
             return build()
         except PromptError as exc:
@@ -302,10 +313,9 @@ class Runner:
             if session is not None:
                 session._held = None  # invalid until this turn completes
             self._owner = session
-            if hasattr(stats, "image_tiling"):
-                stats.image_tiling = [{"tiles": p.tile_count, "rows": p.layout.rows, "cols": p.layout.cols,
-                                       "longest_edge": p.settings.longest_edge if p.settings else None}
-                                      for p in turn.images]
+            stats.image_tiling = [{"tiles": p.tile_count, "rows": p.layout.rows, "cols": p.layout.cols,
+                                   "longest_edge": p.settings.longest_edge if p.settings else None}
+                                  for p in turn.images]
             features = self._features(turn, stats)
             if features is None or self._abort.is_set():  # aborted before the prefill
                 result.finish_reason = "abort"
@@ -353,7 +363,7 @@ class Runner:
         images = self.images.encode(turn.images, stats, self._abort.is_set)
         if images is None:
             return None
-        videos = self.videos.encode(turn.videos, stats, self._abort.is_set) if turn.videos else []
+        videos = self.videos.encode(turn.videos, stats, self._abort.is_set) if turn.videos and self.videos else []
         if videos is None:
             return None
         images, videos = iter(images), iter(videos)
@@ -385,13 +395,19 @@ class Session:
             self.runner._forget()
 
 
-def _signature(messages: Sequence[Message]) -> list[tuple]:
-    """Messages reduced to what identifies them: roles, texts, image content hashes and details."""
-    return [(m.role, tuple(("text", p.text) if isinstance(p, TextPart) else
-                           ("image", p.key, p.detail, p.resolution) if isinstance(p, ImagePart) else
-                           ("video", p.key, p.fps, p.max_frames) if isinstance(p, VideoPart) else ("other", id(p))
-                           for p in m.parts))
-            for m in messages]
+class RunnerFactory(Protocol):
+    """What opens Runners for a part of the board package that must not choose engines itself (the
+    server): the caller hands one in (``rksmolvlm.runners.RUNNERS``, or a test's)."""
+
+    def resolve(self, engine: str) -> str:
+        """The engine ``engine`` names here (``auto`` → ``npu`` on a board, ``host`` elsewhere); an
+        unknown name is an error naming the choices."""
+        ...
+
+    def open(self, bundle: RuntimeBundle, engine: str, options: EngineOptions, **settings: Any) -> Runner:
+        """A Runner on ``bundle``'s ``engine`` engines started with ``options``; ``settings`` are the
+        Runner's keyword arguments."""
+        ...
 
 
 def choose_unsplit(savings: Sequence[int], excess: int) -> set[int] | None:
@@ -406,3 +422,12 @@ def choose_unsplit(savings: Sequence[int], excess: int) -> set[int] | None:
         chosen.add(i)
         excess -= savings[i]
     return chosen if excess <= 0 else None
+
+
+def _signature(messages: Sequence[Message]) -> list[tuple]:
+    """Messages reduced to what identifies them: roles, texts, image content hashes and details."""
+    return [(m.role, tuple(("text", p.text) if isinstance(p, TextPart) else
+                           ("image", p.key, p.detail, p.resolution) if isinstance(p, ImagePart) else
+                           ("video", p.key, p.fps, p.max_frames) if isinstance(p, VideoPart) else ("other", id(p))
+                           for p in m.parts))
+            for m in messages]

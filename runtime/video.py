@@ -84,7 +84,7 @@ class VideoEncoder:
     def encode(self, plans: Sequence[VideoPlan], stats: PerfStats,
                aborted: Callable[[], bool] = lambda: False) -> list[np.ndarray] | None:
         """Features per video ((frames, seq, hidden)), in order; None when ``aborted`` turned true."""
-        out = []
+        out: list[np.ndarray] = []
         for plan in plans:
             if aborted():
                 return None
@@ -101,15 +101,14 @@ class VideoEncoder:
                 if tiles is None or aborted():
                     return None
                 start = time.perf_counter()
-                encode = getattr(self.encoder, "encode_frames", self.encoder.encode)
-                encoded = encode(tiles)
+                encoded = self.encoder.encode_frames(tiles)
                 stats.vision_ms += (time.perf_counter() - start) * 1000
                 stats.vision_tiles += len(tiles)
                 stats.video_frames += len(tiles)
                 for k, row in zip(missing, encoded):
-                    features[k] = row[None]
-                    self.cache.put(plan.keys[k], features[k], None)
-            out.append(np.concatenate(features))
+                    features[k] = frame = row[None]
+                    self.cache.put(plan.keys[k], frame, None)
+            out.append(np.concatenate([f for f in features if f is not None]))  # all filled by now
         return out
 
     def _frames(self, plan: VideoPlan, wanted: list[int], aborted: Callable[[], bool]) -> np.ndarray | None:

@@ -51,7 +51,7 @@ class FeatureCache:
 
     def __init__(self, size: int):
         self.size = size
-        self._entries: OrderedDict[str, tuple[np.ndarray, Layout]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[np.ndarray, Layout | None]] = OrderedDict()
 
     @staticmethod
     def key(part: ImagePart, split: bool | ImageSettings) -> str:
@@ -59,7 +59,7 @@ class FeatureCache:
             return f"{part.key}:{'split' if split.do_image_splitting else 'unsplit'}@{split.longest_edge}"
         return f"{part.key}:{'split' if split else 'unsplit'}"
 
-    def get(self, key: str) -> tuple[np.ndarray, Layout] | None:
+    def get(self, key: str) -> tuple[np.ndarray, Layout | None] | None:
         entry = self._entries.get(key)
         if entry is not None:
             self._entries.move_to_end(key)
@@ -69,7 +69,8 @@ class FeatureCache:
         entry = self._entries.get(key)
         return entry[1] if entry else None
 
-    def put(self, key: str, features: np.ndarray, layout: Layout) -> None:
+    def put(self, key: str, features: np.ndarray, layout: Layout | None) -> None:
+        """``layout`` None: a video frame's features (a frame is always one unsplit tile)."""
         self._entries[key] = (features, layout)
         self._entries.move_to_end(key)
         while len(self._entries) > self.size:
@@ -113,7 +114,8 @@ class ImageEncoder:
         splits = [True] * len(images) if splits is None else list(splits)
         if len(splits) != len(images):
             raise ValueError(f"{len(images)} images but {len(splits)} split modes")
-        out, seen = [], {}
+        out: list[PreparedImage] = []
+        seen: dict[str, PreparedImage] = {}
         for part, tiling in zip(images, splits):
             settings = self.settings_for(part, tiling)
             split = settings.do_image_splitting
@@ -133,7 +135,8 @@ class ImageEncoder:
     def encode(self, prepared: Sequence[PreparedImage], stats: PerfStats,
                aborted: Callable[[], bool] = lambda: False) -> list[np.ndarray] | None:
         """Features per image, in order; None when ``aborted`` turned true between images."""
-        out, local = [], {}
+        out: list[np.ndarray] = []
+        local: dict[str, np.ndarray] = {}
         for image in prepared:
             if aborted():
                 return None

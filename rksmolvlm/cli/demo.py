@@ -127,12 +127,11 @@ def _host_answers(bundle_dir: Path, asks: list[tuple[str, str]], max_new_tokens:
     """Greedy answers of the bundle's host preview, one fresh question per (shipped image name, question)."""
     from rksmolvlm.calibration.vision_set import shipped_images_dir
     from rksmolvlm.processing.content import ImagePart, Message, TextPart
-    from rksmolvlm.runtime.engines import GenerationConfig, open_engines
+    from rksmolvlm.runners import open_runner
+    from rksmolvlm.runtime.engines import GenerationConfig
     from rksmolvlm.runtime.loader import RuntimeBundle
-    from rksmolvlm.runtime.runner import Runner
 
-    bundle = RuntimeBundle.open(bundle_dir)
-    runner = Runner(bundle, *open_engines(bundle, "host"))
+    runner = open_runner(RuntimeBundle.open(bundle_dir), "host")
     try:
         return [runner.generate([Message("user", (ImagePart(shipped_images_dir() / image), TextPart(question)))],
                                 GenerationConfig(max_new_tokens=max_new_tokens)).consume()

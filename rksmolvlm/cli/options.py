@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 __all__ = ["add_engine_arguments", "add_runtime_arguments", "add_resolution_arguments", "generation_config",
            "open_runner", "resolution_choice"]
 
-ENGINES = ("auto", "host", "npu")  # rksmolvlm.runtime.engines.ENGINES, without importing numpy for --help
+ENGINES = ("auto", "host", "npu")  # of rksmolvlm.runners.ENGINES (sim is verify's), without importing numpy for --help
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -90,9 +90,9 @@ def resolution_choice(args: argparse.Namespace, prefix: str = ""):
 
 def open_runner(args: argparse.Namespace) -> tuple["Runner", "GenerationConfig"]:
     """The bundle's runner on the chosen engine, and the generation options of the flags."""
-    from rksmolvlm.runtime.engines import EngineOptions, open_engines
+    from rksmolvlm.runners import open_runner as open_bundle_runner
+    from rksmolvlm.runtime.engines import EngineOptions
     from rksmolvlm.runtime.loader import RuntimeBundle
-    from rksmolvlm.runtime.runner import Runner
 
     config = generation_config(args)  # before loading anything: a bad option fails fast
     resolution = resolution_choice(args)
@@ -101,7 +101,5 @@ def open_runner(args: argparse.Namespace) -> tuple["Runner", "GenerationConfig"]
         resolution.check(bundle.settings.tile_size)
     except ValueError as exc:
         raise RkSmolVLMError(f"invalid --image-size: {exc}") from exc
-    vision, llm = open_engines(bundle, args.engine,
-                               EngineOptions(threads=args.threads, library=args.library,
-                                             max_new_tokens=config.max_new_tokens))
-    return Runner(bundle, vision, llm, resolution=resolution), config
+    options = EngineOptions(threads=args.threads, library=args.library, max_new_tokens=config.max_new_tokens)
+    return open_bundle_runner(bundle, args.engine, options, resolution=resolution), config

@@ -17,6 +17,7 @@ def add_parser(verbs) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rksmolvlm.runners import RUNNERS
     from rksmolvlm.runtime.server import serve_command
 
-    return serve_command(args)
+    return serve_command(args, RUNNERS)  # the server opens its runner with the engines chosen here

@@ -35,29 +35,26 @@ def add_parser(verbs) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rksmolvlm.errors import RkSmolVLMError
-    from rksmolvlm.runtime.engines import EngineOptions, open_engines
+    from rksmolvlm.runners import engine_notes
+    from rksmolvlm.runtime.engines import EngineOptions
     from rksmolvlm.runtime.loader import RuntimeBundle
-    from rksmolvlm.tools.verify import DEFAULT_MIN_COSINE, load_goldens, open_sim_engines, verify_bundle
+    from rksmolvlm.tools.verify import DEFAULT_MIN_COSINE, load_goldens, open_verify_runner, verify_bundle
 
     if args.min_agreement is not None and not 0.0 <= args.min_agreement <= 1.0:
         raise RkSmolVLMError(f"--min-agreement {args.min_agreement} must be between 0 and 1")
     bundle = RuntimeBundle.open(args.bundle, verify=not args.no_verify)
     load_goldens(bundle)  # no goldens: say how to get them before starting any engine
-    notes: list[str] = []
     # stdout holds only the result: toolkits' own messages go to stderr
     with tempfile.TemporaryDirectory(prefix="rksmolvlm-verify-") as work, contextlib.redirect_stdout(sys.stderr):
-        if args.engine == "sim":
-            vision, llm, notes = open_sim_engines(bundle, Path(work), args.threads)
-        else:
-            vision, llm = open_engines(bundle, args.engine, EngineOptions(threads=args.threads, library=args.library,
-                                                                          max_new_tokens=256))
+        runner = open_verify_runner(bundle, args.engine, EngineOptions(threads=args.threads, library=args.library,
+                                                                       max_new_tokens=256), Path(work))
         try:
             quiet = args.json
-            result = verify_bundle(bundle, vision, llm, args.engine, args.min_agreement,
-                                   DEFAULT_MIN_COSINE if args.min_cosine is None else args.min_cosine, notes,
+            result = verify_bundle(runner, args.engine, args.min_agreement,
+                                   DEFAULT_MIN_COSINE if args.min_cosine is None else args.min_cosine,
+                                   engine_notes(bundle, args.engine),
                                    progress=None if quiet else lambda name: print(f"case {name} …", file=sys.stderr))
         finally:
-            vision.close()
-            llm.close()
+            runner.close()
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
     return 0 if result.passed else 1

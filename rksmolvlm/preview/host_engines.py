@@ -9,21 +9,26 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Generator
 
 import numpy as np
 
 from rksmolvlm.errors import BundleError
-from rksmolvlm.runtime.engines import GenerationConfig, PerfStats
 from rksmolvlm.processing.image import ImageSettings, normalize
+from rksmolvlm.runtime.engines import EngineOptions, GenerationConfig, PerfStats
 
-__all__ = ["OnnxVisionEncoder", "TorchLlmEngine", "make_host_engines"]
+if TYPE_CHECKING:
+    from rksmolvlm.processing.video_frames import VideoSettings
+    from rksmolvlm.runtime.loader import RuntimeBundle
+
+__all__ = ["OnnxVisionEncoder", "TorchLlmEngine", "make_host_engines", "make_host_vision"]
 
 
 class OnnxVisionEncoder:
     """The bundle's ``vision.onnx`` (normalized float NCHW input) in onnxruntime."""
 
-    def __init__(self, onnx_path: Path, settings: ImageSettings, threads: int | None = None, video_settings=None):
+    def __init__(self, onnx_path: Path, settings: ImageSettings, threads: int | None = None,
+                 video_settings: "VideoSettings | None" = None):
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -44,7 +49,8 @@ class OnnxVisionEncoder:
 
     def encode_frames(self, frames: np.ndarray) -> np.ndarray:
         """Video frames (unsplit tiles): normalised as transformers' video processor does (its fused
-        ``(x − 127.5)/127.5``, one float32 rounding away from the image path's on some levels)."""
+        ``(x − 127.5)/127.5``, one float32 rounding away from the image path's on some levels; without
+        video settings, SmolVLM2's)."""
         from rksmolvlm.processing.video_frames import normalize_frames
 
         return self._run(normalize_frames(frames, self.video_settings))
@@ -147,7 +153,7 @@ class TorchLlmEngine:
         return int(torch.multinomial(probs, 1, generator=generator))
 
     def generate(self, embeddings: np.ndarray, config: GenerationConfig, keep_history: bool,
-                 stats: PerfStats) -> Iterator[int]:
+                 stats: PerfStats) -> Generator[int, None, None]:
         torch = self.torch
         self._abort.clear()
         if not keep_history:
@@ -176,12 +182,24 @@ class TorchLlmEngine:
                 self._forward(embed(torch.tensor([[produced[-1]]])))
 
 
-def make_host_engines(bundle, options) -> tuple[OnnxVisionEncoder, TorchLlmEngine]:
+def make_host_engines(bundle: "RuntimeBundle", options: EngineOptions) -> tuple[OnnxVisionEncoder, TorchLlmEngine]:
     """The host-preview engines of a bundle converted with --host-preview."""
     manifest = bundle.manifest
     if not manifest.vision.onnx or not manifest.llm.decoder_dir:
         raise BundleError(f"{bundle.path} has no host-preview files (vision.onnx, decoder/): convert with "
                           "--host-preview, or run on the board with --engine npu")
-    vision = OnnxVisionEncoder(bundle.file(manifest.vision.onnx), bundle.settings, options.threads,
-                               bundle.video_settings)
-    return vision, TorchLlmEngine(bundle.file(manifest.llm.decoder_dir), options.threads)
+    vision = make_host_vision(bundle, options)
+    try:
+        return vision, TorchLlmEngine(bundle.file(manifest.llm.decoder_dir), options.threads)
+    except BaseException:
+        vision.close()
+        raise
+
+
+def make_host_vision(bundle: "RuntimeBundle", options: EngineOptions) -> OnnxVisionEncoder:
+    """The bundle's ``vision.onnx`` in onnxruntime with ``options.threads`` intra-op threads."""
+    if not bundle.manifest.vision.onnx:
+        raise BundleError(f"{bundle.path} has no vision.onnx: convert with --host-preview, or run on the board "
+                          "with --engine npu")
+    return OnnxVisionEncoder(bundle.file(bundle.manifest.vision.onnx), bundle.settings, options.threads,
+                             bundle.video_settings)

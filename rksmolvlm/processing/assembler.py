@@ -33,7 +33,8 @@ from rksmolvlm.processing.embed import EmbeddingTable, splice
 from rksmolvlm.processing.prompt import (VIDEO_OUTRO, VIDEO_PLACEHOLDER, ChatTemplate, PromptTokens, Rendered, Segment,
                                          TextTokenizer, expand_image, frame_label, video_intro)
 
-__all__ = ["Assembler", "Prompt", "TextChunk", "ImageChunk", "FrameChunk", "Layout", "VideoLayout", "PromptError"]
+__all__ = ["Assembler", "Draft", "Prompt", "TextChunk", "ImageChunk", "FrameChunk", "Layout", "VideoLayout",
+           "PromptError"]
 
 
 class PromptError(ValueError):
@@ -159,15 +160,28 @@ class Assembler:
             if isinstance(part, VideoPart) != isinstance(layout, VideoLayout):
                 raise PromptError(f"a {'video' if isinstance(part, VideoPart) else 'image'} part was given a "
                                   f"{type(layout).__name__}")
+        videos = [layout for layout in layouts if isinstance(layout, VideoLayout)]
+        images = [layout for layout in layouts if isinstance(layout, Layout)]
+        return self.draft(rendered, media, videos).prompt(images)
+
+    def draft(self, rendered: Rendered, media: Sequence[ImagePart | VideoPart],
+              videos: Sequence[VideoLayout]) -> "Draft":
+        """The prompt of ``rendered`` tokenized once, its images not laid out yet: ``media`` are its
+        image and video parts in prompt order, ``videos`` one VideoLayout per video part (a video's
+        frame count and timestamps are text the tokenizer merges with its neighbours, so they are
+        fixed here; an image's block stands alone, so its layout can wait)."""
         images = [p for p in media if isinstance(p, ImagePart)]
-        videos = [(p, l) for p, l in zip(media, layouts) if isinstance(p, VideoPart)]
-        image_layouts = [l for p, l in zip(media, layouts) if isinstance(p, ImagePart)]
-        chunks: list[Chunk] = []
+        video_parts = [p for p in media if isinstance(p, VideoPart)]
+        if len(video_parts) != len(videos):
+            raise PromptError(f"{len(video_parts)} videos but {len(videos)} video layouts")
+        pieces: list[Chunk | ImagePart] = []
         run: list[Segment] = []
         n_images = n_videos = 0
 
         def flush():
-            chunks.append(TextChunk(tuple(self.tokenizer.encode(Rendered(tuple(run))))))
+            ids = tuple(self.tokenizer.encode(Rendered(tuple(run))))
+            if ids:
+                pieces.append(TextChunk(ids))
             run.clear()
 
         for segment in rendered.segments:
@@ -180,10 +194,10 @@ class Assembler:
                     run.append(Segment(segment.text[position:match.start()]))
                 position = match.end()
                 if match.group(0) == VIDEO_PLACEHOLDER:
-                    if n_videos >= len(videos):
+                    if n_videos >= len(video_parts):
                         raise PromptError(f"the chat template wrote more video placeholders than the "
-                                          f"{len(videos)} videos of the conversation")
-                    video, layout = videos[n_videos]
+                                          f"{len(video_parts)} videos of the conversation")
+                    video, layout = video_parts[n_videos], videos[n_videos]
                     n_videos += 1
                     if not layout.frames:
                         raise PromptError("a video with no sampled frames")
@@ -192,26 +206,41 @@ class Assembler:
                         run.append(Segment(label + frame_label(seconds)))
                         label = ""
                         flush()
-                        chunks.append(FrameChunk(video, layout, k, self._expansion(Layout(0, 0))))
+                        pieces.append(FrameChunk(video, layout, k, self.expansion(Layout(0, 0))))
                     run.append(Segment(VIDEO_OUTRO))
                 else:
                     if n_images >= len(images):
                         raise PromptError(f"the chat template wrote more image placeholders than the "
                                           f"{len(images)} images of the conversation")
                     flush()
-                    chunks.append(ImageChunk(images[n_images], image_layouts[n_images],
-                                             self._expansion(image_layouts[n_images])))
+                    pieces.append(images[n_images])
                     n_images += 1
             if position < len(segment.text):
                 run.append(Segment(segment.text[position:]))
         if n_images != len(images):
             raise PromptError(f"the chat template wrote {n_images} image placeholders for {len(images)} images: "
                               "the bundle's chat template does not render image parts")
-        if n_videos != len(videos):
-            raise PromptError(f"the chat template wrote {n_videos} video placeholders for {len(videos)} videos: "
-                              "the bundle's video chat template does not render video parts")
+        if n_videos != len(video_parts):
+            raise PromptError(f"the chat template wrote {n_videos} video placeholders for {len(video_parts)} "
+                              "videos: the bundle's video chat template does not render video parts")
         flush()
-        return Prompt([c for c in chunks if c.ids], rendered.text)
+        return Draft(self, pieces, rendered.text)
+
+    def image_tokens(self, layout: Layout) -> int:
+        """The length of an image's block laid out as ``layout`` (wrapper, row/col and image tokens)."""
+        return len(self.expansion(layout))
+
+    def expansion(self, layout: Layout) -> tuple[int, ...]:
+        """The ids of an image's block laid out as ``layout``, tokenized once per layout."""
+        ids = self._expansions.get(layout)
+        if ids is None:
+            ids = tuple(self.tokenizer.encode_trusted(expand_image(layout.rows, layout.cols, self.tokens)))
+            expected = layout.tiles * self.tokens.image_seq_len
+            if sum(1 for i in ids if i == self.tokens.image_id) != expected:
+                raise PromptError(f"the tokenizer does not encode {self.tokens.image!r} as id {self.tokens.image_id}: "
+                                  "the bundle's tokens and tokenizer.json disagree; convert it again")
+            self._expansions[layout] = ids
+        return ids
 
     def expanded_text(self, prompt: Prompt) -> str:
         """The prompt as one text with every image and video placeholder replaced by its expansion
@@ -231,17 +260,6 @@ class Assembler:
             out.append(piece)
         return "".join(out)
 
-    def _expansion(self, layout: Layout) -> tuple[int, ...]:
-        ids = self._expansions.get(layout)
-        if ids is None:
-            ids = tuple(self.tokenizer.encode_trusted(expand_image(layout.rows, layout.cols, self.tokens)))
-            expected = layout.tiles * self.tokens.image_seq_len
-            if sum(1 for i in ids if i == self.tokens.image_id) != expected:
-                raise PromptError(f"the tokenizer does not encode {self.tokens.image!r} as id {self.tokens.image_id}: "
-                                  "the bundle's tokens and tokenizer.json disagree; convert it again")
-            self._expansions[layout] = ids
-        return ids
-
     def embed(self, prompt: Prompt, table: EmbeddingTable, features: Sequence[np.ndarray]) -> np.ndarray:
         """The decoder input: token embeddings (float32) with the features of each image ((tiles, seq,
         hidden)) and each video ((frames, seq, hidden)) — one array per ``prompt.media`` entry, in
@@ -252,3 +270,32 @@ class Assembler:
         stacked = np.concatenate([np.asarray(f, dtype=np.float32).reshape(-1, table.hidden_size)
                                   for f in features]) if features else None
         return splice(table.lookup(prompt.ids), prompt.ids, self.tokens.image_id, stacked, in_place=True)
+
+
+class Draft:
+    """A prompt tokenized once with its images' layouts still open (``Assembler.draft``): ``length``
+    prices a layout of the images without building anything, ``prompt`` builds the prompt once the
+    layouts are chosen."""
+
+    def __init__(self, assembler: Assembler, pieces: list[Chunk | ImagePart], text: str):
+        self._assembler = assembler
+        self._pieces = pieces  # text and frame chunks, and an ImagePart where each image's block goes
+        self.images = [p for p in pieces if isinstance(p, ImagePart)]
+        self.text = text
+        self.fixed_tokens = sum(len(p.ids) for p in pieces if not isinstance(p, ImagePart))
+
+    def length(self, layouts: Sequence[Layout]) -> int:
+        """Tokens of the prompt with image i laid out as ``layouts[i]``."""
+        self._check(layouts)
+        return self.fixed_tokens + sum(self._assembler.image_tokens(layout) for layout in layouts)
+
+    def prompt(self, layouts: Sequence[Layout]) -> Prompt:
+        """The prompt with image i laid out as ``layouts[i]``."""
+        self._check(layouts)
+        blocks = iter(ImageChunk(part, layout, self._assembler.expansion(layout))
+                      for part, layout in zip(self.images, layouts))
+        return Prompt([next(blocks) if isinstance(p, ImagePart) else p for p in self._pieces], self.text)
+
+    def _check(self, layouts: Sequence[Layout]) -> None:
+        if len(layouts) != len(self.images):
+            raise PromptError(f"{len(self.images)} images but {len(layouts)} layouts")

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from rksmolvlm.processing.content import Message, TextPart, VideoPart
-from rksmolvlm.runtime.engines import EngineOptions, GenerationConfig, open_engines, resolve_engine
+from rksmolvlm.runners import open_runner, open_vision, resolve_engine
+from rksmolvlm.runtime.engines import EngineOptions, GenerationConfig, VisionEncoder
 from rksmolvlm.runtime.loader import RuntimeBundle
 from rksmolvlm.runtime.runner import Runner
 
@@ -78,10 +79,11 @@ def run_bench(bundle: RuntimeBundle, engine: str = "auto", repeats: int = 3, war
         raise ValueError(f"video_frames {video_frames} must be at least 1")
     engine = resolve_engine(engine)
     manifest = bundle.manifest
-    vision, llm = open_engines(bundle, engine, EngineOptions(threads=threads, library=library,
-                                                             max_new_tokens=max(new_tokens, 256)))
     with_video = video and bundle.video_settings is not None
-    runner = Runner(bundle, vision, llm, video=_uncached_video_options() if with_video else None)
+    runner = open_runner(bundle, engine, EngineOptions(threads=threads, library=library,
+                                                       max_new_tokens=max(new_tokens, 256)),
+                         video=_uncached_video_options() if with_video else None)
+    vision = runner.vision
     results: dict = {"engine": engine, "bundle": str(bundle.path), "model": manifest.source.model_id,
                      "target": manifest.target.platform, "repeats": repeats, "warmup": warmup, "video": None}
     single = None
@@ -145,7 +147,8 @@ def _uncached_video_options():
     return VideoOptions(cache_frames=0)
 
 
-def _bench_video(bundle: RuntimeBundle, runner: Runner, vision, single, repeats: int, warmup: int, frames: int,
+def _bench_video(bundle: RuntimeBundle, runner: Runner, vision: VisionEncoder, single: VisionEncoder, repeats: int,
+                 warmup: int, frames: int,
                  clip: Path | None, work: Path) -> dict:
     """The video section: the board CPU's cost per frame, the tower's frames/s and the runner's TTFT
     for ``frames`` frames of ``clip`` (made here when None)."""
@@ -155,7 +158,7 @@ def _bench_video(bundle: RuntimeBundle, runner: Runner, vision, single, repeats:
     settings = bundle.video_settings
     fps = settings.fps
     generated = clip is None
-    if generated:  # a clip whose default sampling gives ``frames`` frames (no skipped edges)
+    if clip is None:  # a clip whose default sampling gives ``frames`` frames (no skipped edges)
         clip = make_bench_clip(work / "bench_clip.mp4", seconds=math.ceil(frames / fps) + 1)
     limits = runner.videos.options.limits
     probe_ms, decode_ms, resize_ms = [], [], []
@@ -182,14 +185,13 @@ def _bench_video(bundle: RuntimeBundle, runner: Runner, vision, single, repeats:
                  "decode_resize_ms_per_frame": _summary([d + r for d, r in zip(decode_ms, resize_ms)])}
 
     one = tiles[:min(ONE_CORE_FRAMES, len(tiles))]
-    encode_all = getattr(vision, "encode_frames", vision.encode)  # as the runtime's VideoEncoder sends them
     rate_one, rate_all = [], []
     for i in range(warmup + repeats):
         start = time.perf_counter()
-        single.encode(one)
+        single.encode_frames(one)
         t1 = time.perf_counter() - start
         start = time.perf_counter()
-        encode_all(tiles)
+        vision.encode_frames(tiles)  # as the runtime's VideoEncoder sends them
         t_all = time.perf_counter() - start
         if i >= warmup:
             rate_one.append(len(one) / t1)
@@ -248,16 +250,9 @@ def make_bench_clip(path: Path, seconds: float, size: tuple[int, int] = (1280, 7
     return path
 
 
-def _single_core_encoder(bundle: RuntimeBundle, engine: str):
+def _single_core_encoder(bundle: RuntimeBundle, engine: str) -> VisionEncoder:
     """The vision model on one NPU core (npu) or one CPU thread (host)."""
-    vision = bundle.manifest.vision
-    if engine == "npu":
-        from rksmolvlm.runtime.npu_engines import RknnLiteVisionEncoder
-
-        return RknnLiteVisionEncoder(bundle.file(vision.file), [1])
-    from rksmolvlm.preview.host_engines import OnnxVisionEncoder
-
-    return OnnxVisionEncoder(bundle.file(vision.onnx), bundle.settings, threads=1)
+    return open_vision(bundle, engine, EngineOptions(threads=1, cores=(0,)))
 
 
 def format_table(r: dict) -> str:

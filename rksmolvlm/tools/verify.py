@@ -4,15 +4,16 @@ scores against them.
 A bundle converted by this rksmolvlm carries ``goldens/``: ``cases.json`` (each case's messages,
 the prompt ids and the greedy token ids the original checkpoint generated in float32 with
 transformers, and which tiles have reference tower features), ``features.npz`` (those features,
-float16) and ``inputs/`` (the images and clip the cases show). ``verify_bundle`` runs every case
-through the runtime's own Runner on the engines given and compares. numpy only: this runs on the board.
+float16) and ``inputs/`` (the images and clip the cases show). ``open_verify_runner`` opens the
+runtime's own Runner on the chosen engines (``rksmolvlm.runners``), ``verify_bundle`` runs every case
+through it and compares. numpy only until an engine is opened: this runs on the board.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -21,9 +22,14 @@ from rksmolvlm.bundle.goldens import (CASES_FILE, FEATURES_FILE, GOLDENS_DIR, GO
 from rksmolvlm.errors import BundleError
 from rksmolvlm.processing.content import ImagePart, VideoPart, media_parts
 
+if TYPE_CHECKING:
+    from rksmolvlm.runtime.engines import EngineOptions, VisionEncoder
+    from rksmolvlm.runtime.loader import RuntimeBundle
+    from rksmolvlm.runtime.runner import Runner
+
 __all__ = ["GOLDENS_DIR", "CASES_FILE", "FEATURES_FILE", "INPUTS_DIR", "GOLDENS_FORMAT", "GoldenCase", "Goldens",
            "CaseResult", "VerifyResult", "case_media", "cut_at_stop", "verify_bundle", "load_goldens",
-           "open_sim_engines", "SimulatedVisionEncoder", "DEFAULT_MIN_COSINE", "default_min_agreement"]
+           "open_verify_runner", "DEFAULT_MIN_COSINE", "default_min_agreement"]
 
 DEFAULT_MIN_COSINE = 0.99
 _MIN_AGREEMENT = {"host": 1.0, "npu": 0.5, "sim": 0.5}
@@ -138,16 +144,31 @@ class VerifyResult:
         return "\n".join(lines)
 
 
-def verify_bundle(bundle, vision, llm, engine: str, min_agreement: float | None = None,
+def open_verify_runner(bundle: "RuntimeBundle", engine: str, options: "EngineOptions | None" = None,
+                       work: Path | None = None) -> "Runner":
+    """The Runner the goldens are replayed on: ``engine``'s engines (``rksmolvlm.runners``) with no
+    image-feature cache, so every case runs the tower; ``sim`` builds the simulated tower in ``work``
+    for every tile of the goldens' cases."""
+    from rksmolvlm.runners import Simulation, open_runner, resolve_engine
+
+    simulation = None
+    if resolve_engine(engine) == "sim":
+        if work is None:
+            raise ValueError("the sim engine builds its tower in a work directory: pass work")
+        simulation = Simulation(_golden_tiles(bundle), work)
+    return open_runner(bundle, engine, options, simulation=simulation, image_cache_size=0)
+
+
+def verify_bundle(runner: "Runner", engine: str, min_agreement: float | None = None,
                   min_cosine: float = DEFAULT_MIN_COSINE, notes: list[str] | None = None,
                   progress: Callable[[str], None] | None = None) -> VerifyResult:
-    """Run every golden case of ``bundle`` (a RuntimeBundle) through a Runner on ``vision`` + ``llm``."""
+    """Run every golden case of the runner's bundle through ``runner`` (``open_verify_runner``), its
+    vision engine alone for the tower cosines; ``engine`` names the engines in the result."""
     from rksmolvlm.runtime.engines import GenerationConfig
-    from rksmolvlm.runtime.runner import Runner
 
+    bundle = runner.bundle
     goldens = load_goldens(bundle)
     floor = default_min_agreement(engine) if min_agreement is None else min_agreement
-    runner = Runner(bundle, vision, llm, image_cache_size=0)
     stops = set(bundle.stop_ids)
     results = []
     for case in goldens.cases:
@@ -157,8 +178,8 @@ def verify_bundle(bundle, vision, llm, engine: str, min_agreement: float | None 
         cosines = []
         if case.feature_tiles:
             pixels, _, kinds = case_media(messages, bundle.settings, bundle.video_settings)
-            cosines = _tile_cosines(vision, pixels, kinds, case.feature_tiles, goldens.features[case.name])
-        llm.clear_history()
+            cosines = _tile_cosines(runner.vision, pixels, kinds, case.feature_tiles, goldens.features[case.name])
+        runner.llm.clear_history()
         result = runner.generate(messages, GenerationConfig(max_new_tokens=goldens.new_tokens)).consume()
         got = cut_at_stop(list(result.token_ids), stops)
         want = case.token_ids
@@ -176,7 +197,7 @@ def cut_at_stop(ids: list[int], stops: set[int]) -> list[int]:
     return ids
 
 
-def _tile_cosines(vision, pixels: list[np.ndarray], kinds: list[str], wanted: list[int],
+def _tile_cosines(vision: "VisionEncoder", pixels: list[np.ndarray], kinds: list[str], wanted: list[int],
                   reference: np.ndarray) -> list[float]:
     """Cosine of the engine's features vs the reference for the tiles ``wanted`` (indices over all
     tiles/frames of the case, media order)."""
@@ -185,77 +206,17 @@ def _tile_cosines(vision, pixels: list[np.ndarray], kinds: list[str], wanted: li
     for index, ref in zip(wanted, reference):
         m, k = owner[index]
         tile = pixels[m][k:k + 1]
-        encode = getattr(vision, "encode_frames", vision.encode) if kinds[m] == "video" else vision.encode
+        encode = vision.encode_frames if kinds[m] == "video" else vision.encode
         got = np.asarray(encode(tile), dtype=np.float64).ravel()
         ref = np.asarray(ref, dtype=np.float64).ravel()
         out.append(float(got @ ref / max(np.linalg.norm(got) * np.linalg.norm(ref), 1e-30)))
     return out
 
 
-class SimulatedVisionEncoder:
-    """The bundle's tower in rknn-toolkit2's simulator (x86 host only): the RKNN model is built again
-    from the bundle's vision.onnx with the bundle's dtype, and the simulator runs the tiles given at
-    start (the toolkit simulates only inside the build session); ``encode`` looks them up."""
-
-    def __init__(self, bundle, tiles: np.ndarray, work: Path):
-        from rksmolvlm.boards import load_profile
-        from rksmolvlm.convert.vision_rknn import build_vision_rknn
-
-        part = bundle.manifest.vision
-        if part is None or part.onnx is None:
-            raise BundleError(f"{bundle.path} has no vision.onnx: the simulator builds the tower from it; convert "
-                              "with --host-preview")
-        dataset = None
-        if part.dtype == "int8":  # quantize as the converter did by default: the shipped calibration images
-            from rksmolvlm.calibration.vision_set import (build_tile_sets, collect_images, shipped_images_dir,
-                                                          write_rknn_dataset)
-
-            sets = build_tile_sets(collect_images(shipped_images_dir()), bundle.settings, 24, 1)
-            dataset = write_rknn_dataset(sets.calibration, work / "calibration")
-        tiles = np.unique(tiles, axis=0) if len(tiles) else tiles
-        build = build_vision_rknn(bundle.file(part.onnx), work / "vision.rknn",
-                                  load_profile(bundle.manifest.target.platform), part.dtype,
-                                  log_path=work / "vision-build.log", dataset=dataset, evaluation_tiles=tiles)
-        shape = bundle.manifest.vision.output_shape[1:]
-        simulated = build.simulated.reshape((len(tiles), *shape)) if len(tiles) else np.zeros((0, *shape))
-        self._features = {t.tobytes(): f for t, f in zip(tiles, simulated)}
-
-    def encode(self, tiles: np.ndarray) -> np.ndarray:
-        try:
-            return np.stack([self._features[t.tobytes()] for t in tiles]).astype(np.float32)
-        except KeyError:
-            raise BundleError("internal: a tile the simulator was not given at start") from None
-
-    def encode_frames(self, frames: np.ndarray) -> np.ndarray:
-        return self.encode(frames)  # the RKNN model bakes in (x − 127.5) / 127.5 for both
-
-    def close(self) -> None:
-        self._features = {}
-
-
-def open_sim_engines(bundle, work: Path, threads: int | None = None) -> tuple[Any, Any, list[str]]:
-    """(vision, llm, notes) for ``--engine sim``: the tower in rknn-toolkit2's simulator, the decoder
-    in rkllm-toolkit's host simulation when installed, else torch (said in the notes)."""
-    from rksmolvlm.preview.host_engines import TorchLlmEngine
-
+def _golden_tiles(bundle: "RuntimeBundle") -> np.ndarray:
+    """Every tile and frame the goldens' cases show (what the simulated tower must be given at start)."""
     goldens = load_goldens(bundle)
-    tiles = []
-    for case in goldens.cases:
-        pixels, _, _ = case_media(goldens.messages(case), bundle.settings, bundle.video_settings)
-        tiles += [p for p in pixels]
+    tiles = [p for case in goldens.cases
+             for p in case_media(goldens.messages(case), bundle.settings, bundle.video_settings)[0]]
     size = bundle.settings.tile_size
-    vision = SimulatedVisionEncoder(bundle, np.concatenate(tiles) if tiles else np.zeros((0, size, size, 3),
-                                                                                           np.uint8), work)
-    notes = [f"tower: rknn-toolkit2 simulator ({bundle.manifest.vision.dtype}, {bundle.manifest.target.platform})"]
-    if bundle.manifest.llm.decoder_dir is None:
-        raise BundleError(f"{bundle.path} has no host-preview decoder (decoder/): convert with --host-preview")
-    import importlib.util
-
-    if importlib.util.find_spec("rkllm") is None:
-        notes.append("decoder: torch float32 (rkllm-toolkit is not installed, so its host simulation of the "
-                     "quantized decoder is not run; --engine npu on the board shows what the quantization does)")
-    else:
-        notes.append("decoder: torch float32 (rkllm-toolkit is installed, but verify does not drive its host "
-                     "simulation yet; --engine npu on the board shows what the quantization does)")
-    llm = TorchLlmEngine(bundle.file(bundle.manifest.llm.decoder_dir), threads)
-    return vision, llm, notes
+    return np.concatenate(tiles) if tiles else np.zeros((0, size, size, 3), np.uint8)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ from rksmolvlm.runtime.server.service import ModelService, open_runner
 
 if TYPE_CHECKING:
     from rksmolvlm.runtime.loader import RuntimeBundle
-    from rksmolvlm.runtime.runner import Runner
+    from rksmolvlm.runtime.runner import Runner, RunnerFactory
 
 __all__ = ["BackgroundServer", "add_serve_arguments", "resolve_config", "build_app", "serve_command"]
 
@@ -329,24 +330,30 @@ def _load_video_decoder() -> None:
                     "'pip install av' (or set video.enabled = false)")
 
 
-def build_app(config: ServerConfig, *, load: Callable[["RuntimeBundle"], "Runner"] | None = None,
-              notifier: SystemdNotifier | None = None, on_fatal: Callable[[], None] | None = None):
+def build_app(config: ServerConfig, runners: "RunnerFactory | None" = None, *,
+              load: Callable[["RuntimeBundle"], "Runner"] | None = None, notifier: SystemdNotifier | None = None,
+              on_fatal: Callable[[], None] | None = None):
     """The application for ``config``: the bundle is opened and checked now, its model is loaded by
-    the app's lifespan in the worker thread. ``load(bundle) -> Runner`` replaces the default
-    (``open_runner``), e.g. to wrap an engine. The service is ``app.state.service``."""
+    the app's lifespan in the worker thread, by ``runners`` (the serve verb passes
+    ``rksmolvlm.runners.RUNNERS``: the server does not choose engines itself). ``load(bundle) -> Runner``
+    replaces it, e.g. to wrap an engine. The service is ``app.state.service``."""
     if config.bundle is None:
         raise ConfigError("no bundle to serve: pass BUNDLE, or set bundle = \"/var/lib/rksmolvlm/bundle\" in "
                           f"{DEFAULT_CONFIG_PATH}")
-    from rksmolvlm.runtime.engines import resolve_engine
     from rksmolvlm.runtime.loader import RuntimeBundle
 
     bundle = RuntimeBundle.open(config.bundle, verify=config.verify_bundle)
-    engine = resolve_engine(config.engine)
+    if runners is not None:
+        engine = runners.resolve(config.engine)
+        load = load or functools.partial(open_runner, config=config, engine=engine, runners=runners)
+    elif load is None:
+        raise TypeError("build_app needs the runners to open the model with (rksmolvlm.runners.RUNNERS) or a load")
+    else:
+        engine = config.engine
     _check_cores(config, bundle)
     server = config.server
     api_key = read_api_key(server.api_key_file) if server.api_key_file else None
     model = ServedModel.from_bundle(bundle, server.model_name, engine)
-    load = load or (lambda b: open_runner(b, config, engine))
 
     def loading() -> "Runner":
         runner = load(bundle)
@@ -361,7 +368,7 @@ def build_app(config: ServerConfig, *, load: Callable[["RuntimeBundle"], "Runner
     return app
 
 
-def serve_command(args: argparse.Namespace) -> int:
+def serve_command(args: argparse.Namespace, runners: "RunnerFactory") -> int:
     config, source = resolve_config(args)
     _configure_logging(config.server.log_level)
     from PIL import Image
@@ -378,7 +385,7 @@ def serve_command(args: argparse.Namespace) -> int:
         if uvicorn_server is not None:
             uvicorn_server.should_exit = True
 
-    app = build_app(config, notifier=notifier, on_fatal=fatal)
+    app = build_app(config, runners, notifier=notifier, on_fatal=fatal)
     service, bundle = app.state.service, app.state.bundle
     api_key = app.state.api.api_key
     if args.check:

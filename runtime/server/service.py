@@ -4,7 +4,6 @@ bounded queue (full: 429 with Retry-After), streaming the runner's text deltas t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import threading
@@ -22,7 +21,7 @@ from rksmolvlm.runtime.server.requests import ChatRequest
 if TYPE_CHECKING:  # imported for `rksmolvlm --help`: numpy, torch and friends load on use
     from rksmolvlm.runtime.engines import PerfStats
     from rksmolvlm.runtime.loader import RuntimeBundle
-    from rksmolvlm.runtime.runner import Runner
+    from rksmolvlm.runtime.runner import Runner, RunnerFactory
     from rksmolvlm.runtime.server.metrics import Metrics
     from rksmolvlm.runtime.video import VideoOptions
 
@@ -323,29 +322,21 @@ def video_options(config: ServerConfig) -> "VideoOptions":
                         cache_frames=video.cache_frames)
 
 
-def open_runner(bundle: "RuntimeBundle", config: ServerConfig, engine: str) -> "Runner":
-    """The runner the server runs: the bundle's engines with the configured cores and library, room
-    for the largest max_tokens a request may ask for, the configured image cache and pixel limit, and
-    the ``[video]`` defaults and limits (SmolVLM2 bundles)."""
+def open_runner(bundle: "RuntimeBundle", config: ServerConfig, engine: str, runners: "RunnerFactory") -> "Runner":
+    """The runner the server runs, opened by ``runners`` (the serve verb's): the bundle's engines with the
+    configured cores and library, room for the largest max_tokens a request may ask for, the configured
+    image cache and pixel limit, and the ``[video]`` defaults and limits (SmolVLM2 bundles)."""
     from rksmolvlm.processing.image_safety import DecodeLimits
-    from rksmolvlm.runtime.engines import EngineOptions, open_engines
-    from rksmolvlm.runtime.runner import Runner
+    from rksmolvlm.runtime.engines import EngineOptions
 
     cores = tuple(config.npu_cores) if config.npu_cores is not None else None
     options = EngineOptions(threads=config.threads, library=config.rkllm_library, cores=cores,
                             max_new_tokens=config.limits.max_tokens)
-    vision, llm = open_engines(bundle, engine, options)
-    try:
-        limits = config.limits
-        decode = DecodeLimits(max_pixels=limits.max_image_pixels, max_decode_bytes=limits.max_decode_bytes,
-                              max_jpeg_scans=limits.max_jpeg_scans)
-        return Runner(bundle, vision, llm, image_cache_size=config.image_cache_size,
-                      max_pixels=limits.max_image_pixels, default_detail=config.images.default_detail,
-                      fit_answer_tokens=config.images.fit_answer_tokens, decode_limits=decode,
-                      resolution=config.images.resolution(bundle.settings.tile_size),
-                      video=video_options(config) if bundle.video_settings is not None else None)
-    except BaseException:
-        for part in (vision, llm):
-            with contextlib.suppress(Exception):
-                part.close()
-        raise
+    limits = config.limits
+    decode = DecodeLimits(max_pixels=limits.max_image_pixels, max_decode_bytes=limits.max_decode_bytes,
+                          max_jpeg_scans=limits.max_jpeg_scans)
+    resolution = config.images.resolution(bundle.settings.tile_size)  # a ConfigError before any engine starts
+    return runners.open(bundle, engine, options, image_cache_size=config.image_cache_size,
+                        max_pixels=limits.max_image_pixels, default_detail=config.images.default_detail,
+                        fit_answer_tokens=config.images.fit_answer_tokens, decode_limits=decode, resolution=resolution,
+                        video=video_options(config) if bundle.video_settings is not None else None)

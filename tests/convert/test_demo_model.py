@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pytest
 
+from support.fakes import VisionWrapper
 from rksmolvlm.cli import main
 from rksmolvlm.convert.demo_model import (DEMO_WEIGHTS_FILE, QA, DemoWeightsError, build_demo_checkpoint,
                                           load_demo_qa, load_demo_weights, transformers_answers)
@@ -71,7 +72,7 @@ def _text(bundle, ids):
 
 @SLOW
 def test_bundle_answers_equal_transformers_and_the_trained_text(demo_bundle, reference):
-    from rksmolvlm.runtime.engines import open_engines
+    from rksmolvlm.runners import open_engines
 
     items, expected = reference
     got = _runner_answers(demo_bundle, *open_engines(demo_bundle, "host"), items)
@@ -95,22 +96,17 @@ def test_the_answer_comes_from_the_image(demo_checkpoint, qa):
     assert [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers] == [i.answer for i in items]
 
 
-class _DestroyedVision:
+class _DestroyedVision(VisionWrapper):
     """The host tower with its features replaced: zeros, or the features of the cat photo's tiles."""
 
     def __init__(self, inner, replacement):
-        self.inner, self.replacement = inner, replacement
+        super().__init__(inner)
+        self.replacement = replacement
 
     def encode(self, tiles):
         if self.replacement is None:
             return np.zeros_like(self.inner.encode(tiles))
         return self.inner.encode(self.replacement[:len(tiles)])
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def close(self):
-        self.inner.close()
 
 
 @SLOW
@@ -120,7 +116,7 @@ def test_destroyed_tower_features_change_the_answer(demo_bundle, reference, mode
     features: the answer is no longer the coffee cup (with the cat's, it is the cat's answer)."""
     from rksmolvlm.calibration.vision_set import shipped_images_dir
     from rksmolvlm.processing.image import preprocess
-    from rksmolvlm.runtime.engines import open_engines
+    from rksmolvlm.runners import open_engines
 
     items, expected = reference
     cat = preprocess(shipped_images_dir() / CAT, demo_bundle.settings).tiles
@@ -137,7 +133,7 @@ def test_fp16_rknn_tower_in_the_simulator_gives_the_same_answers(demo_bundle, re
     from rksmolvlm.calibration.vision_set import shipped_images_dir
     from rksmolvlm.processing.image import preprocess
     from rksmolvlm.preview.host_engines import TorchLlmEngine
-    from rksmolvlm.tools.verify import SimulatedVisionEncoder
+    from rksmolvlm.convert.simulator import SimulatedVisionEncoder
 
     items, expected = reference
     tiles = np.concatenate([preprocess(shipped_images_dir() / i.images[0], demo_bundle.settings).tiles
@@ -166,7 +162,7 @@ def test_int8_rknn_tower_in_the_simulator_keeps_the_answers(demo_checkpoint, ref
     from rksmolvlm.processing.image import preprocess
     from rksmolvlm.preview.host_engines import TorchLlmEngine
     from rksmolvlm.runtime.loader import RuntimeBundle
-    from rksmolvlm.tools.verify import SimulatedVisionEncoder
+    from rksmolvlm.convert.simulator import SimulatedVisionEncoder
 
     convert(ConvertOptions(model=str(demo_checkpoint), output=tmp_path / "int8", vision_dtype="int8", host_preview=True,
                            llm_host_only=True, llm_dataset_format="text", goldens=False), Progress(0, quiet=True))

@@ -14,7 +14,7 @@ import json
 import numpy as np
 import pytest
 
-from support.fakes import FakeVision, fake_runner
+from support.fakes import FakeLlm, FakeVision, fake_runner
 
 from support.images import rng_image
 from rksmolvlm.processing.assembler import Layout
@@ -183,7 +183,7 @@ def test_prompt_ids_equal_the_processor_in_every_mode(references, runtime_bundle
 
 @pytest.mark.parametrize("name", ["idefics3-256m", "smolvlm2"])
 def test_greedy_tokens_equal_transformers_at_a_smaller_size(references, runtime_bundles, name):
-    from rksmolvlm.runtime.engines import open_engines
+    from rksmolvlm.runners import open_engines
 
     reference = references[name]
     bundle = runtime_bundles[name]
@@ -287,19 +287,19 @@ def test_cli_flags(capsys, preview_bundles, tmp_path):
 
 # -- the server: config defaults reach the runner; a request's mm_processor_kwargs -------------------
 def test_server_config_reaches_the_runner(runtime_bundles, monkeypatch, tmp_path):
-    import rksmolvlm.runtime.engines as engines
+    import rksmolvlm.runners as engines
     from rksmolvlm.runtime.server.service import open_runner
     from rksmolvlm.runtime.server.config import ConfigError, ServerConfig, load_config, with_overrides
 
     bundle = runtime_bundles["idefics3-256m"]
-    monkeypatch.setattr(engines, "open_engines", lambda b, e, o: (FakeVision.for_bundle(b), _Llm()))
+    monkeypatch.setattr(engines, "open_engines", lambda b, e, o, s=None: (FakeVision.for_bundle(b), FakeLlm()))
     config = with_overrides(ServerConfig(), {"images.longest_edge": 256, "images.max_tiles": 2})
-    runner = open_runner(bundle, config, "npu")
+    runner = open_runner(bundle, config, "npu", engines.RUNNERS)
     assert runner.resolution == Resolution(longest_edge=256, max_tiles=2)
     runner.close()
-    assert open_runner(bundle, ServerConfig(), "npu").resolution == Resolution()
+    assert open_runner(bundle, ServerConfig(), "npu", engines.RUNNERS).resolution == Resolution()
     with pytest.raises(ConfigError, match=r"images.longest_edge = 300: .* use one of 128, 256"):
-        open_runner(bundle, with_overrides(ServerConfig(), {"images.longest_edge": 300}), "npu")
+        open_runner(bundle, with_overrides(ServerConfig(), {"images.longest_edge": 300}), "npu", engines.RUNNERS)
     path = tmp_path / "config.toml"
     path.write_text("[images]\nlongest_edge = 0\nmax_tiles = \"4\"\n")
     with pytest.raises(ConfigError) as info:
@@ -307,16 +307,6 @@ def test_server_config_reaches_the_runner(runtime_bundles, monkeypatch, tmp_path
     assert "images.longest_edge" in str(info.value) and "images.max_tiles" in str(info.value)
     path.write_text("[images]\nlongest_edge = 1024\nmax_tiles = 6\n")
     assert (load_config(path).images.longest_edge, load_config(path).images.max_tiles) == (1024, 6)
-
-
-class _Llm:
-    history_tokens = 0
-
-    def embedding_table(self):
-        return None
-
-    def close(self):
-        pass
 
 
 def _png_uri(image) -> str:

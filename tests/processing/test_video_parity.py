@@ -213,7 +213,7 @@ def _find(haystack: list[int], needle: list[int], start: int = 0) -> int:
 # -- greedy tokens on the host preview ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def host_runner(bundle):
-    from rksmolvlm.runtime.engines import open_engines
+    from rksmolvlm.runners import open_engines
 
     runner = video_runner(bundle, *open_engines(bundle, "host"))
     yield runner

@@ -22,6 +22,7 @@ from support.fakes import fake_runner, FakeVision
 from support.images import rng_image
 
 from support.parity import HfProcessor
+from rksmolvlm.runners import RUNNERS
 from rksmolvlm.processing.assembler import Layout
 from rksmolvlm.processing.content import ImagePart, Message, TextPart, conversation
 from rksmolvlm.processing.image import ImageSettings, image_size, load_image, normalize, split_layout, tile_image
@@ -165,7 +166,7 @@ class Reference(HfProcessor):
 
 @pytest.fixture(scope="module")
 def setups(preview_bundles, runtime_bundles, tiny_checkpoints):
-    from rksmolvlm.runtime.engines import open_engines
+    from rksmolvlm.runners import open_engines
 
     out = {}
     for name in NAMES:
@@ -384,7 +385,7 @@ def server(preview_bundles):
 
     config = with_overrides(ServerConfig(), {"bundle": str(preview_bundles["idefics3-256m"]), "engine": "host"})
     assert config.limits.max_images >= 20 and config.images.default_detail == "auto-fit"
-    app = build_app(config)
+    app = build_app(config, RUNNERS)
     with BackgroundServer(app, config) as served:
         yield served
 

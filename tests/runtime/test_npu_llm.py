@@ -16,7 +16,8 @@ from support import DOUBLES
 from support.images import rng_image
 from rksmolvlm.errors import BundleError, ToolkitMissingError
 from rksmolvlm.runtime import rkllm_abi
-from rksmolvlm.runtime.engines import GenerationConfig, PerfStats, open_engines
+from rksmolvlm.runtime.engines import GenerationConfig, PerfStats
+from rksmolvlm.runners import open_engines
 from rksmolvlm.preview.host_engines import OnnxVisionEncoder
 from rksmolvlm.runtime.loader import RuntimeBundle
 from rksmolvlm.runtime.npu_engines import EngineError, RkllmEngine, find_rkllm_library

@@ -21,7 +21,8 @@ from rksmolvlm.errors import ImageError
 from rksmolvlm.processing.assembler import Layout
 from rksmolvlm.processing.content import Message, TextPart, conversation
 from rksmolvlm.processing.image import load_image, tile_image
-from rksmolvlm.runtime.engines import GenerationConfig, open_engines
+from rksmolvlm.runtime.engines import GenerationConfig
+from rksmolvlm.runners import open_engines
 from rksmolvlm.runtime.loader import RuntimeBundle
 from rksmolvlm.runtime.runner import ContextError, InputError, Runner
 from rksmolvlm.runtime.text_stream import assistant_content

@@ -9,7 +9,8 @@ import transformers as tf
 from support.images import rng_image
 
 from support.parity import message_images, template_messages, HfProcessor
-from rksmolvlm.runtime.engines import GenerationConfig, open_engines
+from rksmolvlm.runtime.engines import GenerationConfig
+from rksmolvlm.runners import open_engines
 from rksmolvlm.runtime.loader import RuntimeBundle
 from rksmolvlm.runtime.runner import Runner
 

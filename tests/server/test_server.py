@@ -16,10 +16,12 @@ import openai
 import pytest
 
 from support.images import rng_image
+from rksmolvlm.runners import RUNNERS
 from rksmolvlm.cli import main
 from rksmolvlm.errors import ImageError
 from rksmolvlm.processing.content import ImagePart, Message, TextPart
-from rksmolvlm.runtime.engines import EngineOptions, GenerationConfig, open_engines
+from rksmolvlm.runtime.engines import EngineOptions, GenerationConfig
+from rksmolvlm.runners import open_engines
 from rksmolvlm.runtime.loader import RuntimeBundle
 from rksmolvlm.runtime.runner import ContextError, InputError, Runner
 from rksmolvlm.runtime.server import (ApiError, BackgroundServer, Metrics, ModelService, RequestReader, ServedModel,
@@ -66,7 +68,7 @@ def served(preview_bundles, tmp_path_factory):
                                              "limits.max_body_bytes": 2 * 1024 * 1024,
                                              "limits.max_image_bytes": 1024 * 1024,
                                              "limits.max_image_pixels": 4_000_000})
-    app = build_app(config)
+    app = build_app(config, RUNNERS)
     with BackgroundServer(app, config) as server:
         server.app_state = app.state
         yield server
@@ -499,6 +501,9 @@ class _NoVision:
     def encode(self, tiles):
         raise AssertionError("these requests have no images")
 
+    def encode_frames(self, frames):
+        raise AssertionError("these requests have no videos")
+
     def close(self):
         pass
 
@@ -533,11 +538,11 @@ class _ScriptedLlm:
 
 
 def test_open_runner_passes_the_config_to_the_engines_and_the_runner(bundle, monkeypatch):
-    import rksmolvlm.runtime.engines as engines
+    import rksmolvlm.runners as engines
 
     seen = {}
 
-    def fake_open_engines(opened, engine, options):
+    def fake_open_engines(opened, engine, options, simulation=None):
         seen.update(bundle=opened, engine=engine, options=options)
         return _NoVision(), _ScriptedLlm([])
 
@@ -546,7 +551,7 @@ def test_open_runner_passes_the_config_to_the_engines_and_the_runner(bundle, mon
                                              "image_cache_size": 7, "limits.max_tokens": 300,
                                              "limits.max_image_pixels": 1_000_000, "limits.max_decode_bytes": 64 << 20,
                                              "limits.max_jpeg_scans": 20})
-    runner = open_runner(bundle, config, "npu")
+    runner = open_runner(bundle, config, "npu", RUNNERS)
     assert seen["bundle"] is bundle and seen["engine"] == "npu"
     assert seen["options"] == EngineOptions(library="/opt/librkllmrt.so", cores=(0, 2), max_new_tokens=300)
     assert runner.images.cache.size == 7

@@ -18,7 +18,8 @@ import pytest
 from support.fakes import fake_runner, RecordingLlm
 
 from support.images import rng_image
-from rksmolvlm.runtime.engines import GenerationConfig, open_engines
+from rksmolvlm.runtime.engines import GenerationConfig
+from rksmolvlm.runners import open_engines
 from rksmolvlm.preview.host_engines import TorchLlmEngine
 from rksmolvlm.runtime.runner import Runner
 from rksmolvlm.runtime.server import ApiError, BackgroundServer, RequestReader, ServedModel, build_app

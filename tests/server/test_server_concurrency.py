@@ -12,8 +12,10 @@ import httpx
 import openai
 import pytest
 
+from support.fakes import LlmWrapper
 from support.images import rng_image
-from rksmolvlm.runtime.engines import EngineOptions, open_engines
+from rksmolvlm.runtime.engines import EngineOptions
+from rksmolvlm.runners import open_engines
 from rksmolvlm.runtime.runner import Runner
 from rksmolvlm.runtime.server import BackgroundServer, build_app
 from rksmolvlm.runtime.server.config import ServerConfig, with_overrides
@@ -21,20 +23,17 @@ from rksmolvlm.runtime.server.config import ServerConfig, with_overrides
 MODEL = "idefics3-256m"
 
 
-class SlowLlm:
+class SlowLlm(LlmWrapper):
     """The real engine, slowed down per token so that requests overlap (tests only)."""
 
     def __init__(self, llm, delay: float):
-        self.llm = llm
+        super().__init__(llm)
         self.delay = delay
 
     def generate(self, embeddings, config, keep_history, stats):
         for token in self.llm.generate(embeddings, config, keep_history, stats):
             time.sleep(self.delay)
             yield token
-
-    def __getattr__(self, name):
-        return getattr(self.llm, name)
 
 
 def start(bundle, delay: float, **settings) -> tuple[BackgroundServer, SlowLlm]:

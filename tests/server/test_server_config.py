@@ -329,7 +329,9 @@ def test_dict_form_is_checked_too():
 def test_threads_reach_the_engine_options(tmp_path, monkeypatch):
     """threads (file) and --threads (flag, over the file) become EngineOptions.threads; ask/chat/bench take
     --threads too."""
-    import rksmolvlm.runtime.engines as engines
+    from types import SimpleNamespace
+
+    import rksmolvlm.runners as engines
     from rksmolvlm.runtime.server.service import open_runner
 
     path = tmp_path / "config.toml"
@@ -340,13 +342,14 @@ def test_threads_reach_the_engine_options(tmp_path, monkeypatch):
     assert "threads = 0 is out of range" in _problem(tmp_path, "threads = 0\n")
     seen = []
 
-    def fake_open_engines(bundle, engine, options):
+    def fake_open_engines(bundle, engine, options, simulation=None):
         seen.append(options)
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(engines, "open_engines", fake_open_engines)
     with pytest.raises(RuntimeError, match="stop here"):
-        open_runner(object(), config, "host")
+        open_runner(SimpleNamespace(settings=SimpleNamespace(tile_size=512), video_settings=None), config, "host",
+                    engines.RUNNERS)
     assert seen[0].threads == 2
     for verb in (["ask", "b", "--prompt", "hi"], ["chat", "b"], ["bench", "b"]):
         assert build_parser().parse_args([*verb, "--threads", "4"]).threads == 4

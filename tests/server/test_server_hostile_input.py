@@ -26,6 +26,7 @@ from support.images import rng_image
 
 from support.net import health_within_limit, loopback_http
 from support.hostile_images import float_tiff, jpeg_tiff, scan_bomb, zero_png
+from rksmolvlm.runners import RUNNERS
 from rksmolvlm.runtime.server import BackgroundServer, Metrics, ModelService, ServedModel, build_app, create_app
 from rksmolvlm.runtime.server.remote import FetchError, fetch, is_public_address
 from rksmolvlm.runtime.server.config import ServerConfig, with_overrides
@@ -142,7 +143,7 @@ def served(preview_bundles, images_dir):
         "bundle": str(preview_bundles[MODEL]), "engine": "host", "limits.max_decode_bytes": 128 * MIB,
         "images.allow_remote": True, "images.allow_private_networks": True,
         "images.remote_timeout_s": REMOTE_TIMEOUT_S, "images.local_dir": str(images_dir)})
-    with BackgroundServer(build_app(config), config) as server:
+    with BackgroundServer(build_app(config, RUNNERS), config) as server:
         yield server
 
 

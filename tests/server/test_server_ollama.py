@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from support.images import rng_image
+from rksmolvlm.runners import RUNNERS
 from rksmolvlm.runtime.server import BackgroundServer, build_app
 from rksmolvlm.runtime.server.ollama import OllamaApi, translate_chat, translate_generate
 from rksmolvlm.runtime.server.errors import ApiError
@@ -55,7 +56,7 @@ def served(preview_bundles, tmp_path_factory):
                                              "limits.max_body_bytes": 2 * 1024 * 1024,
                                              "limits.max_image_bytes": 1024 * 1024,
                                              "limits.max_image_pixels": 4_000_000})
-    app = build_app(config)
+    app = build_app(config, RUNNERS)
     with BackgroundServer(app, config) as server:
         yield server
 

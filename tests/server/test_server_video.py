@@ -25,8 +25,10 @@ from support import ROOT
 from support.fakes import fake_runner
 
 from support.net import health_within_limit, loopback_http
+from rksmolvlm.runners import RUNNERS
 from rksmolvlm.processing.content import Message, TextPart, VideoPart
-from rksmolvlm.runtime.engines import GenerationConfig, open_engines
+from rksmolvlm.runtime.engines import GenerationConfig
+from rksmolvlm.runners import open_engines
 from rksmolvlm.runtime.runner import Runner
 from rksmolvlm.runtime.server import ApiError, BackgroundServer, RequestReader, ServedModel, build_app
 from rksmolvlm.runtime.server.config import ConfigError, ServerConfig, with_overrides
@@ -82,7 +84,7 @@ def served(preview_bundles, local_dir):
                                              "images.local_dir": str(local_dir), "video.max_bytes": MAX_BYTES,
                                              "limits.max_body_bytes": MAX_BYTES,
                                              "limits.max_image_bytes": MAX_BYTES // 2})
-    app = build_app(config)
+    app = build_app(config, RUNNERS)
     with BackgroundServer(app, config) as server:
         server.service = app.state.service
         yield server

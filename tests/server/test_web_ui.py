@@ -11,6 +11,7 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
+from rksmolvlm.runners import RUNNERS
 from rksmolvlm.runtime.server import BackgroundServer, build_app
 from rksmolvlm.runtime.server.web import WebPage, page_enabled, prefers_html
 from rksmolvlm.runtime.server.config import ConfigError, ServerConfig, config_from_dict, with_overrides
@@ -30,7 +31,7 @@ def _config(bundle, **overrides) -> ServerConfig:
 def served(preview_bundles):
     """A real server (uvicorn on loopback, no key: the page is on by default)."""
     config = _config(preview_bundles[MODEL])
-    with BackgroundServer(build_app(config), config) as server:
+    with BackgroundServer(build_app(config, RUNNERS), config) as server:
         yield server
 
 
@@ -118,17 +119,17 @@ def test_web_ui_auto_is_on_for_loopback_or_a_key(host, key, setting, on):
 
 def test_the_switch_decides_what_a_browser_gets(preview_bundles, tmp_path):
     bundle = preview_bundles[MODEL]
-    off = build_app(_config(bundle, **{"server.web_ui": False}))
+    off = build_app(_config(bundle, **{"server.web_ui": False}), RUNNERS)
     assert off.state.api.web_page is None
     assert _index(off, BROWSER).headers["content-type"] == "application/json"
-    exposed = build_app(_config(bundle, **{"server.host": "0.0.0.0"}))  # auto, open network, no key: off
+    exposed = build_app(_config(bundle, **{"server.host": "0.0.0.0"}), RUNNERS)  # auto, open network, no key: off
     assert _index(exposed, BROWSER).headers["content-type"] == "application/json"
     key_file = tmp_path / "key"
     key_file.write_text(API_KEY)
-    keyed = build_app(_config(bundle, **{"server.host": "0.0.0.0", "server.api_key_file": str(key_file)}))
+    keyed = build_app(_config(bundle, **{"server.host": "0.0.0.0", "server.api_key_file": str(key_file)}), RUNNERS)
     page = _index(keyed, BROWSER)  # the page itself needs no key: it asks for one when the API answers 401
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    forced = build_app(_config(bundle, **{"server.host": "0.0.0.0", "server.web_ui": True}))
+    forced = build_app(_config(bundle, **{"server.host": "0.0.0.0", "server.web_ui": True}), RUNNERS)
     assert _index(forced, BROWSER).headers["content-type"].startswith("text/html")
 
 

@@ -25,7 +25,9 @@ from support import ROOT
 from support.fakes import RecordingLlm
 
 from support.images import rng_image
-from rksmolvlm.runtime.engines import EngineOptions, open_engines
+from rksmolvlm.runners import RUNNERS
+from rksmolvlm.runtime.engines import EngineOptions
+from rksmolvlm.runners import open_engines
 from rksmolvlm.runtime.runner import Runner
 from rksmolvlm.runtime.server import BackgroundServer, build_app
 from rksmolvlm.runtime.server.config import ServerConfig, with_overrides
@@ -329,7 +331,7 @@ def video_served(preview_bundles):
     """The tiny SmolVLM2 bundle, no key (the page is on: loopback)."""
     config = with_overrides(ServerConfig(), {"bundle": str(preview_bundles["smolvlm2"]), "engine": "host",
                                              "verify_bundle": False})
-    with BackgroundServer(build_app(config), config) as server:
+    with BackgroundServer(build_app(config, RUNNERS), config) as server:
         yield server
 
 
@@ -356,7 +358,7 @@ def demo_served(demo_preview_bundle):
     """The trained tiny demo model's bundle (built on first use, by this test only), no key."""
     config = with_overrides(ServerConfig(), {"bundle": str(demo_preview_bundle), "engine": "host",
                                              "verify_bundle": False})
-    with BackgroundServer(build_app(config), config) as server:
+    with BackgroundServer(build_app(config, RUNNERS), config) as server:
         yield server
 
 

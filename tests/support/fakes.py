@@ -1,5 +1,7 @@
-"""Engines that cost nothing, for tests of the wiring: ``FakeVision``, ``FakeLlm``, and ``RecordingLlm``
-around a real one."""
+"""Engines that cost nothing, for tests of the wiring: ``FakeVision``, ``FakeLlm``; ``LlmWrapper`` and
+``VisionWrapper`` to wrap a real engine (every interface member forwarded: tests subclass them and
+change one), and ``RecordingLlm``. Each implements the whole engine interface (runtime/engines.py):
+tests/runtime/test_engines.py checks it."""
 
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ class FakeVision:
 
     def __init__(self, seq: int, hidden: int):
         self.seq, self.hidden = seq, hidden
-        self.calls: list[int] = []  # tiles per encode() call
+        self.calls: list[int] = []  # tiles per encode() call (video frames included)
+        self.frame_calls: list[int] = []  # frames per encode_frames() call
         self.closed = False
 
     @classmethod
@@ -31,6 +34,10 @@ class FakeVision:
         means = tiles.reshape(len(tiles), -1).mean(axis=1, dtype=np.float32) / 255
         ramp = np.linspace(-1, 1, self.seq * self.hidden, dtype=np.float32).reshape(self.seq, self.hidden)
         return means[:, None, None] + ramp[None]
+
+    def encode_frames(self, frames: np.ndarray) -> np.ndarray:
+        self.frame_calls.append(len(frames))
+        return self.encode(frames)
 
     @property
     def tiles(self) -> int:
@@ -69,7 +76,7 @@ class FakeLlm:
     def history_tokens(self) -> int:
         return self._history
 
-    def embedding_table(self):
+    def embedding_table(self) -> np.ndarray | None:
         return None
 
     def generate(self, embeddings, config, keep_history, stats):
@@ -110,12 +117,54 @@ def fake_runner(bundle, script: Sequence[int] = (), **kwargs):
     return Runner(bundle, FakeVision.for_bundle(bundle), FakeLlm(script), **kwargs)
 
 
-class RecordingLlm:
+class VisionWrapper:
+    """A vision encoder around ``inner``, forwarding every member of the interface."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def encode(self, tiles: np.ndarray) -> np.ndarray:
+        return self.inner.encode(tiles)
+
+    def encode_frames(self, frames: np.ndarray) -> np.ndarray:
+        return self.inner.encode_frames(frames)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class LlmWrapper:
+    """An LLM engine around ``llm``, forwarding every member of the interface."""
+
+    def __init__(self, llm):
+        self.llm = llm
+
+    def generate(self, embeddings, config, keep_history, stats):
+        return self.llm.generate(embeddings, config, keep_history, stats)
+
+    def abort(self) -> None:
+        self.llm.abort()
+
+    def clear_history(self) -> None:
+        self.llm.clear_history()
+
+    @property
+    def history_tokens(self) -> int:
+        return self.llm.history_tokens
+
+    def embedding_table(self) -> np.ndarray | None:
+        return self.llm.embedding_table()
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+class RecordingLlm(LlmWrapper):
     """The real engine, recording the GenerationConfig of every generation and slowed down per
     token when asked (so that requests overlap)."""
 
     def __init__(self, llm):
-        self.llm = llm
+        super().__init__(llm)
         self.configs: list = []  # GenerationConfig of each generation
         self.delay = 0.0
 
@@ -125,6 +174,3 @@ class RecordingLlm:
             if self.delay:
                 time.sleep(self.delay)
             yield token
-
-    def __getattr__(self, name):
-        return getattr(self.llm, name)

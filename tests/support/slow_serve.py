@@ -54,8 +54,19 @@ class SlowLlm:
         """No late abort pending (it would hit the next request)."""
         return self._late is None or not self._late.is_alive()
 
-    def __getattr__(self, name):
-        return getattr(self.llm, name)
+    # the rest of the engine interface, forwarded (a script of its own: support.fakes.LlmWrapper is not importable yet)
+    def clear_history(self) -> None:
+        self.llm.clear_history()
+
+    @property
+    def history_tokens(self) -> int:
+        return self.llm.history_tokens
+
+    def embedding_table(self):
+        return self.llm.embedding_table()
+
+    def close(self) -> None:
+        self.llm.close()
 
 
 def main(bundle: str, settings: str) -> None:
@@ -63,7 +74,8 @@ def main(bundle: str, settings: str) -> None:
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    from rksmolvlm.runtime.engines import EngineOptions, open_engines
+    from rksmolvlm.runtime.engines import EngineOptions
+    from rksmolvlm.runners import open_engines
     from rksmolvlm.runtime.runner import Runner
     from rksmolvlm.runtime.server import BackgroundServer, build_app
     from rksmolvlm.runtime.server.config import ServerConfig, with_overrides

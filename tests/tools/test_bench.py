@@ -31,7 +31,7 @@ def small_clip(tmp_path_factory):
 
 
 def test_bench_json_has_every_field(preview_bundles, capsys, monkeypatch):
-    from rksmolvlm.runtime import bench
+    from rksmolvlm.tools import bench
 
     monkeypatch.setattr(bench, "make_bench_clip", functools.partial(bench.make_bench_clip, **SMALL_CLIP))
     assert main(["bench", str(preview_bundles["smolvlm2"]), "--engine", "host", "--repeats", "2", "--warmup", "1",

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 from support import DOUBLES
+from support.fakes import LlmWrapper
 from rksmolvlm.cli import main
 from rksmolvlm.runtime.loader import RuntimeBundle
+from rksmolvlm.runtime.runner import Runner
 from rksmolvlm.tools.verify import CASES_FILE, GOLDENS_DIR, load_goldens, verify_bundle
 
 
@@ -156,20 +158,18 @@ def librkllmrt(tmp_path_factory):
     return path
 
 
-class _ScriptedBoard:
+class _ScriptedBoard(LlmWrapper):
     """The RkllmEngine on the librkllmrt double; before each generation the double is given the
     next case's script (the double streams what it is told: it runs no model)."""
 
     def __init__(self, engine, lib, scripts):
-        self.engine, self.lib, self.scripts = engine, lib, list(scripts)
+        super().__init__(engine)
+        self.lib, self.scripts = lib, list(scripts)
 
     def generate(self, embeddings, config, keep_history, stats):
         for token in self.scripts.pop(0):
             assert self.lib.double_script_push(token, b"x", 0) == 0
-        return self.engine.generate(embeddings, config, keep_history, stats)
-
-    def __getattr__(self, name):
-        return getattr(self.engine, name)
+        return self.llm.generate(embeddings, config, keep_history, stats)
 
 
 def _board(bundle, library, scripts, model):
@@ -193,8 +193,9 @@ def test_npu_engines_against_the_doubles(preview_bundles, rknnlite_double, librk
     vision = RknnLiteVisionEncoder(bundle.file("vision.rknn"), [1, 2, 4])
     good = [c.token_ids for c in goldens.cases]
     llm = _board(bundle, librkllmrt, good, tmp_path / "llm.rkllm")
+    runner = Runner(bundle, vision, llm, image_cache_size=0)
     try:
-        result = verify_bundle(bundle, vision, llm, "npu")
+        result = verify_bundle(runner, "npu")
         assert result.passed and result.agreement == 1.0
         assert all(c.prompt_match for c in result.cases)
         assert all(v > 0.9999 for c in result.cases for v in c.tile_cosines)
@@ -203,7 +204,7 @@ def test_npu_engines_against_the_doubles(preview_bundles, rknnlite_double, librk
         bad = [list(t) for t in good]
         bad[0][5] = (bad[0][5] + 1) % bundle.manifest.model.vocab_size
         llm.scripts = bad
-        result = verify_bundle(bundle, vision, llm, "npu", min_agreement=0.9)
+        result = verify_bundle(runner, "npu", min_agreement=0.9)
         photo = result.cases[0]
         assert photo.first_divergence == 5 and not photo.exact and photo.agreement == 5 / photo.reference_tokens
         assert not result.passed and any("photo" in f for f in result.failures)
