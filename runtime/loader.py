@@ -58,7 +58,8 @@ class RuntimeBundle:
                                     ("end_of_utterance", tokens.end_of_utterance, None)):
             got = tokenizer.token_id(content)
             if got is None or (want is not None and got != want):
-                raise BundleError(f"manifest.json: 'tokens.{name}' ({content!r}{f', id {want}' if want is not None else ''}) "
+                shown = f"{content!r}, id {want}" if want is not None else repr(content)
+                raise BundleError(f"manifest.json: 'tokens.{name}' ({shown}) "
                                   f"is {'not a token' if got is None else f'id {got}'} in the bundle's tokenizer.json: "
                                   "the two disagree; convert the bundle again")
         return cls(manifest.root, manifest, tokenizer, Assembler(template, tokenizer, tokens, video_template))

@@ -224,7 +224,8 @@ class Runner:
         flexible = {k for k, p in enumerate(images) if self._detail(p) == "fit" and layouts[k] != UNSPLIT}
         if flexible and excess > 0:
             unsplit = self._assemble(lambda: self.assembler.image_tokens(UNSPLIT))
-            savings = [self._assemble(lambda: self.assembler.image_tokens(layout)) - unsplit if k in flexible else 0
+            savings = [self._assemble(lambda layout=layout: self.assembler.image_tokens(layout)) - unsplit
+                       if k in flexible else 0
                        for k, layout in enumerate(layouts)]
             chosen = choose_unsplit(savings, excess)
             for k in flexible if chosen is None else chosen:  # not all unsplit fit: the context check refuses it
