@@ -91,12 +91,13 @@ class RuntimeBundle:
     def embedding_table(self) -> EmbeddingTable:
         from rksmolvlm.errors import BundleError
 
-        path = self.file(self.manifest.llm.embed_tokens)
+        llm = self.manifest.require_llm()
+        path = self.file(llm.embed_tokens)
         try:
             table = EmbeddingTable(path)
         except (OSError, ValueError) as exc:
             raise BundleError(f"{path} cannot be read as a .npy table ({exc}): convert the bundle again") from exc
-        if (table.vocab_size, table.hidden_size) != self.manifest.llm.embed_shape:
+        if (table.vocab_size, table.hidden_size) != llm.embed_shape:
             raise BundleError(f"{path} is {table.vocab_size}×{table.hidden_size}, the manifest says "
-                              f"{self.manifest.llm.embed_shape[0]}×{self.manifest.llm.embed_shape[1]}: convert again")
+                              f"{llm.embed_shape[0]}×{llm.embed_shape[1]}: convert again")
         return table
