@@ -58,7 +58,8 @@ class RuntimeBundle:
                                     ("end_of_utterance", tokens.end_of_utterance, None)):
             got = tokenizer.token_id(content)
             if got is None or (want is not None and got != want):
-                raise BundleError(f"manifest.json: 'tokens.{name}' ({content!r}{f', id {want}' if want is not None else ''}) "
+                shown = f"{content!r}, id {want}" if want is not None else repr(content)
+                raise BundleError(f"manifest.json: 'tokens.{name}' ({shown}) "
                                   f"is {'not a token' if got is None else f'id {got}'} in the bundle's tokenizer.json: "
                                   "the two disagree; convert the bundle again")
         return cls(manifest.root, manifest, tokenizer, Assembler(template, tokenizer, tokens, video_template))
@@ -90,12 +91,13 @@ class RuntimeBundle:
     def embedding_table(self) -> EmbeddingTable:
         from rksmolvlm.errors import BundleError
 
-        path = self.file(self.manifest.llm.embed_tokens)
+        llm = self.manifest.require_llm()
+        path = self.file(llm.embed_tokens)
         try:
             table = EmbeddingTable(path)
         except (OSError, ValueError) as exc:
             raise BundleError(f"{path} cannot be read as a .npy table ({exc}): convert the bundle again") from exc
-        if (table.vocab_size, table.hidden_size) != self.manifest.llm.embed_shape:
+        if (table.vocab_size, table.hidden_size) != llm.embed_shape:
             raise BundleError(f"{path} is {table.vocab_size}×{table.hidden_size}, the manifest says "
-                              f"{self.manifest.llm.embed_shape[0]}×{self.manifest.llm.embed_shape[1]}: convert again")
+                              f"{llm.embed_shape[0]}×{llm.embed_shape[1]}: convert again")
         return table

@@ -332,8 +332,8 @@ def _sampling(config: GenerationConfig) -> tuple:
 def make_npu_engines(bundle: "RuntimeBundle", options: EngineOptions) -> tuple[RknnLiteVisionEncoder, RkllmEngine]:
     """(RknnLiteVisionEncoder, RkllmEngine) for a bundle on its board."""
     manifest = bundle.manifest
-    llm = manifest.llm
-    if not llm.file or manifest.vision.file is None:
+    llm = manifest.require_llm()
+    if not llm.file or manifest.require_vision().file is None:
         raise BundleError(f"{bundle.path} has no board decoder (llm.rkllm; converted with --llm-host-only): convert "
                           "it again on a host with rkllm-toolkit installed")
     version = llm.toolkit_version
@@ -356,11 +356,12 @@ def make_npu_engines(bundle: "RuntimeBundle", options: EngineOptions) -> tuple[R
 
 def make_npu_vision(bundle: "RuntimeBundle", options: EngineOptions) -> RknnLiteVisionEncoder:
     """The bundle's tower on the NPU cores of ``options`` (all of the SoC's when it names none)."""
-    if bundle.manifest.vision.file is None:
+    tower = bundle.manifest.require_vision().file
+    if tower is None:
         raise BundleError(f"{bundle.path} has no vision.rknn: convert the vision part for the board")
     profile: BoardProfile = load_profile(bundle.manifest.target.platform)
     masks = _core_masks(options.cores, profile.core_masks)
-    return RknnLiteVisionEncoder(bundle.file(bundle.manifest.vision.file), masks)
+    return RknnLiteVisionEncoder(bundle.file(tower), masks)
 
 
 def _core_masks(cores: Sequence[int] | None, masks: Sequence[int]) -> list[int]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes as C
 from dataclasses import dataclass
+from typing import Any
 
 from rksmolvlm.errors import BundleError
 
@@ -31,10 +32,12 @@ class ExtendParam(C.Structure):
                 ("reserved", C.c_uint8 * 104)]
 
 
-_SAMPLING_HEAD = [("max_context_len", C.c_int32), ("max_new_tokens", C.c_int32), ("top_k", C.c_int32),
-                  ("n_keep", C.c_int32), ("top_p", C.c_float), ("temperature", C.c_float),
-                  ("repeat_penalty", C.c_float), ("frequency_penalty", C.c_float), ("presence_penalty", C.c_float),
-                  ("mirostat", C.c_int32), ("mirostat_tau", C.c_float), ("mirostat_eta", C.c_float)]
+# typed as ctypes field entries so it can be spliced into both Param structs' _fields_
+_SAMPLING_HEAD: list[tuple[str, type[C._SimpleCData[Any]]]] = [
+    ("max_context_len", C.c_int32), ("max_new_tokens", C.c_int32), ("top_k", C.c_int32), ("n_keep", C.c_int32),
+    ("top_p", C.c_float), ("temperature", C.c_float), ("repeat_penalty", C.c_float),
+    ("frequency_penalty", C.c_float), ("presence_penalty", C.c_float), ("mirostat", C.c_int32),
+    ("mirostat_tau", C.c_float), ("mirostat_eta", C.c_float)]
 
 
 class Param12(C.Structure):
@@ -181,7 +184,8 @@ ABIS = {
                         (InferParam12, "keep_history"): 24, (Result, "perf"): 48},
                init_takes_struct=False, has_sampling=False),
     "1.3": Abi("1.3", Param13, Input13, InferParam13,
-               sizes={"RKLLMExtendParam": (ExtendParam, 120), "RKLLMParam": (Param13, 184), "RKLLMInput": (Input13, 160),
+               sizes={"RKLLMExtendParam": (ExtendParam, 120), "RKLLMParam": (Param13, 184),
+                      "RKLLMInput": (Input13, 160),
                       "RKLLMInferParam": (InferParam13, 40), "RKLLMResult": (Result, 72),
                       "RKLLMMultiModalInput": (MultiModal13, 144), "RKLLMSamplingParam": (SamplingParam, 36),
                       "RKLLMCallback": (Callback13, 48), "RKLLMPerfStat": (PerfStat, 20)},

@@ -37,6 +37,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Callable, Iterator, Protocol, Sequence, TypeVar
 
 
@@ -224,7 +225,7 @@ class Runner:
         flexible = {k for k, p in enumerate(images) if self._detail(p) == "fit" and layouts[k] != UNSPLIT}
         if flexible and excess > 0:
             unsplit = self._assemble(lambda: self.assembler.image_tokens(UNSPLIT))
-            savings = [self._assemble(lambda: self.assembler.image_tokens(layout)) - unsplit if k in flexible else 0
+            savings = [self._assemble(partial(self.assembler.image_tokens, layout)) - unsplit if k in flexible else 0
                        for k, layout in enumerate(layouts)]
             chosen = choose_unsplit(savings, excess)
             for k in flexible if chosen is None else chosen:  # not all unsplit fit: the context check refuses it
@@ -366,8 +367,9 @@ class Runner:
         videos = self.videos.encode(turn.videos, stats, self._abort.is_set) if turn.videos and self.videos else []
         if videos is None:
             return None
-        images, videos = iter(images), iter(videos)
-        return [next(images) if isinstance(chunk, ImageChunk) else next(videos) for chunk in turn.prompt.media]
+        image_features, video_features = iter(images), iter(videos)
+        return [next(image_features) if isinstance(chunk, ImageChunk) else next(video_features)
+                for chunk in turn.prompt.media]
 
     def _forget(self) -> None:
         """The KV cache no longer holds a conversation anyone can continue."""

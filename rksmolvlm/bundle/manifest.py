@@ -583,9 +583,7 @@ class Manifest:
 
     @property
     def max_context(self) -> int:
-        if self.llm is None:
-            raise BundleError(f"{self.root} has no decoder part: convert with --parts vision,llm")
-        return self.llm.max_context
+        return self.require_llm().max_context
 
     @property
     def size_bytes(self) -> int:
@@ -593,10 +591,20 @@ class Manifest:
 
     def require_parts(self) -> None:
         """Both parts are needed to answer."""
+        self.require_llm()
+        self.require_vision()
+
+    def require_llm(self) -> LlmPart:
+        """The decoder part; a bundle converted without it is refused."""
         if self.llm is None:
             raise BundleError(f"{self.root} has no decoder part: convert with --parts vision,llm")
+        return self.llm
+
+    def require_vision(self) -> VisionPart:
+        """The vision part; a bundle converted without it is refused."""
         if self.vision is None:
             raise BundleError(f"{self.root} has no vision part: convert with --parts vision,llm")
+        return self.vision
 
     def verify_files(self) -> None:
         """Raise BundleError naming every file that is missing or whose size/sha256 differ."""

@@ -106,7 +106,8 @@ def run_doctor(manifest: "Manifest | None" = None, root: str | os.PathLike = "/"
     need = parse_version(profile.min_npu_driver)
     if driver is None:
         out.append(Finding("fail", "npu driver", "no RKNPU driver found (no /sys/kernel/debug/rknpu/version)",
-                           "use a board image whose kernel has the rknpu driver (≥ 0.9.8); check 'dmesg | grep -i rknpu'"))
+                           "use a board image whose kernel has the rknpu driver (≥ 0.9.8); "
+                           "check 'dmesg | grep -i rknpu'"))
     elif driver == "unreadable":
         out.append(Finding("warn", "npu driver", "the RKNPU driver version is not readable by this user",
                            "run 'sudo rksmolvlm doctor' (debugfs is root-only)"))
@@ -125,7 +126,8 @@ def run_doctor(manifest: "Manifest | None" = None, root: str | os.PathLike = "/"
                            "load the rknpu driver; check the device tree enables the NPU"))
     elif not any(os.access(n, os.R_OK | os.W_OK) for n in nodes):
         out.append(Finding("fail", "npu device", f"{nodes[0]} is not readable and writable by this user",
-                           "add the user to the node's group (e.g. 'sudo usermod -aG render,video $USER') and log in again"))
+                           "add the user to the node's group (e.g. 'sudo usermod -aG render,video $USER') "
+                           "and log in again"))
     else:
         out.append(Finding("ok", "npu device", f"{nodes[0]} accessible"))
 

@@ -19,7 +19,6 @@ import numpy as np
 
 from rksmolvlm.bundle.goldens import (CASES_FILE, FEATURES_FILE, GOLDENS_DIR, GOLDENS_FORMAT, INPUTS_DIR, GoldenCase,
                                       Goldens, load_goldens)
-from rksmolvlm.errors import BundleError
 from rksmolvlm.processing.content import ImagePart, VideoPart, media_parts
 
 if TYPE_CHECKING:

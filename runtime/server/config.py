@@ -20,7 +20,8 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from rksmolvlm.errors import RkSmolVLMError
 
@@ -262,7 +263,7 @@ def _type_name(value) -> str:
             dict: "a table"}.get(type(value), type(value).__name__)
 
 
-def _convert(key: str, value, hint, meta: dict):
+def _convert(key: str, value, hint, meta: Mapping[str, Any]):
     """``value`` as the field's type, or raise ValueError with the message's tail (what to write)."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
@@ -325,7 +326,7 @@ def _convert(key: str, value, hint, meta: dict):
     raise TypeError(f"schema type {hint!r} is not handled")  # pragma: no cover
 
 
-def _check(key: str, value, meta: dict) -> str | None:
+def _check(key: str, value, meta: Mapping[str, Any]) -> str | None:
     """The problem with an in-type ``value`` (range, choices), or None."""
     lo, hi, choices = meta.get("min"), meta.get("max"), meta.get("choices")
     if value is None:
@@ -396,9 +397,10 @@ def config_from_dict(data: dict, source: str = "the configuration") -> ServerCon
             problems.append(f"{name} must be a table: write [{name}] on its own line, then its keys")
             continue
         top[name] = cls(**_build(cls, table, f"{name}.", problems))
-    config = ServerConfig(**top) if not problems else None
-    if config is not None:
-        problems.extend(_cross_checks(config))
+    if problems:
+        raise ConfigError(_report(source, problems))
+    config = ServerConfig(**top)
+    problems.extend(_cross_checks(config))
     if problems:
         raise ConfigError(_report(source, problems))
     return config

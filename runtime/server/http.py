@@ -61,7 +61,9 @@ def create_app(service: ModelService, config: ServerConfig, *, api_key: str | No
         *ollama_routes(gateway),  # /api/*: the Ollama API (runtime/server/ollama.py)
     ]
     app = Starlette(routes=routes, lifespan=server.lifespan,
-                    exception_handlers={ApiError: server.on_api_error, HTTPException: server.on_http_error})
+                    # starlette hands each handler only its own class, which its handler type cannot say
+                    exception_handlers={ApiError: server.on_api_error,  # type: ignore[dict-item]
+                                        HTTPException: server.on_http_error})
     # Host, Origin and Content-Type checks (runtime/server/guards.py), inside CORS: its refusals carry CORS headers
     app.add_middleware(RequestGuard, config=config, api_key=api_key, on_refuse=server.note_refused)
     if config.server.cors_origins:  # inside the request log: preflights are logged and counted too
@@ -93,7 +95,10 @@ class _Server:
         loop = asyncio.get_running_loop()
         tasks = []
         self.notifier.status(f"loading {self.model.id} ({self.model.engine} engine)")
-        self.service.start(lambda state: loop.call_soon_threadsafe(self._on_state, state))
+        def on_state(state: str) -> None:  # called on the worker thread: the change is handled on the loop
+            loop.call_soon_threadsafe(self._on_state, state)
+
+        self.service.start(on_state)
         if self.notifier.watchdog_interval:
             tasks.append(loop.create_task(self._feed_watchdog(self.notifier.watchdog_interval)))
         try:
@@ -179,7 +184,7 @@ class _Server:
         if self.config.server.metrics_require_key:
             self.gateway.authorize(request)
         queue = self.service.snapshot()
-        gauges = {
+        gauges: dict[str, tuple[str, list[tuple[dict[str, str], float]]]] = {
             "rksmolvlm_queue_depth": ("Requests waiting for the model.", [({}, queue["waiting"])]),
             "rksmolvlm_queue_capacity": ("Requests that may wait (server.queue_size).", [({}, queue["capacity"])]),
             "rksmolvlm_busy": ("1 while a request holds the model.", [({}, queue["running"])]),

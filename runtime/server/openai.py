@@ -111,9 +111,9 @@ class OpenAiApi:
         limits, video = self.config.limits, self.config.video
         images = {"max_images": limits.max_images, "max_image_bytes": limits.max_image_bytes,
                   "max_image_pixels": limits.max_image_pixels, "max_body_bytes": limits.max_body_bytes}
-        if not self.gateway.takes_video():
-            return {"images": images, "video": None}
         checkpoint = self.model.video
+        if checkpoint is None or not self.gateway.takes_video():
+            return {"images": images, "video": None}
         return {"images": images, "video": {
             "fps": video.fps if video.fps is not None else checkpoint["fps"],
             "max_frames": min(video.max_frames, checkpoint["max_frames"]),

@@ -94,9 +94,10 @@ _ANSWER_AFTER_GRACE_S = 10.0  # after the grace: the abort lands (a vision stage
 
 
 def _server_class():
-    uvicorn = _uvicorn()
+    _uvicorn()  # the serve extra's clear error when uvicorn is missing
+    from uvicorn import Server
 
-    class _Server(uvicorn.Server):
+    class _Server(Server):
         """uvicorn's server, stopping cleanly on SIGTERM/SIGINT: it tells systemd it is stopping,
         finishes, and returns (exit 0) instead of re-raising the signal."""
 

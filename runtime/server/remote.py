@@ -64,7 +64,10 @@ def fetch(url: str, *, timeout_s: float, max_bytes: int, allow_private: bool = F
     for _ in range(MAX_REDIRECTS + 1):
         target = _Target.parse(url, what)
         address = _resolve(target, deadline, allow_private, what)
-        status, location, fetched = _get(target, address, deadline, timeout_s, max_bytes, user_agent, what)
+        answer = _get(target, address, deadline, timeout_s, max_bytes, user_agent, what)
+        if isinstance(answer, Fetched):
+            return answer
+        status, location = answer
         if status in _REDIRECTS:
             if not location:
                 raise FetchError(f"the {what} URL answered a redirect (HTTP {status}) without a location",
@@ -74,10 +77,8 @@ def fetch(url: str, *, timeout_s: float, max_bytes: int, allow_private: bool = F
                 raise FetchError(f"the {what} URL redirects to a URL that is not http(s): only http and https are "
                                  "fetched", f"{what}_url_not_allowed")
             continue
-        if status != 200:
-            raise FetchError(f"fetching the {what} failed: the remote server answered HTTP {status}",
-                             f"{what}_fetch_failed")
-        return fetched
+        raise FetchError(f"fetching the {what} failed: the remote server answered HTTP {status}",
+                         f"{what}_fetch_failed")
     raise FetchError(f"the {what} URL redirects more than {MAX_REDIRECTS} times: link the {what} itself",
                      f"{what}_fetch_failed")
 
@@ -153,7 +154,8 @@ def _resolve(target: _Target, deadline: float, allow_private: bool, what: str = 
         except (OSError, UnicodeError):
             raise FetchError(f"fetching the {what} failed: its host name does not resolve",
                              f"{what}_fetch_failed") from None
-        addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
+        hosts = [info[4][0] for info in infos]  # (host, port[, flow, scope]) for the IP families asked for
+        addresses = [ipaddress.ip_address(host.split("%", 1)[0]) for host in hosts if isinstance(host, str)]
         if not addresses:
             raise FetchError(f"fetching the {what} failed: its host name does not resolve", f"{what}_fetch_failed")
     if not allow_private and not all(map(is_public_address, addresses)):
@@ -199,8 +201,8 @@ def _shut(sock: socket.socket) -> None:
 
 
 def _get(target: _Target, address: str, deadline: float, timeout_s: float, max_bytes: int,
-         user_agent: str, what: str = "image") -> tuple[int, str | None, Fetched | None]:
-    """(status, Location, the fetched body when 200) of one GET to ``address``."""
+         user_agent: str, what: str = "image") -> Fetched | tuple[int, str | None]:
+    """One GET to ``address``: the fetched body when it answers 200, else (status, Location)."""
     failed = f"{what}_fetch_failed"
     timed_out = f"fetching the {what} timed out (images.remote_timeout_s = {timeout_s:g} s in all)"
     remaining = deadline - time.monotonic()
@@ -228,14 +230,14 @@ def _get(target: _Target, address: str, deadline: float, timeout_s: float, max_b
         response = connection.getresponse()
         status = response.status
         if status in _REDIRECTS:
-            return status, response.getheader("Location"), None
+            return status, response.getheader("Location")
         if status != 200:
-            return status, None, None
+            return status, None
         length = response.getheader("Content-Length", "")
         declared = int(length) if length.strip().isdigit() and len(length) < 20 else None
         content_type = response.headers.get_content_type()
         if declared is not None and declared > max_bytes:
-            return status, None, Fetched(content_type, declared, b"")
+            return Fetched(content_type, declared, b"")
         chunks, size = [], 0
         while size <= max_bytes:
             chunk = response.read1(min(65536, max_bytes + 1 - size))
@@ -245,7 +247,7 @@ def _get(target: _Target, address: str, deadline: float, timeout_s: float, max_b
             size += len(chunk)
         if watchdog.fired:
             raise FetchError(timed_out, failed)
-        return status, None, Fetched(content_type, declared, b"".join(chunks))
+        return Fetched(content_type, declared, b"".join(chunks))
     except FetchError:
         raise
     except ssl.SSLError:

@@ -148,7 +148,7 @@ class ModelService:
 
     def _main(self) -> None:
         try:
-            self.runner = self._load()
+            runner = self.runner = self._load()
         except BaseException as exc:  # noqa: BLE001 - reported, then the server stops
             self.error = str(exc) if isinstance(exc, RkSmolVLMError) else f"{type(exc).__name__}: {exc}"
             self.exit_code = exc.exit_code if isinstance(exc, RkSmolVLMError) else 1
@@ -170,14 +170,14 @@ class ModelService:
                         break
                     job = self._current = self._waiting.popleft()
                 try:
-                    self._run(job)
+                    self._run(job, runner)
                 finally:
                     with self._cond:
                         self._current = None
                         job.finished = True
         finally:
             try:
-                self.runner.close()
+                runner.close()
             except Exception:  # noqa: BLE001 - the server is stopping anyway
                 log.exception("closing the engines failed")
 
@@ -237,24 +237,24 @@ class ModelService:
             return {"waiting": len(self._waiting), "running": int(self._current is not None),
                     "capacity": self.queue_size}
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job, runner: Runner) -> None:
         from rksmolvlm.errors import VideoError
         from rksmolvlm.runtime.runner import ContextError, InputError
         from rksmolvlm.runtime.server.media_checks import video_api_error
 
         request = job.request
-        job.started = self._progress = time.monotonic()
-        queue_ms = (job.started - job.received) * 1000
+        started = job.started = self._progress = time.monotonic()
+        queue_ms = (started - job.received) * 1000
         self.metrics.observe("rksmolvlm_queue_wait_seconds", queue_ms / 1000)
         aborting = False
         try:
-            generation = self.runner.generate(request.messages, request.config)
+            generation = runner.generate(request.messages, request.config)
             for delta in generation:
                 self._progress = time.monotonic()
                 if aborting:
                     continue
                 if job.cancel_reason:  # again from this thread: an abort before the runner started is cleared
-                    self.runner.abort()
+                    runner.abort()
                     aborting = True
                 elif request.stream:
                     job.post("delta", delta)
@@ -279,7 +279,7 @@ class ModelService:
             self.metrics.inc("rksmolvlm_aborted_generations_total", reason=job.cancel_reason)
         result = Answer(generation.text, list(generation.token_ids), finish, generation.prompt_tokens,
                         generation.stats, queue_ms)
-        self._record(job, result)
+        self._record(started, result)
         self._finish(job, "done", result)
 
     def _fail(self, job: Job, error: ApiError) -> None:
@@ -290,9 +290,9 @@ class ModelService:
             job.finished = True
         job.post(kind, value)
 
-    def _record(self, job: Job, result: Answer) -> None:
+    def _record(self, started: float, result: Answer) -> None:
         s, m = result.stats, self.metrics
-        seconds = time.monotonic() - job.started
+        seconds = time.monotonic() - started
         self._job_seconds = 0.8 * self._job_seconds + 0.2 * seconds
         m.inc("rksmolvlm_prompt_tokens_total", result.prompt_tokens)
         m.inc("rksmolvlm_completion_tokens_total", len(result.token_ids))

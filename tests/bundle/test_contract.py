@@ -250,7 +250,10 @@ def test_the_bundle_writer_writes_the_records(tmp_path, family):
 
 def test_the_bundle_writer_refuses_a_record_that_does_not_read_back(tmp_path, monkeypatch):
     record = family_record("idefics3-256m")
-    swapped = lambda self: {"simulator_cosine": self.min_tile_cosine, "min_tile_cosine": self.simulator_cosine}
+
+    def swapped(self):
+        return {"simulator_cosine": self.min_tile_cosine, "min_tile_cosine": self.simulator_cosine}
+
     monkeypatch.setattr(VisionAccuracy, "to_dict", swapped)  # a writer that disagrees with its reader
     with pytest.raises(BundleError, match="internal: the manifest reads back different in vision"):
         with staged_bundle(tmp_path / "b") as stage:

@@ -2,6 +2,7 @@
 kind of damage is a BundleError naming the key — `rksmolvlm ask` exits 2 with that message and no
 traceback."""
 
+import dataclasses
 import json
 import os
 import re
@@ -162,6 +163,7 @@ def test_a_good_manifest_reads_into_records(preview_bundles, tiny_checkpoints, n
     assert m.size_bytes == sum((root / rel).stat().st_size for rel in m.files)
     m.verify_files()
     m.require_parts()
+    assert m.require_llm() is m.llm and m.require_vision() is m.vision
 
 
 def test_verify_files_names_a_changed_file(preview_bundles, tmp_path):
@@ -184,3 +186,9 @@ def test_a_bundle_without_a_part(preview_bundles, tmp_path):
     assert m.llm is None
     with pytest.raises(BundleError, match="has no decoder part: convert with --parts vision,llm"):
         m.require_parts()
+    with pytest.raises(BundleError, match="has no decoder part: convert with --parts vision,llm"):
+        m.require_llm()  # the typed accessor the board code reads the decoder through
+    assert m.require_vision() is m.vision
+    towerless = dataclasses.replace(m, vision=None)
+    with pytest.raises(BundleError, match="has no vision part: convert with --parts vision,llm"):
+        towerless.require_vision()

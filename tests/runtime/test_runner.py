@@ -91,7 +91,7 @@ def test_a_stop_string_aborts_the_engine(bundle):
 def test_abort_ends_with_abort_and_clears_the_history(bundle):
     runner = fake_runner(bundle, _answer(bundle, " one two three four five six seven"))
     g = runner.generate(_ask(rng_image(64, 64)), GenerationConfig(max_new_tokens=50))
-    for delta in g:
+    for _delta in g:
         if len(g.token_ids) == 2:
             runner.abort()
     assert g.finish_reason == "abort" and len(g.token_ids) == 2
@@ -283,7 +283,8 @@ def test_ask_bad_image_is_a_clear_error(preview_bundles, tmp_path, capsys):
 def test_board_path_runs_without_torch_or_transformers(preview_bundles, tmp_path):
     image = tmp_path / "x.jpg"
     rng_image(640, 480, seed=18).save(image)
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "support" / "board_path.py"), str(preview_bundles["idefics3-256m"]),
-                           str(image)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "support" / "board_path.py"),
+                           str(preview_bundles["idefics3-256m"]), str(image)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("OK ") and proc.stdout.strip().endswith("[]"), proc.stdout

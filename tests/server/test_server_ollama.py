@@ -377,9 +377,9 @@ def test_unknown_paths_and_methods_answer_ollama_style(client, served):
 def test_the_api_key_is_required(served, client):
     for headers in (None, {"Authorization": "Bearer wrong-key-wrong-key"}):
         keyless = ollama.Client(host=served.url, headers=headers, timeout=10)
-        for call in (keyless.list, lambda: keyless.show(MODEL), keyless.ps,
-                     lambda: keyless.chat(model=MODEL, messages=[{"role": "user", "content": "hi"}]),
-                     lambda: keyless.generate(model=MODEL, prompt="hi", stream=True)):
+        for call in (keyless.list, lambda keyless=keyless: keyless.show(MODEL), keyless.ps,
+                     lambda keyless=keyless: keyless.chat(model=MODEL, messages=[{"role": "user", "content": "hi"}]),
+                     lambda keyless=keyless: keyless.generate(model=MODEL, prompt="hi", stream=True)):
             status, message = _status(call)
             assert status == 401 and "Authorization: Bearer" in message and API_KEY not in message
     assert client.list().models  # the right key works

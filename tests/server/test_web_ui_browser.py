@@ -383,7 +383,8 @@ def test_a_demo_conversation_at_phone_and_desktop_size_and_no_csp_violation(brow
     for name, (width, height) in {"phone": (390, 844), "desktop": (1280, 800)}.items():
         browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
             "width": width, "height": height, "deviceScaleFactor": 1, "mobile": name == "phone"})
-        wait(browser, lambda d: d.execute_script("return window.innerWidth") == width, f"the {name} width")
+        wait(browser, lambda d, width=width: d.execute_script("return window.innerWidth") == width,
+             f"the {name} width")
         overflow = browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 0, f"the page scrolls sideways by {overflow} px at {width} px"
         for control in ("question", "send", "stop"):
