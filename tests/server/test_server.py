@@ -9,13 +9,14 @@ import io
 import json
 import threading
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import httpx
 import openai
 import pytest
 
 from support.images import rng_image
+from support.net import LoopbackHandler
 from rksmolvlm.runners import RUNNERS
 from rksmolvlm.cli import main
 from rksmolvlm.errors import ImageError
@@ -384,17 +385,10 @@ def test_local_images_only_under_the_configured_directory(tmp_path):
 def test_remote_images_when_allowed(tmp_path):
     image = png_bytes(seed=7)
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(LoopbackHandler):
         def do_GET(self):
             body, kind = (image, "image/png") if self.path == "/cat.png" else (b"<html/>", "text/html")
-            self.send_response(200 if self.path != "/404" else 404)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
+            self.reply(200 if self.path != "/404" else 404, body, kind)
 
     http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=http.serve_forever, daemon=True).start()

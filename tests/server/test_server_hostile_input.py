@@ -14,7 +14,7 @@ import json
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import httpx
 import numpy as np
@@ -24,7 +24,7 @@ from PIL import Image
 
 from support.images import rng_image
 
-from support.net import health_within_limit, loopback_http
+from support.net import LoopbackHandler, health_within_limit, loopback_http
 from support.hostile_images import float_tiff, jpeg_tiff, scan_bomb, zero_png
 from rksmolvlm.runners import RUNNERS
 from rksmolvlm.runtime.server import BackgroundServer, Metrics, ModelService, ServedModel, build_app, create_app
@@ -63,7 +63,7 @@ SECRET = "SECRET-REMOTE-TEXT-7f3a"
 CAT = png(rng_image(64, 48, seed=11))
 
 
-class RemoteImages(BaseHTTPRequestHandler):
+class RemoteImages(LoopbackHandler):
     """Serves the remote-fetch cases; ``hits`` counts the requests it got."""
 
     hits: list[str] = []
@@ -72,15 +72,11 @@ class RemoteImages(BaseHTTPRequestHandler):
         RemoteImages.hits.append(self.path)
         path = self.path
         if path == "/cat.png":
-            return self._send(200, CAT, "image/png")
+            return self.reply(200, CAT, "image/png")
         if path in ("/to-ftp", "/to-cat", "/loop", "/to-file"):
             target = {"/to-ftp": "ftp://127.0.0.1/cat.png", "/to-cat": "/cat.png", "/loop": "/loop",
                       "/to-file": "file:///etc/passwd"}[path]
-            self.send_response(302)
-            self.send_header("Location", target)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return None
+            return self.redirect(target)
         if path == "/secret":
             self.send_response(500, SECRET)
             self.send_header("X-Detail", SECRET)
@@ -90,7 +86,7 @@ class RemoteImages(BaseHTTPRequestHandler):
             self.wfile.write(body)
             return None
         if path == "/html":
-            return self._send(200, f"<p>{SECRET}</p>".encode(), f"text/html; {SECRET}")
+            return self.reply(200, f"<p>{SECRET}</p>".encode(), f"text/html; {SECRET}")
         if path == "/drip":  # a valid start, then one byte every 50 ms: never done within the deadline
             self.send_response(200)
             self.send_header("Content-Type", "image/png")
@@ -99,7 +95,7 @@ class RemoteImages(BaseHTTPRequestHandler):
             return self._drip(CAT)
         if path == "/drip-headers":  # the status line and headers themselves, a byte at a time
             return self._drip(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\n" + b"X-Pad: " + b"a" * 200 + b"\r\n")
-        self._send(404, b"not here", "text/plain")
+        self.reply(404, b"not here", "text/plain")
 
     def _drip(self, data: bytes):
         for byte in data[:100]:  # at most 5 s: the server stops by itself
@@ -110,15 +106,6 @@ class RemoteImages(BaseHTTPRequestHandler):
                 return
             time.sleep(0.05)
 
-    def _send(self, status: int, body: bytes, kind: str):
-        self.send_response(status)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,13 @@ import ast
 import base64
 import os
 import socket
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 
 from support import DATA, ROOT
 from support.images import rng_image
-from support.net import loopback_http
+from support.net import LoopbackHandler, loopback_http
 from rksmolvlm.runtime.server.config import ServerConfig, with_overrides
 from rksmolvlm.runtime.server.errors import ApiError
 from rksmolvlm.runtime.server.media import IMAGE, VIDEO, MediaKind, MediaRef, MediaSource
@@ -291,7 +290,7 @@ def test_local_files_are_refused_by_name(kind, tmp_path):
     assert (error.status, error.code) == (413, f"{kind.name}_too_large") and kind.limit_key in error.message
 
 
-class _Media(BaseHTTPRequestHandler):
+class _Media(LoopbackHandler):
     """/cat.png and /clip.mp4 with their types, /typeless, /page (HTML), /big (declares more than it sends)."""
 
     def do_GET(self):  # noqa: N802 - the handler's name
@@ -307,15 +306,7 @@ class _Media(BaseHTTPRequestHandler):
         if self.path not in routes:
             self.send_error(404)
             return
-        body, kind = routes[self.path]
-        self.send_response(200)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
+        self.reply(200, *routes[self.path])
 
 
 @pytest.fixture(scope="module")

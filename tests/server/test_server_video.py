@@ -13,7 +13,6 @@ import json
 import shutil
 import threading
 import time
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import httpx
@@ -24,7 +23,7 @@ from support import ROOT
 
 from support.fakes import fake_runner
 
-from support.net import health_within_limit, loopback_http
+from support.net import LoopbackHandler, health_within_limit, loopback_http
 from rksmolvlm.runners import RUNNERS
 from rksmolvlm.processing.content import Message, TextPart, VideoPart
 from rksmolvlm.runtime.engines import GenerationConfig
@@ -440,25 +439,14 @@ def test_video_disabled_and_too_many_videos(runtime_bundles):
 
 
 # -- remote videos (allowed), through the hardened fetcher ---------------------------------------------
-class RemoteClips(BaseHTTPRequestHandler):
+class RemoteClips(LoopbackHandler):
     def do_GET(self):
         kinds = {"/clip.mp4": (clip(SHORT), "video/mp4"), "/page": (b"<p>not a video</p>", "text/html"),
                  "/to-clip": None}
         if self.path == "/to-clip":
-            self.send_response(302)
-            self.send_header("Location", "/clip.mp4")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
+            return self.redirect("/clip.mp4")
         body, kind = kinds.get(self.path) or (b"missing", "text/plain")
-        self.send_response(200 if self.path in kinds else 404)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
+        return self.reply(200 if self.path in kinds else 404, body, kind)
 
 
 @pytest.fixture(scope="module")

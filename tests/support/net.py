@@ -1,9 +1,11 @@
-"""Loopback HTTP for tests, and the /health latency rule of the hostile-case suites."""
+"""Loopback HTTP for tests (a server, and a quiet handler base with reply and redirect), and the
+/health latency rule of the hostile-case suites."""
 
 from __future__ import annotations
 
 import contextlib
 import threading
+from http.server import BaseHTTPRequestHandler
 
 
 HEALTH_LIMIT_S = 0.1  # /health answers within 100 ms throughout a hostile case
@@ -30,3 +32,23 @@ def loopback_http(handler):
     finally:
         server.shutdown()
         server.server_close()
+
+
+class LoopbackHandler(BaseHTTPRequestHandler):
+    """A quiet request handler with the two answers the remote-media tests give."""
+
+    def reply(self, status: int, body: bytes, kind: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def redirect(self, location: str, status: int = 302) -> None:
+        self.send_response(status)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
