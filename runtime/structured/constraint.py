@@ -22,6 +22,7 @@ class Constraint:
         self.stop_ids = stop_ids
         self._words = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
         self.accepted = 0  # ids accepted so far (stop id included)
+        self._ended = False  # a stop id was accepted
 
     def bitmask(self) -> np.ndarray:
         """The allowed ids as llguidance's packed int32 words (bit ``i % 32`` of word ``i // 32``).
@@ -39,6 +40,8 @@ class Constraint:
         """Whether ``token_id`` may come next: the cheap check-first test (no mask computed)."""
         if not 0 <= token_id < self.vocab_size:
             return False
+        if token_id in self.stop_ids:  # once the grammar is complete the matcher validates no id, not even a stop
+            return self._matcher.is_accepting() and not self._matcher.is_error()
         return self._matcher.validate_tokens([int(token_id)]) == 1
 
     def accept(self, token_id: int) -> None:
@@ -46,9 +49,11 @@ class Constraint:
         if not self.allows(token_id):
             raise TokenRejectedError(f"token {token_id} is not allowed by the grammar here (after {self.accepted} "
                                      "tokens): sample under mask() or check allows() first", token_id=token_id)
-        if not self._matcher.consume_token(int(token_id)):
+        if not self._matcher.is_stopped() and not self._matcher.consume_token(int(token_id)):
             self._raise_if_error()
         self.accepted += 1
+        if token_id in self.stop_ids:
+            self._ended = True
 
     def accept_many(self, token_ids: list[int]) -> None:
         """Advance past a run of ids (e.g. the forced ones), all or none."""
@@ -76,7 +81,7 @@ class Constraint:
     def done(self) -> bool:
         """The answer is complete and nothing may follow (a stop id was accepted, or the grammar
         cannot be extended): end the answer with finish_reason "stop"."""
-        return self._matcher.is_stopped()
+        return self._ended or self._matcher.is_stopped()
 
     def is_stop(self, token_id: int) -> bool:
         return token_id in self.stop_ids

@@ -122,12 +122,22 @@ class GrammarCompiler:
         try:
             source = llg.LLMatcher.grammar_from_json_schema(fmt.schema_json, overrides=JSON_LAYOUT)
         except ValueError as exc:
+            if "recursion limit" in str(exc):  # serde_json's nesting limit
+                raise SchemaTooComplexError(f"{fmt.param} is nested too deep to compile: flatten the schema",
+                                            param=fmt.param, limit="llguidance") from exc
             raise InvalidSchemaError(f"{fmt.param} is not a valid schema: {exc}", param=fmt.param) from exc
         matcher = llg.LLMatcher(self.tokenizer, source, log_level=0, limits=self._parser_limits)
         if not matcher.is_error():
-            # the lexer is built lazily: one mask makes a costly regex fail here rather than mid-answer
+            # the lexer is built lazily: masks at the start and past the forced run (into the first
+            # value) make a costly regex fail here rather than mid-answer
             probe = np.zeros((self.vocab_size + 31) // 32, dtype=np.int32)
             matcher.unsafe_compute_mask_ptr(probe.ctypes.data, probe.nbytes)
+            ahead = matcher.deep_copy()
+            forced = ahead.compute_ff_tokens()
+            if forced and ahead.consume_tokens(forced):
+                ahead.unsafe_compute_mask_ptr(probe.ctypes.data, probe.nbytes)
+            if ahead.is_error():
+                raise _compile_error(ahead.get_error(), fmt.param)
         if matcher.is_error():
             raise _compile_error(matcher.get_error(), fmt.param)
         elapsed = time.perf_counter() - started

@@ -28,11 +28,11 @@ class SchemaLimits:
 
 
 # Keywords that llguidance 1.9 refuses as unimplemented (checked one by one) plus the dynamic-scope
-# family; the value is the fix the error message names.
+# family; the value is the fix the error message names. oneOf is left to llguidance: it compiles
+# oneOf when it can prove the branches exclusive (different types, consts) and refuses it otherwise.
 UNSUPPORTED_KEYWORDS: dict[str, str] = {
     "if": "express the condition with anyOf", "then": "express the condition with anyOf",
     "else": "express the condition with anyOf", "not": "list the allowed values or types instead",
-    "oneOf": "use anyOf (the grammar cannot check that exactly one branch matches)",
     "dependentSchemas": "list the properties in required", "dependentRequired": "list the properties in required",
     "dependencies": "list the properties in required", "contains": "describe every item with items",
     "minContains": "describe every item with items", "maxContains": "describe every item with items",
