@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 from rksmolvlm.runtime.structured.errors import FormatShapeError
 from rksmolvlm.runtime.structured.schema import SchemaLimits, prepare_schema
@@ -83,7 +84,7 @@ def from_openai_response_format(value: Any, *, param: str = "response_format",
         spec = value.get("json_schema")
         if not isinstance(spec, dict):
             raise FormatShapeError(f"{param}.json_schema must be an object with name and schema", param=f"{param}.json_schema")
-        name = _name(spec.get("name"), f"{param}.json_schema.name", required=True)
+        name = _name(spec.get("name"), f"{param}.json_schema.name")
         strict = _flag(spec.get("strict"), f"{param}.json_schema.strict")
         if "schema" not in spec:  # OpenAI: a schema-less json_schema is any JSON object
             return ResponseFormat("json_schema", _dump(_ANY_OBJECT), name, strict, param=f"{param}.json_schema")
@@ -117,7 +118,7 @@ def from_responses_text_format(value: Any, *, param: str = "text.format",
     if kind == "json_object":
         return _any_object(param)
     if kind == "json_schema":
-        name = _name(value.get("name"), f"{param}.name", required=True)
+        name = _name(value.get("name"), f"{param}.name")
         strict = _flag(value.get("strict"), f"{param}.strict")
         if "schema" not in value:
             raise FormatShapeError(f"{param}.schema is required for json_schema", param=f"{param}.schema")
@@ -139,8 +140,7 @@ def from_tool_choice(tool_choice: Any, tools: Any, *, param: str = "tool_choice"
     elif isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
         inner = tool_choice.get("function")
         where = f"{param}.function.name" if isinstance(inner, dict) else f"{param}.name"
-        wanted = _name((inner or {}).get("name") if isinstance(inner, dict) else tool_choice.get("name"), where,
-                       required=True)
+        wanted = _name((inner or {}).get("name") if isinstance(inner, dict) else tool_choice.get("name"), where)
         chosen = [s for s in specs if s[0] == wanted]
         if not chosen:
             raise FormatShapeError(f"{where} is {wanted!r}, which is not among {tools_param} "
@@ -188,7 +188,7 @@ def _tools(tools: Any, param: str) -> list[tuple[str, Any, bool, str]]:
         if not isinstance(tool, dict) or tool.get("type", "function") != "function":
             raise FormatShapeError(f"{where} must be {{\"type\": \"function\", \"function\": {{...}}}}", param=where)
         fn, base = (tool["function"], f"{where}.function") if isinstance(tool.get("function"), dict) else (tool, where)
-        name = _name(fn.get("name"), f"{base}.name", required=True)
+        name = _name(fn.get("name"), f"{base}.name")
         parameters = fn.get("parameters")
         if parameters is None:  # a function without parameters takes none
             parameters = {"type": "object", "properties": {}, "additionalProperties": False}
@@ -199,9 +199,7 @@ def _tools(tools: Any, param: str) -> list[tuple[str, Any, bool, str]]:
     return specs
 
 
-def _name(value: Any, param: str, *, required: bool) -> str | None:
-    if value is None and not required:
-        return None
+def _name(value: Any, param: str) -> str:
     if not isinstance(value, str) or not value or len(value) > 64:
         raise FormatShapeError(f"{param} must be a name of 1 to 64 characters", param=param)
     return value

@@ -9,14 +9,18 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
-
 from rksmolvlm.runtime.structured.constraint import Constraint
-from rksmolvlm.runtime.structured.errors import InvalidSchemaError, SchemaTooComplexError, UnsupportedSchemaError
+from rksmolvlm.runtime.structured.errors import (
+    InvalidSchemaError,
+    SchemaTooComplexError,
+    UnsupportedSchemaError,
+)
 from rksmolvlm.runtime.structured.formats import ResponseFormat
 
 __all__ = ["CompileLimits", "Grammar", "GrammarCompiler", "JSON_LAYOUT"]
@@ -82,11 +86,11 @@ class GrammarCompiler:
         self.misses = 0
 
     @classmethod
-    def from_file(cls, tokenizer_path: str | Path, vocab_size: int, stop_ids: Sequence[int], **kwargs: Any) -> "GrammarCompiler":
+    def from_file(cls, tokenizer_path: str | Path, vocab_size: int, stop_ids: Sequence[int], **kwargs: Any) -> GrammarCompiler:
         return cls(Path(tokenizer_path).read_text(encoding="utf-8"), vocab_size, stop_ids, **kwargs)
 
     @classmethod
-    def for_bundle(cls, bundle: Any, **kwargs: Any) -> "GrammarCompiler":
+    def for_bundle(cls, bundle: Any, **kwargs: Any) -> GrammarCompiler:
         """From a RuntimeBundle: its tokenizer.json, the model's vocabulary (embedding rows) and its end ids."""
         manifest = bundle.manifest
         return cls.from_file(bundle.file(manifest.tokenizer), manifest.llm.embed_shape[0], bundle.stop_ids, **kwargs)

@@ -15,10 +15,10 @@ gives p(t)/P(allowed), the masked distribution). With top-k or top-p the mask co
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
-
 from rksmolvlm.runtime.structured.constraint import Constraint
 
 __all__ = ["SamplingOptions", "Sampler", "apply_penalties"]
@@ -63,32 +63,33 @@ class Sampler:
                 self.fast_path_hits += 1
                 return token
         self.masks += 1
-        allowed = _fit(constraint.mask(), scores.shape[0])
-        if not allowed.any():
+        allowed = np.flatnonzero(constraint.mask()[:scores.shape[0]])  # ids past the grammar's vocabulary: never
+        if not allowed.size:
             raise RuntimeError("the grammar allows no id within the model's logits: the tokenizer and the model disagree")
-        scores = np.where(allowed, scores, np.float32(-np.inf))
-        return self._choose(scores)
+        return self._choose(scores, allowed)
 
-    def _choose(self, scores: np.ndarray) -> int:
+    def _choose(self, scores: np.ndarray, ids: np.ndarray | None = None) -> int:
+        """One id among ``ids`` (all when None) by the options; works on the candidates only, so a
+        masked or top-k pick costs what its candidates cost, not the vocabulary."""
         o = self.options
+        sub = scores if ids is None else scores[ids]
         if o.greedy:
-            return int(np.argmax(scores))
-        scores = scores / np.float32(o.temperature)
-        if o.top_k:
-            k = min(o.top_k, scores.shape[0])
-            kth = np.partition(scores, scores.shape[0] - k)[scores.shape[0] - k]
-            scores = np.where(scores < kth, np.float32(-np.inf), scores)
-        top = scores.max()
-        probs = np.exp((scores - top).astype(np.float64))
-        probs /= probs.sum()
+            best = int(np.argmax(sub))  # the first maximum, as torch.argmax
+            return best if ids is None else int(ids[best])
+        sub = sub / np.float32(o.temperature)
+        if o.top_k and o.top_k < sub.shape[0]:
+            kth = np.partition(sub, sub.shape[0] - o.top_k)[sub.shape[0] - o.top_k]
+            keep = np.flatnonzero(sub >= kth)  # ties with the k-th value stay, as in the host engine
+            sub = sub[keep]
+            ids = keep if ids is None else ids[keep]
+        probs = np.exp((sub - sub.max()).astype(np.float64))
         if o.top_p < 1.0:
-            order = np.argsort(-probs, kind="stable")
-            sorted_probs = probs[order]
-            keep = np.cumsum(sorted_probs) - sorted_probs < o.top_p
-            kept = np.zeros_like(probs)
-            kept[order[keep]] = probs[order[keep]]
-            probs = kept / kept.sum()
-        return int(self.rng.choice(probs.shape[0], p=probs))
+            keep = _nucleus(probs / probs.sum(), o.top_p)
+            probs = probs[keep]
+            ids = keep if ids is None else ids[keep]
+        cumulative = np.cumsum(probs)
+        j = min(int(np.searchsorted(cumulative, self.rng.random() * cumulative[-1], side="right")), probs.shape[0] - 1)
+        return j if ids is None else int(ids[j])
 
 
 def apply_penalties(logits: np.ndarray, previous: Sequence[int], repeat_penalty: float = 1.0,
@@ -112,10 +113,18 @@ def apply_penalties(logits: np.ndarray, previous: Sequence[int], repeat_penalty:
     return scores
 
 
-def _fit(mask: np.ndarray, width: int) -> np.ndarray:
-    """The mask over ``width`` logits: ids past the grammar's vocabulary are disallowed."""
-    if mask.shape[0] >= width:
-        return mask[:width]
-    out = np.zeros(width, dtype=bool)
-    out[:mask.shape[0]] = mask
-    return out
+def _nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """Indices of the smallest prefix of the sorted distribution that reaches ``top_p`` (an id is kept
+    while the mass before it is below p); sorts only the head, growing it until the prefix ends in it."""
+    head = 64
+    while True:
+        if head >= probs.shape[0]:
+            order = np.argsort(-probs, kind="stable")
+        else:
+            top = np.argpartition(-probs, head)[:head]
+            order = top[np.argsort(-probs[top], kind="stable")]
+        ordered = probs[order]
+        keep = np.cumsum(ordered) - ordered < top_p
+        if head >= probs.shape[0] or not keep[-1]:
+            return order[keep]
+        head *= 4

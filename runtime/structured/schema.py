@@ -9,7 +9,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from rksmolvlm.runtime.structured.errors import InvalidSchemaError, SchemaTooComplexError, UnsupportedSchemaError
+from rksmolvlm.runtime.structured.errors import (
+    InvalidSchemaError,
+    SchemaTooComplexError,
+    UnsupportedSchemaError,
+)
 
 __all__ = ["SchemaLimits", "UNSUPPORTED_KEYWORDS", "prepare_schema", "pattern_size"]
 

@@ -12,12 +12,24 @@ from dataclasses import dataclass
 import jsonschema
 import numpy as np
 import pytest
-
-from rksmolvlm.runtime.structured import (TEXT, Constraint, FormatShapeError, GrammarCompiler, InvalidSchemaError,
-                                          ResponseFormat, Sampler, SchemaTooComplexError, TokenRejectedError,
-                                          UnsupportedSchemaError, apply_penalties, from_ollama_format,
-                                          from_openai_response_format, from_responses_text_format, from_tool_choice,
-                                          tool_call_from_text)
+from rksmolvlm.runtime.structured import (
+    TEXT,
+    Constraint,
+    FormatShapeError,
+    GrammarCompiler,
+    InvalidSchemaError,
+    ResponseFormat,
+    Sampler,
+    SchemaTooComplexError,
+    TokenRejectedError,
+    UnsupportedSchemaError,
+    apply_penalties,
+    from_ollama_format,
+    from_openai_response_format,
+    from_responses_text_format,
+    from_tool_choice,
+    tool_call_from_text,
+)
 from rksmolvlm.runtime.structured.grammar import CompileLimits
 from rksmolvlm.runtime.structured.schema import pattern_size
 
@@ -403,6 +415,15 @@ def test_mask_pads_the_model_vocabulary_and_stop_is_allowed_exactly_when_accepti
     assert c.done and c.forced() == []
 
 
+def test_stop_is_allowed_beside_more_digits_when_a_number_could_go_on(compiler, tokenizer, eou):
+    c = compiler.constraint(from_ollama_format({"type": "integer"}))
+    c.accept_many(tokenizer.encode("12", add_special_tokens=False).ids)
+    mask = c.mask()
+    assert c.accepting and not c.done and mask[eou] and mask[tokenizer.token_to_id("3")]
+    c.accept(eou)
+    assert c.done and c.forced() == []
+
+
 def test_accept_refuses_a_disallowed_token_and_keeps_the_state(compiler, tokenizer):
     c = compiler.constraint(from_ollama_format("json"))
     bad = tokenizer.token_to_id("[")
@@ -484,6 +505,20 @@ def test_frigate_answers_validate_whatever_the_model_picks(compiler, tokenizer, 
     assert 3 <= len(value["observations"]) <= 8
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_frigate_ollama_provider_answers_validate(compiler, tokenizer, eou, seed):
+    # Frigate's Ollama provider: format = the schema minus title, description and the length bounds
+    schema = json.loads(json.dumps(FRIGATE))
+    schema.pop("title")
+    for prop in schema["properties"].values():
+        for key in ("title", "description", "minLength", "maxLength", "minItems", "maxItems", "minimum", "maximum"):
+            prop.pop(key, None)
+    text = _walk(compiler.constraint(from_ollama_format(schema)), tokenizer, eou, np.random.default_rng(seed),
+                 "uniform", limit=1_500)
+    assert text is not None
+    _validate(text, schema)
+
+
 @pytest.mark.parametrize("policy", ["uniform", "finish", "linger"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_home_assistant_task_answers_validate(compiler, tokenizer, eou, policy, seed):
@@ -538,8 +573,9 @@ def test_greedy_picks_equal_the_host_engines(tmp_path):
     torch = pytest.importorskip("torch")
     from types import SimpleNamespace
 
-    from rksmolvlm.preview.host_engines import TorchLlmEngine
     from rksmolvlm.runtime.engines import GenerationConfig
+
+    from rksmolvlm.preview.host_engines import TorchLlmEngine
 
     rng = np.random.default_rng(3)
     host = SimpleNamespace(torch=torch)
