@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from rksmolvlm.runtime.structured import (
     GrammarCompiler,
     Sampler,

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
 from rksmolvlm.runtime.structured.errors import TokenRejectedError
 
 __all__ = ["Constraint"]

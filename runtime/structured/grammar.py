@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from rksmolvlm.runtime.structured.constraint import Constraint
 from rksmolvlm.runtime.structured.errors import (
     InvalidSchemaError,

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
+
 from rksmolvlm.runtime.structured.constraint import Constraint
 
 __all__ = ["SamplingOptions", "Sampler", "apply_penalties"]

@@ -12,11 +12,13 @@ from dataclasses import dataclass
 import jsonschema
 import numpy as np
 import pytest
+
 from rksmolvlm.runtime.structured import (
     TEXT,
     Constraint,
     FormatShapeError,
     GrammarCompiler,
+    Guide,
     InvalidSchemaError,
     ResponseFormat,
     Sampler,
@@ -656,3 +658,64 @@ def test_the_smolvlm_token_layout(eou):
         assert not c.mask()[special]
     text = _walk(c, hf.backend_tokenizer, spec.eos_token_id, np.random.default_rng(0), "uniform")
     _validate(text, FRIGATE)
+
+
+# ---------------------------------------------------------------- the guide (what the engines call per step)
+
+
+class BigramModel:
+    """A stand-in decoder whose logits depend on the last id only: a fixed random table."""
+
+    def __init__(self, seed: int, eou: int):
+        self.table = np.random.default_rng(seed).normal(0, 3, (VOCAB, VOCAB)).astype(np.float32)
+        self.table[:, eou] -= 6.0  # prefers to go on, as a model asked for a long answer
+
+    def logits(self, last: int) -> np.ndarray:
+        return self.table[last]
+
+
+def test_guide_writes_a_forced_tool_call_and_feeds_runs(compiler, tokenizer, eou):
+    fmt = from_tool_choice({"type": "function", "function": {"name": "get_weather"}}, TOOLS)
+    guide = Guide(Options(temperature=0.8, seed=3), compiler.constraint(fmt))
+    model = BigramModel(0, eou)
+    fed = guide.begin()  # the fixed head goes in with the prompt, no sampling
+    assert tokenizer.decode(fed).startswith('{"name": "get_weather"')
+    calls = 1
+    while not guide.done and len(guide.produced) < 2_000:
+        run = guide.step(model.logits(fed[-1]))
+        fed += run
+        calls += 1
+        if run[-1] == eou:
+            break
+    assert guide.produced == fed
+    call = tool_call_from_text(tokenizer.decode([t for t in fed if t != eou]))
+    assert call.name == "get_weather"
+    jsonschema.validate(call.arguments, TOOLS[0]["function"]["parameters"])
+    assert guide.forced_ids > 0 and calls < len(fed)  # forced runs save model calls
+
+
+def test_guide_without_a_grammar_is_the_plain_sampler(eou):
+    model = BigramModel(1, eou)
+    options = Options(temperature=0.9, top_p=0.9, seed=4, repeat_penalty=1.2)
+    guide, plain = Guide(options), Sampler(options)
+    assert guide.begin() == [] and not guide.done
+    last, produced = 5, []
+    for _ in range(50):
+        run = guide.step(model.logits(last))
+        want = plain.pick(model.logits(last), produced)
+        assert run == [want]
+        produced.append(want)
+        last = want
+    assert guide.produced == produced and not guide.done
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_guide_frigate_answers_validate_with_a_sampling_model(compiler, tokenizer, eou, seed):
+    guide = Guide(Options(temperature=0.7, repeat_penalty=1.05, presence_penalty=0.3, seed=seed),
+                  compiler.constraint(from_openai_response_format(FRIGATE_REQUEST)))
+    model = BigramModel(seed, eou)
+    last = guide.begin()[-1:] or [1]
+    while not guide.done and len(guide.produced) < 5_000:
+        last = guide.step(model.logits(last[-1]))
+    assert guide.done
+    _validate(tokenizer.decode([t for t in guide.produced if t != eou]), FRIGATE)
