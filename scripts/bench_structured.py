@@ -140,7 +140,21 @@ def bench_schema(compiler: GrammarCompiler, fmt, answers: int, seed: int) -> dic
     out["forced_ids_per_step"] = round(forced_ids / max(steps, 1), 3)
     for name, options in (("pick_greedy_check_first", Greedy()), ("pick_top_k", Greedy(temperature=0.7, top_k=40))):
         out[name] = _bench_pick(compiler, fmt, options, rng)
+    for name, options in (("pick_free_greedy", Greedy()), ("pick_free_top_k", Greedy(temperature=0.7, top_k=40))):
+        out[name] = _bench_free_pick(options, rng)
     return out
+
+
+def _bench_free_pick(options, rng: np.random.Generator, steps: int = 1_000) -> dict:
+    """The same sampler without a grammar: the baseline the constrained picks add to."""
+    sampler = Sampler(options)
+    times = []
+    for _ in range(steps):
+        logits = rng.standard_normal(VOCAB, dtype=np.float32)
+        t0 = time.perf_counter()
+        sampler.pick(logits)
+        times.append((time.perf_counter() - t0) * 1000)
+    return _stats(times)
 
 
 def _bench_pick(compiler: GrammarCompiler, fmt, options, rng: np.random.Generator) -> dict:
@@ -207,7 +221,8 @@ def main() -> None:
     for name in ("frigate_review_metadata", "small_ha_task"):
         r = report[name]
         print(f"\n{name}: compile {r['compile_ms']} ms, {r['steps']} steps, {r['forced_ids_per_step']} forced ids/step")
-        for key in ("bitmask", "mask", "allows", "accept", "forced", "pick_greedy_check_first", "pick_top_k"):
+        for key in ("bitmask", "mask", "allows", "accept", "forced", "pick_greedy_check_first", "pick_top_k",
+                    "pick_free_greedy", "pick_free_top_k"):
             s = r[key]
             extra = f"  (check-first hits {s['check_first_hits']}, masks {s['masks']})" if "check_first_hits" in s else ""
             print(f"  {key:24s} median {s['median_ms']:.4f} ms  p99 {s['p99_ms']:.4f} ms  max {s['max_ms']:.3f} ms{extra}")

@@ -2,6 +2,12 @@
 ``format``, the Responses API's ``text.format`` and a forced tool call (``tool_choice`` + ``tools``)
 all become a ``ResponseFormat`` with the schema to compile and a stable cache key.
 
+``strict`` (OpenAI json_schema, Responses text.format, a tool's function): the whole schema is
+enforced either way (llguidance has no best-effort mode); strict only changes the default of
+``additionalProperties`` on object schemas that do not state it — closed under strict, as OpenAI's
+strict mode requires, open (JSON Schema's default) otherwise, Ollama ``format`` included.
+``required`` is never changed: a property left out of it may be left out of the answer.
+
 A forced tool call is answered as one JSON object ``{"name": <a tool's name>, "arguments": {...}}``
 whose arguments validate against that tool's ``parameters``; ``tool_call_from_text`` reads it back
 for the adapters (OpenAI and Ollama ``message.tool_calls``). One call per answer."""

@@ -52,10 +52,13 @@ class Grammar:
         self._matcher = matcher
         self.vocab_size = vocab_size
         self.stop_ids = stop_ids
+        self._lock = threading.Lock()  # the template is shared by every request of this format
 
     def constraint(self) -> Constraint:
         """A fresh per-request state at the start of the answer."""
-        return Constraint(self._matcher.deep_copy(), self.vocab_size, self.stop_ids)
+        with self._lock:
+            copy = self._matcher.deep_copy()
+        return Constraint(copy, self.vocab_size, self.stop_ids)
 
 
 class GrammarCompiler:
@@ -92,9 +95,10 @@ class GrammarCompiler:
 
     @classmethod
     def for_bundle(cls, bundle: Any, **kwargs: Any) -> GrammarCompiler:
-        """From a RuntimeBundle: its tokenizer.json, the model's vocabulary (embedding rows) and its end ids."""
+        """From a RuntimeBundle: its tokenizer.json, the model's vocabulary (the width of its logits)
+        and its end ids."""
         manifest = bundle.manifest
-        return cls.from_file(bundle.file(manifest.tokenizer), manifest.llm.embed_shape[0], bundle.stop_ids, **kwargs)
+        return cls.from_file(bundle.file(manifest.tokenizer), manifest.model.vocab_size, bundle.stop_ids, **kwargs)
 
     def compile(self, fmt: ResponseFormat) -> Grammar | None:
         """The grammar of ``fmt`` (None for free text), from the cache when an equal format was compiled."""

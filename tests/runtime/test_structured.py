@@ -386,6 +386,23 @@ def test_compiled_grammar_is_cached_per_distinct_format(compiler):
     assert a.accepted > 0 and b.accepted == 0  # every request gets its own state
 
 
+def test_compiler_for_a_bundle(tmp_path, tokenizer_json, eou):
+    from types import SimpleNamespace
+
+    (tmp_path / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+    bundle = SimpleNamespace(manifest=SimpleNamespace(tokenizer="tokenizer.json", model=SimpleNamespace(vocab_size=VOCAB)),
+                             stop_ids=(eou,), file=lambda name: tmp_path / name)
+    compiler = GrammarCompiler.for_bundle(bundle)
+    assert compiler.vocab_size == VOCAB and compiler.stop_ids == (eou,)
+    assert compiler.constraint(from_ollama_format("json")).mask().shape == (VOCAB,)
+
+
+def test_missing_local_ref_is_invalid(compiler):
+    with pytest.raises(InvalidSchemaError) as caught:
+        compiler.compile(from_ollama_format({"type": "object", "properties": {"a": {"$ref": "#/$defs/nope"}}}))
+    assert caught.value.param == "format"
+
+
 def test_compiler_refuses_a_tokenizer_wider_than_the_model(tokenizer_json, eou):
     with pytest.raises(ValueError):
         GrammarCompiler(tokenizer_json, 100, [eou])
