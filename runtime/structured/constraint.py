@@ -23,6 +23,7 @@ class Constraint:
         self._words = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
         self.accepted = 0  # ids accepted so far (stop id included)
         self._ended = False  # a stop id was accepted
+        self._unfed_stop = False  # ... while the matcher was already stopped (so it never saw it)
 
     def bitmask(self) -> np.ndarray:
         """The allowed ids as llguidance's packed int32 words (bit ``i % 32`` of word ``i // 32``).
@@ -49,7 +50,10 @@ class Constraint:
         if not self.allows(token_id):
             raise TokenRejectedError(f"token {token_id} is not allowed by the grammar here (after {self.accepted} "
                                      "tokens): sample under mask() or check allows() first", token_id=token_id)
-        if not self._matcher.is_stopped() and not self._matcher.consume_token(int(token_id)):
+        # a stop after a grammar that cannot go on is not fed to the matcher (it validates nothing then)
+        if self._matcher.is_stopped():
+            self._unfed_stop = True
+        elif not self._matcher.consume_token(int(token_id)):
             self._raise_if_error()
         self.accepted += 1
         if token_id in self.stop_ids:
@@ -65,6 +69,7 @@ class Constraint:
         if not self._matcher.consume_tokens(ids):
             self._raise_if_error()
         self.accepted += len(ids)
+        self._ended = self._ended or any(t in self.stop_ids for t in ids)
 
     def forced(self) -> list[int]:
         """The ids the grammar forces next (possibly none); the NPU path feeds them in one call."""
@@ -88,8 +93,13 @@ class Constraint:
 
     def rollback(self, count: int) -> None:
         """Undo the last ``count`` accepted ids."""
-        if count > self.accepted or not self._matcher.rollback(count):
+        if not 0 <= count <= self.accepted:
             raise ValueError(f"cannot roll back {count} of {self.accepted} accepted tokens")
+        fed = count - (1 if self._unfed_stop and count else 0)
+        if fed and not self._matcher.rollback(fed):
+            raise ValueError(f"cannot roll back {count} of {self.accepted} accepted tokens")
+        if count:
+            self._ended = self._unfed_stop = False
         self.accepted -= count
 
     def _raise_if_error(self) -> None:

@@ -432,6 +432,8 @@ def test_mask_pads_the_model_vocabulary_and_stop_is_allowed_exactly_when_accepti
     assert np.flatnonzero(c.mask()).tolist() == [eou]
     c.accept(eou)
     assert c.done and c.forced() == []
+    c.rollback(2)  # the stop and the "}": open again, expecting the close
+    assert not c.done and not c.accepting and c.allows(tokenizer.token_to_id("}"))
 
 
 def test_stop_is_allowed_beside_more_digits_when_a_number_could_go_on(compiler, tokenizer, eou):
@@ -441,6 +443,8 @@ def test_stop_is_allowed_beside_more_digits_when_a_number_could_go_on(compiler, 
     assert c.accepting and not c.done and mask[eou] and mask[tokenizer.token_to_id("3")]
     c.accept(eou)
     assert c.done and c.forced() == []
+    c.rollback(1)  # a stop the matcher consumed
+    assert not c.done and c.accepting and c.allows(tokenizer.token_to_id("3"))
 
 
 def test_accept_refuses_a_disallowed_token_and_keeps_the_state(compiler, tokenizer):
@@ -508,6 +512,7 @@ def _walk(c: Constraint, tokenizer, eou: int, rng: np.random.Generator, policy: 
 
 
 def _validate(text: str, schema: dict) -> object:
+    assert "\ufffd" not in text  # byte-level tokens never split a character into invalid UTF-8
     value = json.loads(text)
     jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker()).validate(value)
     return value
