@@ -2,11 +2,10 @@
 ``format``, the Responses API's ``text.format`` and a forced tool call (``tool_choice`` + ``tools``)
 all become a ``ResponseFormat`` with the schema to compile and a stable cache key.
 
-``strict`` (OpenAI json_schema, Responses text.format, a tool's function): the whole schema is
-enforced either way (llguidance has no best-effort mode); strict only changes the default of
-``additionalProperties`` on object schemas that do not state it — closed under strict, as OpenAI's
-strict mode requires, open (JSON Schema's default) otherwise, Ollama ``format`` included.
-``required`` is never changed: a property left out of it may be left out of the answer.
+``strict`` (OpenAI json_schema, Responses text.format, a tool's function) is kept on the record
+but does not change the grammar: the whole schema is enforced either way (there is no best-effort
+mode), and objects with properties are closed either way (schema.py says why). ``required`` is never
+changed: a property left out of it may be left out of the answer.
 
 A forced tool call is answered as one JSON object ``{"name": <a tool's name>, "arguments": {...}}``
 whose arguments validate against that tool's ``parameters``; ``tool_call_from_text`` reads it back
@@ -155,8 +154,8 @@ def from_tool_choice(tool_choice: Any, tools: Any, *, param: str = "tool_choice"
         raise FormatShapeError(f"{param} must be 'auto', 'none', 'required' or {{\"type\": \"function\", "
                                f"\"function\": {{\"name\": ...}}}}", param=param)
     branches = []
-    for name, parameters, strict, where in chosen:
-        arguments = prepare_schema(parameters, param=where, strict=strict, limits=limits)
+    for name, parameters, _strict, where in chosen:
+        arguments = prepare_schema(parameters, param=where, limits=limits)
         branches.append({"type": "object", "properties": {"name": {"const": name}, "arguments": arguments},
                          "required": ["name", "arguments"], "additionalProperties": False})
     schema = branches[0] if len(branches) == 1 else {"anyOf": branches}
@@ -180,7 +179,7 @@ def _any_object(param: str) -> ResponseFormat:
 
 
 def _schema_format(schema: Any, param: str, name: str | None, strict: bool, limits: SchemaLimits) -> ResponseFormat:
-    prepared = prepare_schema(schema, param=param, strict=strict, limits=limits)
+    prepared = prepare_schema(schema, param=param, limits=limits)
     return ResponseFormat("json_schema", _dump(prepared), name, strict, param=param)
 
 

@@ -1,6 +1,11 @@
 """Checks an untrusted JSON schema before it reaches the grammar compiler: size, depth and count
-limits, keywords the grammar cannot enforce (refused by name, never dropped), remote ``$ref``, and
-the ``strict`` rewrite (OpenAI strict mode: an object without ``additionalProperties`` is closed)."""
+limits, keywords the grammar cannot enforce (refused by name, never dropped), remote ``$ref``; and
+closes objects: an object schema with ``properties`` and no ``additionalProperties`` gets
+``additionalProperties: false``, strict or not. That is what llama.cpp's converter does (so what
+Ollama's ``format`` gives), what OpenAI's strict mode requires, and every answer still validates
+against the client's schema (a closed object is one of the open one's instances); it keeps a small
+model from inventing keys after the ones it was asked for. ``additionalProperties: true`` or a
+schema, ``patternProperties``, a bare ``{"type": "object"}`` and allOf members stay as sent."""
 
 from __future__ import annotations
 
@@ -53,11 +58,10 @@ _SCHEMA_ONE = ("additionalProperties", "additionalItems", "items", "contains", "
 _SCHEMA_LISTS = ("anyOf", "allOf", "oneOf", "prefixItems")
 
 
-def prepare_schema(schema: Any, *, param: str, strict: bool, limits: SchemaLimits = SchemaLimits()) -> dict:
+def prepare_schema(schema: Any, *, param: str, limits: SchemaLimits = SchemaLimits()) -> dict:
     """The schema to compile: checked against ``limits`` and the unsupported keywords, with
-    ``uniqueItems: false`` (no constraint) removed and, when ``strict``, every object schema that does
-    not say otherwise closed (``additionalProperties: false``). Raises a StructuredOutputError naming
-    ``param`` and the keyword or limit."""
+    ``uniqueItems: false`` (no constraint) removed and objects with properties closed (see above).
+    Raises a StructuredOutputError naming ``param`` and the keyword or limit."""
     if isinstance(schema, bool):
         raise InvalidSchemaError(f"{param} is the boolean schema {str(schema).lower()}: send an object schema "
                                  '(e.g. {"type": "object", ...})', param=param)
@@ -69,7 +73,7 @@ def prepare_schema(schema: Any, *, param: str, strict: bool, limits: SchemaLimit
         raise SchemaTooComplexError(f"{param} is {size} bytes, over the limit of {limits.max_bytes}: send a smaller "
                                     "schema", param=param, limit="max_bytes")
     counts = {"properties": 0, "enum": 0}
-    return _rewrite(schema, param, strict, limits, counts, in_all_of=False)
+    return _rewrite(schema, param, limits, counts, in_all_of=False)
 
 
 def pattern_size(pattern: str) -> int:
@@ -150,7 +154,7 @@ def _check_shape(schema: dict, param: str, limits: SchemaLimits) -> None:
             stack.extend((child, depth + 1) for child in children)
 
 
-def _rewrite(node: Any, path: str, strict: bool, limits: SchemaLimits, counts: dict[str, int], in_all_of: bool) -> Any:
+def _rewrite(node: Any, path: str, limits: SchemaLimits, counts: dict[str, int], in_all_of: bool) -> Any:
     if isinstance(node, bool):
         return node
     if not isinstance(node, dict):
@@ -189,7 +193,7 @@ def _rewrite(node: Any, path: str, strict: bool, limits: SchemaLimits, counts: d
                 if counts["properties"] > limits.max_properties:
                     raise SchemaTooComplexError(f"the schema has more than {limits.max_properties} properties (at "
                                                 f"{path})", param=path, limit="max_properties")
-            out[key] = {name: _rewrite(sub, f"{path}.{key}.{name}", strict, limits, counts, False)
+            out[key] = {name: _rewrite(sub, f"{path}.{key}.{name}", limits, counts, False)
                         for name, sub in members.items()}
         elif members is not None:
             raise InvalidSchemaError(f"{path}.{key} must be an object of schemas", param=f"{path}.{key}")
@@ -197,23 +201,19 @@ def _rewrite(node: Any, path: str, strict: bool, limits: SchemaLimits, counts: d
         if key in out:
             sub = out[key]
             if key == "items" and isinstance(sub, list):  # draft-07 tuple form
-                out[key] = [_rewrite(s, f"{path}.items[{i}]", strict, limits, counts, False) for i, s in enumerate(sub)]
+                out[key] = [_rewrite(s, f"{path}.items[{i}]", limits, counts, False) for i, s in enumerate(sub)]
             else:
-                out[key] = _rewrite(sub, f"{path}.{key}", strict, limits, counts, False)
+                out[key] = _rewrite(sub, f"{path}.{key}", limits, counts, False)
     for key in _SCHEMA_LISTS:
         if key in out:
             members = out[key]
             if not isinstance(members, list) or not members:
                 raise InvalidSchemaError(f"{path}.{key} must be a non-empty array of schemas", param=f"{path}.{key}")
-            out[key] = [_rewrite(s, f"{path}.{key}[{i}]", strict, limits, counts, key == "allOf")
+            out[key] = [_rewrite(s, f"{path}.{key}[{i}]", limits, counts, key == "allOf")
                         for i, s in enumerate(members)]
     # allOf members stay open: closing each would make their union unsatisfiable.
-    if strict and not in_all_of and _is_object_schema(out) and "additionalProperties" not in out \
+    if not in_all_of and "properties" in out and "additionalProperties" not in out \
             and "patternProperties" not in out:
         out["additionalProperties"] = False
-    return out
-
-
-def _is_object_schema(node: dict) -> bool:
-    kind = node.get("type")
-    return kind == "object" or (isinstance(kind, list) and "object" in kind) or "properties" in node
+    # keywords sorted so equal schemas share a cache key; the properties keep their order (the answer's)
+    return {key: out[key] for key in sorted(out)}

@@ -149,22 +149,31 @@ def test_equal_schemas_share_a_key_and_names_do_not_count():
     loose = from_openai_response_format({"type": "json_schema", "json_schema": {"name": "x", "schema": HA_TASK}})
     strict = from_openai_response_format({"type": "json_schema", "json_schema": {"name": "x", "strict": True,
                                                                                 "schema": HA_TASK}})
-    assert loose.key != strict.key
+    assert loose.key == strict.key and loose.strict != strict.strict  # strict does not change the grammar
+    reordered = dict(reversed(list(HA_TASK.items())))
+    assert from_ollama_format(reordered).key == from_ollama_format(HA_TASK).key  # keyword order is free
+    props = dict(reversed(list(HA_TASK["properties"].items())))
+    assert from_ollama_format({**HA_TASK, "properties": props}).key != from_ollama_format(HA_TASK).key  # written order
     assert from_ollama_format("json").key == from_openai_response_format({"type": "json_object"}).key
 
 
-def test_strict_closes_objects_that_do_not_say_otherwise():
+def test_objects_with_properties_are_closed_unless_they_say_otherwise():
     schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "integer"}}},
                                                "c": {"type": "object", "additionalProperties": True},
-                                               "d": {"allOf": [{"type": "object", "properties": {"x": {}}}]}}}
-    strict = from_openai_response_format({"type": "json_schema", "json_schema": {"name": "s", "strict": True,
-                                                                                "schema": schema}}).schema
-    assert strict["additionalProperties"] is False
-    assert strict["properties"]["a"]["additionalProperties"] is False
-    assert strict["properties"]["c"]["additionalProperties"] is True
-    assert "additionalProperties" not in strict["properties"]["d"]["allOf"][0]  # allOf members stay open
-    loose = from_openai_response_format({"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}).schema
-    assert "additionalProperties" not in loose and "additionalProperties" not in loose["properties"]["a"]
+                                               "d": {"allOf": [{"type": "object", "properties": {"x": {}}}]},
+                                               "e": {"type": "object"},
+                                               "f": {"type": "object", "properties": {},
+                                                     "patternProperties": {"^x": {}}}}}
+    for strict in (True, False):  # as llama.cpp (Ollama) does, strict or not
+        closed = from_openai_response_format({"type": "json_schema", "json_schema": {"name": "s", "strict": strict,
+                                                                                    "schema": schema}}).schema
+        assert closed["additionalProperties"] is False
+        assert closed["properties"]["a"]["additionalProperties"] is False
+        assert closed["properties"]["c"]["additionalProperties"] is True
+        assert "additionalProperties" not in closed["properties"]["d"]["allOf"][0]  # allOf members stay open
+        assert "additionalProperties" not in closed["properties"]["e"]  # a bare object type: any object
+        assert "additionalProperties" not in closed["properties"]["f"]
+    assert schema["properties"]["a"] == {"type": "object", "properties": {"b": {"type": "integer"}}}  # not mutated
 
 
 @pytest.mark.parametrize("value, param", [
@@ -200,7 +209,7 @@ def test_ollama_format():
 def test_responses_text_format():
     fmt = from_responses_text_format({"type": "json_schema", "name": "task", "schema": HA_TASK, "strict": True})
     assert (fmt.kind, fmt.name, fmt.strict, fmt.param) == ("json_schema", "task", True, "text.format.schema")
-    assert fmt.schema["additionalProperties"] is False
+    assert fmt.schema["additionalProperties"] is False and "additionalProperties" not in HA_TASK
     assert from_responses_text_format({"type": "text"}) is TEXT
     assert from_responses_text_format({"type": "json_object"}).kind == "json_object"
     with pytest.raises(FormatShapeError) as caught:
@@ -221,7 +230,8 @@ def test_tool_choice_forms():
                   for t in TOOLS]
     flat = from_tool_choice({"type": "function", "name": "get_weather"}, flat_tools)
     assert flat.tool_names == ("get_weather",)
-    assert flat.schema["properties"]["arguments"] == TOOLS[0]["function"]["parameters"]
+    assert flat.schema["properties"]["arguments"] == {**TOOLS[0]["function"]["parameters"],
+                                                      "additionalProperties": False}
 
 
 @pytest.mark.parametrize("choice, tools, param", [
@@ -348,8 +358,7 @@ def test_compile_limits_refuse_what_the_pre_check_lets_through(tokenizer_json, e
     tight = GrammarCompiler(tokenizer_json, VOCAB, [eou], limits=CompileLimits(initial_lexer_fuel=2_000))
     started = time.perf_counter()
     with pytest.raises(SchemaTooComplexError) as caught:
-        tight.constraint(from_ollama_format({"type": "object", "properties": {f"p{i}": {"type": "string"}
-                                                                             for i in range(100)}}))
+        tight.constraint(from_ollama_format({"enum": [f"value{i}" for i in range(500)]}))
     assert caught.value.param == "format" and caught.value.limit == "llguidance"
     with pytest.raises(SchemaTooComplexError):  # past the pre-check: llguidance's own recursion limit
         tight.compile(ResponseFormat("json_schema", json.dumps(_nested(300)), param="format"))
@@ -552,8 +561,8 @@ def test_home_assistant_task_answers_validate(compiler, tokenizer, eou, policy, 
     _validate(text, HA_TASK)
     strict = from_responses_text_format({"type": "json_schema", "name": "t", "schema": HA_TASK, "strict": True})
     text = _walk(compiler.constraint(strict), tokenizer, eou, np.random.default_rng(seed), policy)
-    value = _validate(text, strict.schema)
-    assert set(value) <= set(HA_TASK["properties"])
+    value = _validate(text, HA_TASK)
+    assert set(value) <= set(HA_TASK["properties"])  # no invented keys
 
 
 @pytest.mark.parametrize("seed", range(6))
