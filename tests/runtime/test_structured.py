@@ -750,3 +750,16 @@ def test_guide_frigate_answers_validate_with_a_sampling_model(compiler, tokenize
         last = guide.step(model.logits(last[-1]))
     assert guide.done
     _validate(tokenizer.decode([t for t in guide.produced if t != eou]), FRIGATE)
+
+
+def test_the_benchmark_script_runs(compiler):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "bench_structured.py"
+    spec = importlib.util.spec_from_file_location("bench_structured", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.bench_schema(compiler, from_ollama_format(bench.SMALL), answers=2, seed=0)
+    assert report["steps"] > 0 and report["bitmask"]["median_ms"] > 0
+    assert report["pick_greedy_check_first"]["n"] > 0 and report["pick_free_top_k"]["n"] == 1_000
