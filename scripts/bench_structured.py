@@ -6,7 +6,8 @@ Drives whole answers under Frigate 0.18's ReviewMetadata schema and a small Home
 schema, choosing each next id at random among the allowed ones, and times per step: the packed
 mask (what llguidance computes), the bool mask (plus unpacking), the check-first test of one id,
 accepting an id, the forced run, and the sampler's whole pick over 49,280 float32 logits (greedy
-through the check-first path, and with top-k where the mask always comes first).
+through the check-first path and with the mask first, and with top-k where the mask always comes
+first), beside the same picks without a grammar.
 
 The tokenizer: ``--tokenizer tokenizer.json`` (e.g. a bundle's, on a board), else a byte-level BPE
 trained here on a synthetic corpus to SmolVLM's layout (49,152 BPE ids, added special tokens up to
@@ -138,8 +139,10 @@ def bench_schema(compiler: GrammarCompiler, fmt, answers: int, seed: int) -> dic
     out = {key: _stats(v) for key, v in times.items()}
     out["steps"] = steps
     out["forced_ids_per_step"] = round(forced_ids / max(steps, 1), 3)
-    for name, options in (("pick_greedy_check_first", Greedy()), ("pick_top_k", Greedy(temperature=0.7, top_k=40))):
-        out[name] = _bench_pick(compiler, fmt, options, rng)
+    for name, options, check_first in (("pick_greedy_check_first", Greedy(), True),
+                                       ("pick_greedy_mask_first", Greedy(), False),
+                                       ("pick_top_k", Greedy(temperature=0.7, top_k=40), True)):
+        out[name] = _bench_pick(compiler, fmt, options, np.random.default_rng(seed), check_first)
     for name, options in (("pick_free_greedy", Greedy()), ("pick_free_top_k", Greedy(temperature=0.7, top_k=40))):
         out[name] = _bench_free_pick(options, rng)
     return out
@@ -157,11 +160,11 @@ def _bench_free_pick(options, rng: np.random.Generator, steps: int = 1_000) -> d
     return _stats(times)
 
 
-def _bench_pick(compiler: GrammarCompiler, fmt, options, rng: np.random.Generator) -> dict:
+def _bench_pick(compiler: GrammarCompiler, fmt, options, rng: np.random.Generator, check_first: bool) -> dict:
     """The sampler's whole pick (penalties, check-first or mask, choice) over float32 logits shaped
     like a model's: peaked, so the free pick is often allowed, as with a model that follows the prompt."""
     c = compiler.constraint(fmt)
-    sampler = Sampler(options)
+    sampler = Sampler(options, check_first=check_first)
     times, ids = [], []
     while not c.done and len(ids) < 3_000:
         logits = rng.standard_normal(VOCAB, dtype=np.float32)
@@ -223,7 +226,8 @@ def main() -> None:
     for name in ("frigate_review_metadata", "small_ha_task"):
         r = report[name]
         print(f"\n{name}: compile {r['compile_ms']} ms, {r['steps']} steps, {r['forced_ids_per_step']} forced ids/step")
-        for key in ("bitmask", "mask", "allows", "accept", "forced", "pick_greedy_check_first", "pick_top_k",
+        for key in ("bitmask", "mask", "allows", "accept", "forced", "pick_greedy_check_first",
+                    "pick_greedy_mask_first", "pick_top_k",
                     "pick_free_greedy", "pick_free_top_k"):
             s = r[key]
             extra = f"  (check-first hits {s['check_first_hits']}, masks {s['masks']})" if "check_first_hits" in s else ""

@@ -43,8 +43,9 @@ class SamplingOptions(Protocol):
 class Sampler:
     """One answer's sampler: the options and the random generator seeded once per answer."""
 
-    def __init__(self, options: SamplingOptions):
+    def __init__(self, options: SamplingOptions, *, check_first: bool = True):
         self.options = options
+        self.check_first = check_first  # off: always mask first (for measuring the fast path)
         self.rng = np.random.default_rng(options.seed)
         self.fast_path_hits = 0  # picks the grammar allowed without a mask
         self.masks = 0  # full masks computed
@@ -58,7 +59,7 @@ class Sampler:
         if constraint is None:
             return self._choose(scores)
         exact_fast_path = o.greedy or (not o.top_k and o.top_p >= 1.0)
-        if exact_fast_path:
+        if exact_fast_path and self.check_first:
             token = self._choose(scores)
             if constraint.allows(token):
                 self.fast_path_hits += 1

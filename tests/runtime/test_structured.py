@@ -662,6 +662,15 @@ def test_sampler_under_a_grammar_picks_allowed_ids_and_validates(compiler, token
         c.accept(token)
         ids.append(token)
     _validate(tokenizer.decode([t for t in ids if t != eou]), FRIGATE)
+    if options.greedy:  # the same answer with the mask always first
+        again, masked = compiler.constraint(fmt), Sampler(options, check_first=False)
+        rng = np.random.default_rng(1)
+        for token in ids:
+            logits = rng.normal(0, 2, VOCAB).astype(np.float32)
+            logits[eou] -= 4.0
+            assert masked.pick(logits, ids[:again.accepted], again) == token
+            again.accept(token)
+        assert masked.fast_path_hits == 0 and masked.masks == len(ids)
     if options.top_k:
         assert sampler.fast_path_hits == 0 and sampler.masks == len(ids)
     else:
