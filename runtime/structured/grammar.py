@@ -28,8 +28,10 @@ __all__ = ["CompileLimits", "Grammar", "GrammarCompiler", "JSON_LAYOUT"]
 
 # How the grammar lays JSON out: Python's json.dumps style, no free whitespace. A small model
 # allowed free whitespace can loop on newlines until max_tokens; fixed separators are also forced
-# tokens, fed without sampling.
-JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# tokens, fed without sampling. Applied as overrides, so a client's "x-guidance" cannot turn on
+# lenient mode (unimplemented keywords ignored) or oneOf-as-anyOf.
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": False,
+               "coerce_one_of": False}
 
 
 @dataclass(frozen=True)

@@ -316,6 +316,18 @@ def test_exclusive_one_of_compiles_and_validates(compiler, tokenizer, eou):
         _validate(_walk(compiler.constraint(fmt), tokenizer, eou, np.random.default_rng(seed), "uniform"), schema)
 
 
+def test_a_clients_x_guidance_cannot_turn_refusals_off(compiler):
+    schema = {"x-guidance": {"lenient": True, "coerce_one_of": True, "whitespace_flexible": True},
+              "type": "object", "properties": {"a": {"type": "integer"}}, "if": {"required": ["a"]}}
+    with pytest.raises(UnsupportedSchemaError) as caught:
+        compiler.compile(ResponseFormat("json_schema", json.dumps(schema), param="format"))
+    assert caught.value.keyword == "if"
+    schema = {"x-guidance": {"lenient": True, "coerce_one_of": True},
+              "oneOf": [{"type": "integer"}, {"type": "number", "minimum": 0}]}
+    with pytest.raises(UnsupportedSchemaError):
+        compiler.compile(from_ollama_format(schema))
+
+
 def test_unknown_format_is_refused_through_the_whole_path(compiler):
     with pytest.raises(UnsupportedSchemaError) as caught:
         compiler.compile(from_ollama_format({"type": "object", "properties": {"d": {"type": "string",
