@@ -222,7 +222,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(report, indent=1))
         return
-    print(f"vocabulary {VOCAB}, tokenizer: {report['tokenizer']} (llguidance tokenizer {report['llguidance_tokenizer_s']} s)")
+    print(f"vocabulary {VOCAB}, tokenizer: {report['tokenizer']} "
+          f"(llguidance tokenizer {report['llguidance_tokenizer_s']} s)")
     for name in ("frigate_review_metadata", "small_ha_task"):
         r = report[name]
         print(f"\n{name}: compile {r['compile_ms']} ms, {r['steps']} steps, {r['forced_ids_per_step']} forced ids/step")
@@ -230,8 +231,10 @@ def main() -> None:
                     "pick_greedy_mask_first", "pick_top_k",
                     "pick_free_greedy", "pick_free_top_k"):
             s = r[key]
-            extra = f"  (check-first hits {s['check_first_hits']}, masks {s['masks']})" if "check_first_hits" in s else ""
-            print(f"  {key:24s} median {s['median_ms']:.4f} ms  p99 {s['p99_ms']:.4f} ms  max {s['max_ms']:.3f} ms{extra}")
+            extra = (f"  (check-first hits {s['check_first_hits']}, masks {s['masks']})"
+                     if "check_first_hits" in s else "")
+            print(f"  {key:24s} median {s['median_ms']:.4f} ms  p99 {s['p99_ms']:.4f} ms  "
+                  f"max {s['max_ms']:.3f} ms{extra}")
 
 
 if __name__ == "__main__":

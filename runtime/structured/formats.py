@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from rksmolvlm.runtime.structured.errors import FormatShapeError
-from rksmolvlm.runtime.structured.schema import SchemaLimits, prepare_schema
+from rksmolvlm.runtime.structured.schema import DEFAULT_SCHEMA_LIMITS, SchemaLimits, prepare_schema
 
 __all__ = ["ResponseFormat", "ToolCall", "TEXT", "from_openai_response_format", "from_ollama_format",
            "from_responses_text_format", "from_tool_choice", "tool_call_from_text"]
@@ -73,7 +73,7 @@ class ToolCall:
 
 
 def from_openai_response_format(value: Any, *, param: str = "response_format",
-                                limits: SchemaLimits = SchemaLimits()) -> ResponseFormat:
+                                limits: SchemaLimits = DEFAULT_SCHEMA_LIMITS) -> ResponseFormat:
     """OpenAI chat/completions ``response_format``: ``{"type": "text" | "json_object"}`` or
     ``{"type": "json_schema", "json_schema": {"name", "strict", "schema", "description"}}``."""
     if value is None:
@@ -88,7 +88,8 @@ def from_openai_response_format(value: Any, *, param: str = "response_format",
     if kind == "json_schema":
         spec = value.get("json_schema")
         if not isinstance(spec, dict):
-            raise FormatShapeError(f"{param}.json_schema must be an object with name and schema", param=f"{param}.json_schema")
+            raise FormatShapeError(f"{param}.json_schema must be an object with name and schema",
+                                   param=f"{param}.json_schema")
         name = _name(spec.get("name"), f"{param}.json_schema.name")
         strict = _flag(spec.get("strict"), f"{param}.json_schema.strict")
         if "schema" not in spec:  # OpenAI: a schema-less json_schema is any JSON object
@@ -98,7 +99,8 @@ def from_openai_response_format(value: Any, *, param: str = "response_format",
                            param=f"{param}.type")
 
 
-def from_ollama_format(value: Any, *, param: str = "format", limits: SchemaLimits = SchemaLimits()) -> ResponseFormat:
+def from_ollama_format(value: Any, *, param: str = "format",
+                       limits: SchemaLimits = DEFAULT_SCHEMA_LIMITS) -> ResponseFormat:
     """Ollama ``format``: absent/``""`` (text), ``"json"`` (any JSON object) or a JSON schema object."""
     if value is None or value == "":
         return TEXT
@@ -106,11 +108,12 @@ def from_ollama_format(value: Any, *, param: str = "format", limits: SchemaLimit
         return _any_object(param)
     if isinstance(value, dict):
         return _schema_format(value, param, None, False, limits)
-    raise FormatShapeError(f"{param} must be \"json\" or a JSON schema object, got {json.dumps(value)[:60]}", param=param)
+    raise FormatShapeError(f"{param} must be \"json\" or a JSON schema object, got {json.dumps(value)[:60]}",
+                           param=param)
 
 
 def from_responses_text_format(value: Any, *, param: str = "text.format",
-                               limits: SchemaLimits = SchemaLimits()) -> ResponseFormat:
+                               limits: SchemaLimits = DEFAULT_SCHEMA_LIMITS) -> ResponseFormat:
     """The Responses API's ``text.format``: ``{"type": "text" | "json_object"}`` or
     ``{"type": "json_schema", "name", "schema", "strict", "description"}`` (flat, unlike chat)."""
     if value is None:
@@ -133,7 +136,7 @@ def from_responses_text_format(value: Any, *, param: str = "text.format",
 
 
 def from_tool_choice(tool_choice: Any, tools: Any, *, param: str = "tool_choice", tools_param: str = "tools",
-                     limits: SchemaLimits = SchemaLimits()) -> ResponseFormat:
+                     limits: SchemaLimits = DEFAULT_SCHEMA_LIMITS) -> ResponseFormat:
     """A forced call: ``"required"`` (any of ``tools``) or a named function (chat's
     ``{"type": "function", "function": {"name"}}`` or the Responses API's ``{"type": "function", "name"}``).
     ``"auto"``, ``"none"`` or absent: TEXT (the answer stays text, as today)."""
@@ -169,7 +172,8 @@ def tool_call_from_text(text: str) -> ToolCall:
         value = json.loads(text)
     except ValueError as exc:
         raise ValueError(f"the tool-call answer is not complete JSON ({exc}): it was cut by max_tokens") from exc
-    if not (isinstance(value, dict) and isinstance(value.get("name"), str) and isinstance(value.get("arguments"), dict)):
+    if not (isinstance(value, dict) and isinstance(value.get("name"), str)
+            and isinstance(value.get("arguments"), dict)):
         raise ValueError("the tool-call answer is not {\"name\": ..., \"arguments\": {...}}")
     return ToolCall(value["name"], value["arguments"])
 
@@ -186,7 +190,8 @@ def _schema_format(schema: Any, param: str, name: str | None, strict: bool, limi
 def _tools(tools: Any, param: str) -> list[tuple[str, Any, bool, str]]:
     """(name, parameters, strict, parameters' field) per tool; chat's nested and Responses' flat shape."""
     if not isinstance(tools, list) or not tools:
-        raise FormatShapeError(f"{param} must be a non-empty array of functions when a tool call is forced", param=param)
+        raise FormatShapeError(f"{param} must be a non-empty array of functions when a tool call is forced",
+                               param=param)
     specs = []
     for i, tool in enumerate(tools):
         where = f"{param}[{i}]"

@@ -92,7 +92,8 @@ class GrammarCompiler:
         self.misses = 0
 
     @classmethod
-    def from_file(cls, tokenizer_path: str | Path, vocab_size: int, stop_ids: Sequence[int], **kwargs: Any) -> GrammarCompiler:
+    def from_file(cls, tokenizer_path: str | Path, vocab_size: int, stop_ids: Sequence[int],
+                  **kwargs: Any) -> GrammarCompiler:
         return cls(Path(tokenizer_path).read_text(encoding="utf-8"), vocab_size, stop_ids, **kwargs)
 
     @classmethod

@@ -67,7 +67,8 @@ class Sampler:
         self.masks += 1
         allowed = np.flatnonzero(constraint.mask()[:scores.shape[0]])  # ids past the grammar's vocabulary: never
         if not allowed.size:
-            raise RuntimeError("the grammar allows no id within the model's logits: the tokenizer and the model disagree")
+            raise RuntimeError("the grammar allows no id within the model's logits: the tokenizer and the model "
+                               "disagree")
         return self._choose(scores, allowed)
 
     def _choose(self, scores: np.ndarray, ids: np.ndarray | None = None) -> int:
@@ -111,7 +112,8 @@ def apply_penalties(logits: np.ndarray, previous: Sequence[int], repeat_penalty:
     if frequency_penalty or presence_penalty:
         counts = np.bincount(np.asarray(previous, dtype=np.int64), minlength=scores.shape[0])[:scores.shape[0]]
         counts = counts.astype(np.float32)
-        scores -= counts * np.float32(frequency_penalty) + (counts > 0).astype(np.float32) * np.float32(presence_penalty)
+        scores -= (counts * np.float32(frequency_penalty)
+                   + (counts > 0).astype(np.float32) * np.float32(presence_penalty))
     return scores
 
 

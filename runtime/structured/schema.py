@@ -36,6 +36,9 @@ class SchemaLimits:
     max_pattern_size: int = 10_000  # a pattern's size with counted repetitions expanded ((a{100}){100} = 10,000)
 
 
+DEFAULT_SCHEMA_LIMITS = SchemaLimits()
+
+
 # Keywords that llguidance 1.9 refuses as unimplemented (checked one by one) plus the dynamic-scope
 # family; the value is the fix the error message names. oneOf is left to llguidance: it compiles
 # oneOf when it can prove the branches exclusive (different types, consts) and refuses it otherwise.
@@ -58,7 +61,7 @@ _SCHEMA_ONE = ("additionalProperties", "additionalItems", "items", "contains", "
 _SCHEMA_LISTS = ("anyOf", "allOf", "oneOf", "prefixItems")
 
 
-def prepare_schema(schema: Any, *, param: str, limits: SchemaLimits = SchemaLimits()) -> dict:
+def prepare_schema(schema: Any, *, param: str, limits: SchemaLimits | None = None) -> dict:
     """The schema to compile: checked against ``limits`` and the unsupported keywords, with
     ``uniqueItems: false`` (no constraint) removed and objects with properties closed (see above).
     Raises a StructuredOutputError naming ``param`` and the keyword or limit."""
@@ -67,6 +70,7 @@ def prepare_schema(schema: Any, *, param: str, limits: SchemaLimits = SchemaLimi
                                  '(e.g. {"type": "object", ...})', param=param)
     if not isinstance(schema, dict):
         raise InvalidSchemaError(f"{param} must be a JSON schema object, got {type(schema).__name__}", param=param)
+    limits = limits or DEFAULT_SCHEMA_LIMITS
     _check_shape(schema, param, limits)
     size = len(json.dumps(schema, separators=(",", ":"), ensure_ascii=False).encode())
     if size > limits.max_bytes:

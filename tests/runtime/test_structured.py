@@ -412,7 +412,8 @@ def test_compiler_for_a_bundle(tmp_path, tokenizer_json, eou):
     from types import SimpleNamespace
 
     (tmp_path / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-    bundle = SimpleNamespace(manifest=SimpleNamespace(tokenizer="tokenizer.json", model=SimpleNamespace(vocab_size=VOCAB)),
+    manifest = SimpleNamespace(tokenizer="tokenizer.json", model=SimpleNamespace(vocab_size=VOCAB))
+    bundle = SimpleNamespace(manifest=manifest,
                              stop_ids=(eou,), file=lambda name: tmp_path / name)
     compiler = GrammarCompiler.for_bundle(bundle)
     assert compiler.vocab_size == VOCAB and compiler.stop_ids == (eou,)
