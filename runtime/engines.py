@@ -11,9 +11,12 @@ caller gets is chosen outside the board package, by ``rksmolvlm.runners``.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Generator, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Generator, Protocol, runtime_checkable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from rksmolvlm.runtime.structured.grammar import Grammar
 
 __all__ = ["VisionEncoder", "LlmEngine", "GenerationConfig", "PerfStats", "EngineOptions"]
 
@@ -34,6 +37,10 @@ class GenerationConfig:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     cap_to_context: bool = False  # the runner lowers max_new_tokens to the room the prompt leaves (else ContextError)
+    # Structured output (runtime/structured): the compiled grammar the answer must follow, None for free text.
+    # The engine starts a fresh Constraint from it per generation and ends the answer with a stop id once the
+    # grammar is complete; free-text generation is unchanged.
+    grammar: Grammar | None = None
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
