@@ -12,7 +12,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Generator, Sequence
+from typing import TYPE_CHECKING, Generator, Sequence, cast
 
 import numpy as np
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = ["RknnLiteVisionEncoder", "RkllmEngine", "find_rkllm_library", "make_npu_engines", "make_npu_vision",
            "LIBRARY_DIRS",
-           "EngineError"]
+           "EngineError", "BatchedLogitsError", "KvCacheMismatchError"]
 
 LIBRARY_DIRS = ("/usr/lib", "/usr/local/lib", "/usr/lib/aarch64-linux-gnu")
 LIBRARY_ENV = "RKLLM_LIBRARY"
@@ -35,6 +35,14 @@ ABI_ENV = "RKSMOLVLM_RKLLM_ABI"
 
 class EngineError(RkSmolVLMError):
     """An NPU runtime call failed."""
+
+
+class BatchedLogitsError(EngineError):
+    """Structured output needs RKLLM_INFER_GET_LOGITS, which librkllmrt refuses with n_batch > 1 (rknn-llm #406)."""
+
+
+class KvCacheMismatchError(EngineError):
+    """After a GET_LOGITS step librkllmrt's KV cache does not hold exactly the prompt and the chosen tokens."""
 
 
 # -- vision ------------------------------------------------------------------------------------
@@ -162,6 +170,7 @@ class RkllmEngine:
             param.extend_param.enabled_cpus_mask = enabled_cpus_mask
             param.extend_param.enabled_cpus_num = enabled_cpus_num
         self._init_sampling = config
+        self.n_batch = int(param.extend_param.n_batch)  # the runtime's default (1); never raised by this engine
         self._callback = abi_mod.ResultCallback(self._on_result)
         self.handle = ctypes.c_void_p()
         if self.abi.init_takes_struct:
@@ -176,6 +185,8 @@ class RkllmEngine:
         self._queue: queue.Queue = queue.Queue()
         self._history = 0
         self._running = threading.Lock()
+        self._aborted = threading.Event()  # structured decoding checks it between its rkllm_run calls
+        self._logits: _LogitsSink | None = None  # set while a GET_LOGITS call runs (structured output)
 
     def _declare(self) -> None:
         L, A = self.lib, self.abi
@@ -189,6 +200,11 @@ class RkllmEngine:
         L.rkllm_destroy.argtypes = [ctypes.c_void_p]
         for name in ("rkllm_init", "rkllm_run", "rkllm_abort", "rkllm_clear_kv_cache", "rkllm_destroy"):
             getattr(L, name).restype = ctypes.c_int
+        # optional (abi_mod.OPTIONAL_SYMBOLS): the KV check of structured decoding is skipped without it
+        self._kv_cache_size = getattr(L, "rkllm_get_kv_cache_size", None)
+        if self._kv_cache_size is not None:
+            self._kv_cache_size.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int)]
+            self._kv_cache_size.restype = ctypes.c_int
 
     @staticmethod
     def _apply_sampling(target, config: GenerationConfig) -> None:
@@ -203,6 +219,8 @@ class RkllmEngine:
 
     # The runtime calls this from its own thread.
     def _on_result(self, result, userdata, state) -> int:
+        if self._logits is not None:
+            return self._on_logits(result, state)
         try:
             r = result.contents
             if state in (abi_mod.RUN_NORMAL, abi_mod.RUN_WAITING):
@@ -219,9 +237,48 @@ class RkllmEngine:
             self._queue.put(("error", repr(exc)))
         return 0
 
+    def _on_logits(self, result, state) -> int:
+        """GET_LOGITS callback: copies the last row of the call's first logits (the prompt's or the fed
+        run's last position; never the other rows) and ignores what the runtime samples by itself."""
+        sink = self._logits
+        assert sink is not None
+        try:
+            r = result.contents
+            if state == abi_mod.RUN_NORMAL and r.logits.num_tokens > 0 and sink.rows == 0:
+                vocab, rows = int(r.logits.vocab_size), int(r.logits.num_tokens)
+                if sink.row is None or sink.row.shape[0] != vocab:
+                    sink.row = np.empty(vocab, dtype=np.float32)
+                base = ctypes.cast(r.logits.logits, ctypes.c_void_p).value
+                if not base or vocab <= 0:
+                    sink.error = "the runtime delivered no logits"
+                else:
+                    ctypes.memmove(sink.row.ctypes.data, base + (rows - 1) * vocab * 4, vocab * 4)
+                    sink.rows, sink.bytes = rows, sink.bytes + vocab * 4
+                    if not self.abi.has_sampling:  # 1.2.x: no per-run max_new_tokens, stop it here
+                        self.lib.rkllm_abort(self.handle)
+            elif state == abi_mod.RUN_NORMAL and r.logits.num_tokens > 0:
+                sink.extra += 1  # a step the runtime took by itself: it must not have reached the KV cache
+            elif state == abi_mod.RUN_FINISH:
+                p = r.perf
+                sink.perf = {"prefill_time_ms": p.prefill_time_ms, "generate_time_ms": p.generate_time_ms}
+            elif state == abi_mod.RUN_ERROR:
+                sink.error = "the runtime reported RKLLM_RUN_ERROR"
+        except Exception as exc:  # never let an exception cross the C boundary
+            sink.error = repr(exc)
+        return 0
+
     @property
     def history_tokens(self) -> int:
         return self._history
+
+    def kv_cache_size(self) -> int | None:
+        """The runtime's own count of cached positions (rkllm_get_kv_cache_size), None where it lacks it."""
+        if self._kv_cache_size is None:
+            return None
+        sizes = (ctypes.c_int * max(1, self.n_batch))()
+        if self._kv_cache_size(self.handle, sizes) != 0:
+            raise EngineError("rkllm_get_kv_cache_size failed: check the runtime's messages")
+        return int(sizes[0])
 
     def embedding_table(self) -> None:
         return None  # the bundle's table is the one the runtime was built for
@@ -233,6 +290,7 @@ class RkllmEngine:
         self._history = 0
 
     def abort(self) -> None:
+        self._aborted.set()
         self.lib.rkllm_abort(self.handle)
 
     def close(self) -> None:
@@ -249,7 +307,128 @@ class RkllmEngine:
         finally:
             self._running.release()
 
+    # -- structured output: librkllmrt has no grammar, so the choice is made on the CPU ---------------
+    def _generate_structured(self, embeddings, config: GenerationConfig, keep_history: bool,
+                             stats: PerfStats) -> Generator[int, None, None]:
+        """Constrained decoding through RKLLM_INFER_GET_LOGITS: the prompt in one call (only the last
+        row of its logits is read), then one call per choice with the chosen ids as TOKEN input
+        (keep_history=1, one new token: a forced run goes in one call and its last position's logits
+        are read). The KV cache holds exactly the prompt and the yielded ids (checked with
+        rkllm_get_kv_cache_size after every call where the runtime has it)."""
+        from rksmolvlm.runtime.structured.guide import Guide
+        from rksmolvlm.runtime.structured.sampler import SamplingOptions
+
+        grammar = config.grammar
+        assert grammar is not None
+        if self.n_batch > 1:
+            raise BatchedLogitsError(f"structured output reads logits (RKLLM_INFER_GET_LOGITS), which librkllmrt "
+                                     f"refuses with n_batch {self.n_batch} > 1 (rknn-llm #406): start the decoder "
+                                     "with n_batch 1")
+        embeds = np.ascontiguousarray(embeddings, dtype=np.float32)
+        if not keep_history and self._history:
+            self.clear_history()
+        if len(embeds) + self._history + config.max_new_tokens > self.max_context:
+            raise EngineError(f"{self._history} cached + {len(embeds)} new tokens + max_new_tokens "
+                              f"{config.max_new_tokens} exceed the decoder context of {self.max_context}")
+        stop_id = (config.stop_ids or grammar.stop_ids)[0]
+        stops = set(config.stop_ids) | set(grammar.stop_ids)
+        self._aborted.clear()
+        # GenerationConfig has every SamplingOptions member, read-only (frozen): the protocol declares them settable
+        guide = Guide(cast("SamplingOptions", config), grammar.constraint())
+        counters = {"rkllm_runs": 0, "logits_bytes": 0}
+        stats.engine["structured"] = counters
+        sink = _LogitsSink(None, 0)
+        start = time.perf_counter()
+        try:
+            sink = self._logits_call(embeds, None, sink, counters)
+            stats.prefill_tokens += len(embeds)
+            stats.prefill_ms += (time.perf_counter() - start) * 1000
+            if sink.rows == 0:
+                return  # aborted during the prefill
+            first = time.perf_counter()
+            produced = 0
+            chosen = guide.begin()
+            while True:
+                ids = chosen[:config.max_new_tokens - produced]
+                done = guide.done and len(ids) == len(chosen)
+                if done and (not ids or ids[-1] not in stops):
+                    ids = [*ids, stop_id]  # the grammar is complete: end the answer (finish_reason "stop")
+                for token in ids:
+                    produced += 1
+                    stats.generate_tokens += 1
+                    stats.generate_ms = (time.perf_counter() - first) * 1000
+                    yield token
+                    if self._aborted.is_set():
+                        return
+                ended = done or produced >= config.max_new_tokens
+                if ended:  # the cache keeps the last ids too (a next turn continues after them) when they fit
+                    if ids and self._history + len(ids) + 1 <= self.max_context:
+                        self._logits_call(None, ids, sink, counters)
+                    return
+                if ids:
+                    sink = self._logits_call(None, ids, sink, counters)
+                    if sink.rows == 0:
+                        return  # aborted during the call
+                assert sink.row is not None  # rows > 0: the callback filled it
+                chosen = guide.step(sink.row)
+        finally:
+            counters["forced_ids"] = guide.forced_ids
+            counters["masks"] = guide.sampler.masks
+            counters["fast_path_hits"] = guide.sampler.fast_path_hits
+            if sink.perf:
+                stats.engine.update(sink.perf)
+
+    def _logits_call(self, embeds: np.ndarray | None, ids: list[int] | None, sink: _LogitsSink,
+                     counters: dict) -> _LogitsSink:
+        """One rkllm_run in GET_LOGITS mode (embeddings or token ids, keep_history=1, one new token) on
+        this thread; returns the sink with the last row of the input's logits (rows 0 if aborted)."""
+        A = self.abi
+        inp = A.input()
+        inp.role = b"user"
+        inp.enable_thinking = False
+        if embeds is not None:
+            inp.input_type = abi_mod.INPUT_EMBED
+            inp.embed_input.embed = embeds.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            inp.embed_input.n_tokens = n = len(embeds)
+        else:
+            assert ids
+            tokens = (ctypes.c_int32 * len(ids))(*ids)
+            inp.input_type = abi_mod.INPUT_TOKEN
+            inp.token_input.input_ids = tokens
+            inp.token_input.n_tokens = n = len(ids)
+        infer = A.infer()
+        infer.mode = abi_mod.INFER_GET_LOGITS
+        infer.keep_history = 1
+        if A.has_sampling:
+            infer.max_new_tokens = 1  # 1.2.x has no per-run value: the callback aborts after the first logits
+        fresh = _LogitsSink(sink.row, sink.bytes)
+        self._logits = fresh
+        try:
+            code = self.lib.rkllm_run(self.handle, ctypes.byref(inp), ctypes.byref(infer), None)
+        finally:
+            self._logits = None
+        counters["rkllm_runs"] += 1
+        counters["logits_bytes"] = fresh.bytes
+        if code != 0 or fresh.error:
+            self._history = 0
+            raise EngineError(f"rkllm_run (GET_LOGITS) failed ({fresh.error or 'return code ' + str(code)}): the KV "
+                              "cache was dropped; check the runtime's messages")
+        expected = self._history + n
+        cached = self.kv_cache_size()
+        if cached is not None and cached != expected and not (fresh.rows == 0 and self._aborted.is_set()):
+            self._history = cached
+            raise KvCacheMismatchError(
+                f"after a GET_LOGITS call of {n} tokens librkllmrt holds {cached} positions, expected {expected} "
+                f"(the prompt and the chosen tokens; {fresh.extra} extra steps were reported): this runtime keeps "
+                "tokens it sampled itself, so structured output cannot run on it; use runtime 1.3.0, or send the "
+                "request without response_format/format")
+        self._history = expected if cached is None else cached
+        return fresh
+
     def _generate(self, embeddings, config, keep_history, stats) -> Generator[int, None, None]:
+        if config.grammar is not None:
+            yield from self._generate_structured(embeddings, config, keep_history, stats)
+            return
         A = self.abi
         embeds = np.ascontiguousarray(embeddings, dtype=np.float32)
         if not keep_history and self._history:
@@ -321,6 +500,18 @@ class RkllmEngine:
             raise EngineError(f"rkllm_run failed ({error or 'return code ' + str(outcome.get('code'))}): the KV "
                               "cache was dropped; check the runtime's messages")
         self._history += len(embeds) + produced
+
+
+class _LogitsSink:
+    """What the GET_LOGITS callback hands over from one rkllm_run: the last row of its first logits."""
+
+    def __init__(self, row: np.ndarray | None, copied: int):
+        self.row = row  # reused across the answer's calls: one vocab-sized buffer
+        self.rows = 0  # num_tokens of the first logits callback (0: none came)
+        self.extra = 0  # further logits callbacks (steps the runtime took by itself)
+        self.bytes = copied  # bytes copied out of the runtime so far in this answer
+        self.perf: dict = {}
+        self.error: str | None = None
 
 
 def _sampling(config: GenerationConfig) -> tuple:

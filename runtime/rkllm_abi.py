@@ -16,14 +16,23 @@ from typing import Any
 
 from rksmolvlm.errors import BundleError
 
-__all__ = ["Abi", "ABIS", "abi_for_version", "LLMCallState", "INPUT_EMBED", "INFER_GENERATE",
-           "probe_default_param"]
+__all__ = ["Abi", "ABIS", "abi_for_version", "LLMCallState", "INPUT_EMBED", "INPUT_TOKEN", "INFER_GENERATE",
+           "INFER_GET_LOGITS", "probe_default_param", "OPTIONAL_SYMBOLS"]
 
 # LLMCallState
 RUN_NORMAL, RUN_WAITING, RUN_FINISH, RUN_ERROR = 0, 1, 2, 3
 LLMCallState = {RUN_NORMAL: "NORMAL", RUN_WAITING: "WAITING", RUN_FINISH: "FINISH", RUN_ERROR: "ERROR"}
 INPUT_PROMPT, INPUT_TOKEN, INPUT_EMBED, INPUT_MULTIMODAL = 0, 1, 2, 3
-INFER_GENERATE = 0
+# RKLLMInferMode. GET_LOGITS: the callback's ``logits`` member (RKLLMResultLogits, offset 32 of
+# RKLLMResult in both ABIs) holds num_tokens × vocab_size floats, valid during the callback only:
+# every input position in the prefill (rknn-llm #245), then 1 × vocab per step while the runtime
+# keeps sampling by itself; refused with n_batch > 1 (#406).
+INFER_GENERATE, INFER_GET_LAST_HIDDEN_LAYER, INFER_GET_LOGITS = 0, 1, 2
+
+# Symbols not every librkllmrt exports: probed with hasattr, never required at load.
+# rkllm_get_kv_cache_size(handle, int* cache_sizes /* n_batch entries */) is in the headers of
+# 1.2.1, 1.2.2, 1.2.3 and 1.3.0 (not in 1.2.0, whose rkllm_clear_kv_cache takes two arguments).
+OPTIONAL_SYMBOLS = ("rkllm_get_kv_cache_size",)
 
 
 class ExtendParam(C.Structure):
@@ -179,19 +188,22 @@ ABIS = {
     "1.2": Abi("1.2", Param12, Input12, InferParam12,
                sizes={"RKLLMExtendParam": (ExtendParam, 120), "RKLLMParam": (Param12, 208), "RKLLMInput": (Input12, 64),
                       "RKLLMInferParam": (InferParam12, 32), "RKLLMResult": (Result, 72),
+                      "RKLLMResultLogits": (Logits, 16), "RKLLMTokenInput": (TokenInput, 16),
                       "RKLLMMultiModalInput": (MultiModal12, 48), "RKLLMPerfStat": (PerfStat, 20)},
                offsets={(Param12, "extend_param"): 88, (Input12, "input_type"): 12, (Input12, "u"): 16,
-                        (InferParam12, "keep_history"): 24, (Result, "perf"): 48},
+                        (InferParam12, "keep_history"): 24, (Result, "logits"): 32, (Result, "perf"): 48,
+                        (TokenInput, "n_tokens"): 8},
                init_takes_struct=False, has_sampling=False),
     "1.3": Abi("1.3", Param13, Input13, InferParam13,
                sizes={"RKLLMExtendParam": (ExtendParam, 120), "RKLLMParam": (Param13, 184),
                       "RKLLMInput": (Input13, 160),
                       "RKLLMInferParam": (InferParam13, 40), "RKLLMResult": (Result, 72),
+                      "RKLLMResultLogits": (Logits, 16), "RKLLMTokenInput": (TokenInput, 16),
                       "RKLLMMultiModalInput": (MultiModal13, 144), "RKLLMSamplingParam": (SamplingParam, 36),
                       "RKLLMCallback": (Callback13, 48), "RKLLMPerfStat": (PerfStat, 20)},
                offsets={(Param13, "extend_param"): 60, (Input13, "input_type"): 12, (Input13, "u"): 16,
                         (InferParam13, "keep_history"): 32, (InferParam13, "max_new_tokens"): 36,
-                        (Result, "perf"): 48},
+                        (Result, "logits"): 32, (Result, "perf"): 48, (TokenInput, "n_tokens"): 8},
                init_takes_struct=True, has_sampling=True),
 }
 

@@ -434,6 +434,11 @@ static float *g_last_embed;
 static size_t g_last_embed_len;
 static int32_t *g_last_tokens;
 static size_t g_last_tokens_len;
+static int g_vocab;         /* vocabulary of RKLLM_INFER_GET_LOGITS runs (double_set_vocab) */
+static Buf g_calls;         /* every finished accepted run since double_reset, as JSON objects */
+static size_t g_n_calls;
+static char *g_calls_out;
+static unsigned long long g_logits_floats; /* floats handed out in logits callbacks since double_reset */
 
 static pthread_mutex_t g_err_lock = PTHREAD_MUTEX_INITIALIZER;
 static char g_last_error[512];
@@ -705,7 +710,8 @@ EXPORT int rkllm_init(LLMHandle *handle, RKLLMParam *param, RKLLMCallback *callb
         return fail("rkllm_init: is_async byte is %u (not a bool; layout mismatch?)",
                     raw_u8(param, offsetof(RKLLMParam, is_async)));
     const RKLLMExtendParam *e = &param->extend_param;
-    if (e->n_batch != 1) return fail("rkllm_init: extend_param.n_batch %u != 1 (batching not emulated)", e->n_batch);
+    if (e->n_batch < 1 || e->n_batch > 8)
+        return fail("rkllm_init: extend_param.n_batch %u not in [1, 8]", e->n_batch);
     if (e->use_cross_attn != 0) return fail("rkllm_init: extend_param.use_cross_attn %d: not emulated", e->use_cross_attn);
     if (e->enabled_cpus_num < 0 || e->enabled_cpus_num > 8)
         return fail("rkllm_init: extend_param.enabled_cpus_num %d not in [0, 8]", e->enabled_cpus_num);
@@ -758,6 +764,9 @@ typedef struct {
     int max_new;
     int keep_history;
     int history_before;
+    int mode;
+    int vocab;      /* GET_LOGITS: the vocabulary size (rows are vocab floats) */
+    uint32_t *keys; /* GET_LOGITS: one key per input position (token id, or a hash of the embedding row) */
     double t0;
 } Job;
 
@@ -809,10 +818,111 @@ static void script_reset_locked(void) {
     g_script_len = g_script_pos = 0;
 }
 
+/* ---- GET_LOGITS: deterministic logits computed from the inputs ----
+ * Row of KV position `pos` whose input has key `key` (the token id; for an embedding row the
+ * FNV-1a hash of its float bytes): logit[v] = (fmix32(seed ^ v * 0x27d4eb2f) >> 8) * 2^-24 * 8,
+ * seed = fmix32(pos * 0x9e3779b1 ^ key) -- exact in float32, so a test recomputes it bit for bit. */
+static uint32_t fmix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x85ebca6bu;
+    x ^= x >> 13;
+    x *= 0xc2b2ae35u;
+    x ^= x >> 16;
+    return x;
+}
+
+static void logits_row(float *out, int vocab, uint32_t pos, uint32_t key) {
+    uint32_t seed = fmix32(pos * 0x9e3779b1u ^ key);
+    for (int v = 0; v < vocab; v++)
+        out[v] = (float)(fmix32(seed ^ (uint32_t)v * 0x27d4eb2fu) >> 8) * (8.0f / 16777216.0f);
+}
+
+static uint32_t fnv1a(const void *data, size_t n) {
+    const unsigned char *p = data;
+    uint32_t h = 2166136261u;
+    for (size_t i = 0; i < n; i++) h = (h ^ p[i]) * 16777619u;
+    return h;
+}
+
+static int32_t argmax_row(const float *row, int vocab) {
+    int32_t best = 0;
+    for (int v = 1; v < vocab; v++)
+        if (row[v] > row[best]) best = v;
+    return best;
+}
+
+/* Deliver one logits callback of `rows` rows (positions first_pos.., keys[]), then poison and free
+ * the buffer: it is valid only during the callback, as in the real runtime. Returns the verdict. */
+static int deliver_logits(const Job *j, int rows, uint32_t first_pos, const uint32_t *keys, int32_t *sampled) {
+    size_t n = (size_t)rows * (size_t)j->vocab;
+    float *buf = malloc(n * sizeof(float));
+    if (!buf) abort();
+    for (int r = 0; r < rows; r++) logits_row(buf + (size_t)r * j->vocab, j->vocab, first_pos + (uint32_t)r, keys[r]);
+    *sampled = argmax_row(buf + (size_t)(rows - 1) * j->vocab, j->vocab); /* the runtime samples by itself */
+    RKLLMResult res;
+    memset(&res, 0, sizeof res);
+    res.text = NULL;
+    res.token_id = *sampled;
+    res.logits.logits = buf;
+    res.logits.vocab_size = j->vocab;
+    res.logits.num_tokens = rows;
+    int v = callback_verdict(deliver(j, &res, RKLLM_RUN_NORMAL));
+    for (size_t i = 0; i < n; i++) buf[i] = NAN;
+    free(buf);
+    pthread_mutex_lock(&g_lock);
+    g_logits_floats += n;
+    pthread_mutex_unlock(&g_lock);
+    return v;
+}
+
+/* GET_LOGITS run: the prefill callback carries every input position (n_tokens x vocab, rknn-llm
+ * #245); the runtime samples a token from the last row (greedy here) and, while it may generate
+ * more, forwards it and delivers 1 x vocab per step. The last sampled token is never forwarded, so
+ * the KV cache grows by n_tokens + generated - 1. */
+static void stream_logits(Job *j, int delay, int *stop, int *generated, int *delivered, Buf *rows) {
+    DHandle *h = j->h;
+    int32_t sampled = -1;
+    buf_printf(rows, "[");
+    while (*stop == STOP_DONE) {
+        if (atomic_load(&h->abort_req)) {
+            *stop = STOP_ABORT;
+            break;
+        }
+        if (*generated >= j->max_new) {
+            *stop = STOP_MAXTOK;
+            break;
+        }
+        int first = *generated == 0;
+        if (!first && sleep_abortable(h, delay)) {
+            *stop = STOP_ABORT;
+            break;
+        }
+        uint32_t key = (uint32_t)sampled;
+        int n = first ? j->n_tokens : 1;
+        uint32_t pos = (uint32_t)(j->history_before + (first ? 0 : j->n_tokens + *generated - 1));
+        int v = deliver_logits(j, n, pos, first ? j->keys : &key, &sampled);
+        buf_printf(rows, "%s%d", first ? "" : ",", n);
+        (*delivered)++;
+        (*generated)++;
+        if (v < 0) {
+            fail("rkllm_run: result callback returned an invalid value (valid: 0 continue, 1 pause%s)",
+                 RKLLM_ABI == 130 ? ", 2 release buffer" : "");
+            *stop = STOP_CB_INVALID;
+            break;
+        }
+        if (v == 1) {
+            *stop = STOP_PAUSE;
+            break;
+        }
+    }
+    buf_printf(rows, "]");
+}
+
 static int stream(Job *j) {
     DHandle *h = j->h;
     int stop = STOP_DONE, generated = 0, delivered = 0, rc = 0;
     int delay, prefill_delay;
+    Buf rows = {0};
     pthread_mutex_lock(&g_lock);
     delay = g_delay_us;
     prefill_delay = g_prefill_delay_us;
@@ -820,7 +930,8 @@ static int stream(Job *j) {
 
     if (sleep_abortable(h, prefill_delay)) stop = STOP_ABORT;
     double t_first = now_ms();
-    while (stop == STOP_DONE) {
+    if (j->mode == RKLLM_INFER_GET_LOGITS) stream_logits(j, delay, &stop, &generated, &delivered, &rows);
+    while (j->mode == RKLLM_INFER_GENERATE && stop == STOP_DONE) {
         if (atomic_load(&h->abort_req)) {
             stop = STOP_ABORT;
             break;
@@ -891,15 +1002,17 @@ static int stream(Job *j) {
     }
 
     pthread_mutex_lock(&g_lock);
-    if (stop != STOP_PAUSE) {
+    if (stop != STOP_PAUSE && j->mode == RKLLM_INFER_GENERATE) {
         /* the rest of the script belongs to this finished generation */
         script_reset_locked();
     }
+    /* GET_LOGITS: the last token the runtime sampled was never forwarded (see stream_logits) */
+    int forwarded = j->n_tokens + (j->mode == RKLLM_INFER_GET_LOGITS ? (generated > 0 ? generated - 1 : 0) : generated);
     if (stop == STOP_PAUSE) {
-        h->history = j->history_before + j->n_tokens + generated;
+        h->history = j->history_before + forwarded;
         h->paused = 1;
     } else {
-        h->history = j->keep_history ? j->history_before + j->n_tokens + generated : 0;
+        h->history = j->keep_history ? j->history_before + forwarded : 0;
         h->paused = 0;
     }
     g_last_handle = h;
@@ -909,11 +1022,17 @@ static int stream(Job *j) {
     size_t tl = sizeof open_tail - 1;
     if (b->len >= tl && memcmp(b->s + b->len - tl, open_tail, tl) == 0) { /* not reset meanwhile */
         b->len -= tl;
+        buf_printf(b, ",\"logits_rows\":%s", rows.s ? rows.s : "null");
         buf_printf(b, ",\"stop\":\"%s\",\"delivered\":%d,\"generated\":%d,\"rc\":%d,\"history_after\":%d}",
                    STOP_NAMES[stop], delivered, generated, rc, h->history);
         publish(b, &g_run_json_out);
+        buf_printf(&g_calls, "%s%s", g_n_calls ? "," : "", b->s);
+        g_n_calls++;
     }
     pthread_mutex_unlock(&g_lock);
+    free(rows.s);
+    free(j->keys);
+    j->keys = NULL;
     atomic_store(&h->running, 0);
     return rc;
 }
@@ -960,9 +1079,21 @@ static int prepare_run(const char *fn, LLMHandle handle, RKLLMInput *in, RKLLMIn
     if (!ip) return fail("%s: rkllm_infer_params is NULL", fn);
     int mode;
     memcpy(&mode, (const char *)ip + offsetof(RKLLMInferParam, mode), sizeof mode);
-    if (mode == RKLLM_INFER_GET_LAST_HIDDEN_LAYER || mode == RKLLM_INFER_GET_LOGITS)
-        return fail("%s: infer mode %d: not emulated (only RKLLM_INFER_GENERATE)", fn, mode);
-    if (mode != RKLLM_INFER_GENERATE) return fail("%s: infer mode %d is not a RKLLMInferMode", fn, mode);
+    if (mode == RKLLM_INFER_GET_LAST_HIDDEN_LAYER)
+        return fail("%s: infer mode RKLLM_INFER_GET_LAST_HIDDEN_LAYER: not emulated", fn);
+    if (mode != RKLLM_INFER_GENERATE && mode != RKLLM_INFER_GET_LOGITS)
+        return fail("%s: infer mode %d is not a RKLLMInferMode", fn, mode);
+    if (mode == RKLLM_INFER_GET_LOGITS && h->param.extend_param.n_batch > 1) /* rknn-llm #406 */
+        return fail("%s: Getting the logits is not supported for multiple batches (n_batch %u)", fn,
+                    h->param.extend_param.n_batch);
+    if (mode == RKLLM_INFER_GENERATE && h->param.extend_param.n_batch > 1)
+        return fail("%s: n_batch %u: batched runs are not emulated", fn, h->param.extend_param.n_batch);
+    int vocab;
+    pthread_mutex_lock(&g_lock);
+    vocab = g_vocab;
+    pthread_mutex_unlock(&g_lock);
+    if (mode == RKLLM_INFER_GET_LOGITS && vocab <= 0)
+        return fail("%s: RKLLM_INFER_GET_LOGITS but double_set_vocab() was not called (test setup)", fn);
     if (ip->lora_params) return fail("%s: lora_params set but no LoRA adapter can be loaded (not emulated)", fn);
     if (ip->prompt_cache_params) return fail("%s: prompt_cache_params: not emulated", fn);
     if (ip->keep_history != 0 && ip->keep_history != 1)
@@ -1080,12 +1211,32 @@ static int prepare_run(const char *fn, LLMHandle handle, RKLLMInput *in, RKLLMIn
     } else {
         buf_printf(b, "null,\"embed_sum\":null,\"embed_nonfinite\":0");
     }
+    buf_printf(b, ",\"tokens\":");
+    if (itype == RKLLM_INPUT_TOKEN) {
+        buf_printf(b, "[");
+        for (size_t i = 0; i < n_tokens; i++) buf_printf(b, "%s%d", i ? "," : "", in->token_input.input_ids[i]);
+        buf_printf(b, "]");
+    } else {
+        buf_printf(b, "null");
+    }
     buf_printf(b, ",\"userdata\":%lu,\"async\":%d,\"stop\":null}", (unsigned long)(uintptr_t)userdata, is_async);
     publish(b, &g_run_json_out);
     g_last_handle = h;
     pthread_mutex_unlock(&g_lock);
 
+    uint32_t *keys = NULL;
+    if (mode == RKLLM_INFER_GET_LOGITS) {
+        keys = malloc(n_tokens * sizeof *keys);
+        if (!keys) abort();
+        for (size_t i = 0; i < n_tokens; i++)
+            keys[i] = itype == RKLLM_INPUT_TOKEN ? (uint32_t)in->token_input.input_ids[i]
+                                                 : fnv1a(in->embed_input.embed + i * (size_t)hidden,
+                                                         (size_t)hidden * sizeof(float));
+    }
     atomic_store(&h->abort_req, 0); /* an abort only affects a run in progress */
+    j->mode = mode;
+    j->vocab = vocab;
+    j->keys = keys;
     j->h = h;
     j->userdata = userdata;
     j->n_tokens = (int)n_tokens;
@@ -1176,7 +1327,7 @@ EXPORT int rkllm_get_kv_cache_size(LLMHandle handle, int *cache_sizes) {
     if (!h) return -1;
     if (!cache_sizes) return fail("rkllm_get_kv_cache_size: cache_sizes is NULL");
     pthread_mutex_lock(&g_lock);
-    cache_sizes[0] = h->history; /* n_batch is always 1 */
+    for (int i = 0; i < h->param.extend_param.n_batch; i++) cache_sizes[i] = h->history; /* one per batch */
     pthread_mutex_unlock(&g_lock);
     return 0;
 }
@@ -1291,6 +1442,45 @@ EXPORT const char *double_last_error(void) {
     return copy;
 }
 
+EXPORT void double_set_vocab(int vocab) {
+    pthread_mutex_lock(&g_lock);
+    g_vocab = vocab > 0 ? vocab : 0;
+    pthread_mutex_unlock(&g_lock);
+}
+
+EXPORT const char *double_calls_json(void) {
+    pthread_mutex_lock(&g_lock);
+    size_t len = g_calls.len;
+    char *s = malloc(len + 3);
+    if (!s) abort();
+    s[0] = '[';
+    if (len) memcpy(s + 1, g_calls.s, len);
+    s[len + 1] = ']';
+    s[len + 2] = 0;
+    free(g_calls_out);
+    g_calls_out = s;
+    pthread_mutex_unlock(&g_lock);
+    return s;
+}
+
+EXPORT size_t double_calls_count(void) {
+    pthread_mutex_lock(&g_lock);
+    size_t n = g_n_calls;
+    pthread_mutex_unlock(&g_lock);
+    return n;
+}
+
+EXPORT unsigned long long double_logits_floats(void) {
+    pthread_mutex_lock(&g_lock);
+    unsigned long long n = g_logits_floats;
+    pthread_mutex_unlock(&g_lock);
+    return n;
+}
+
+EXPORT void double_logits_row(float *out, int vocab, uint32_t pos, uint32_t key) {
+    if (out && vocab > 0) logits_row(out, vocab, pos, key);
+}
+
 EXPORT void double_set_hidden(int hidden) {
     pthread_mutex_lock(&g_lock);
     g_hidden = hidden > 0 ? hidden : 0;
@@ -1383,7 +1573,10 @@ EXPORT void double_set_error_rc(int rc) {
 EXPORT void double_reset(void) {
     pthread_mutex_lock(&g_lock);
     script_reset_locked();
-    g_delay_us = g_prefill_delay_us = g_hidden = g_error_rc = 0;
+    g_delay_us = g_prefill_delay_us = g_hidden = g_error_rc = g_vocab = 0;
+    g_calls.len = 0;
+    g_n_calls = 0;
+    g_logits_floats = 0;
     free(g_last_embed);
     g_last_embed = NULL;
     g_last_embed_len = 0;
