@@ -429,3 +429,49 @@ def test_openai_json_object_mode(setup, compiler, tokenizer, eou):
     else:
         assert len(ids) == 400  # cut by max_new_tokens ("length")
     assert ids == predict(grammar, replace(config), prompt(seed=21), eou)[0]
+
+
+# ------------------------------------------------------------------ through the Runner (a bundle: slow)
+
+
+@pytest.fixture(scope="module")
+def bundle(preview_bundles):
+    from rksmolvlm.runtime.loader import RuntimeBundle
+
+    return RuntimeBundle.open(preview_bundles["idefics3-256m"])
+
+
+@pytest.mark.parametrize("abi", ["1.2", "1.3"])
+def test_runner_session_reuses_the_cache_after_structured_answers(abi, libraries, bundle, tmp_path):
+    from rksmolvlm.preview.host_engines import OnnxVisionEncoder
+    from rksmolvlm.runtime.runner import Runner
+
+    double = Double(libraries[abi])
+    double.lib.double_set_hidden(bundle.manifest.model.text_hidden_size)
+    double.lib.double_set_vocab(bundle.manifest.model.vocab_size)
+    model = tmp_path / "llm.rkllm"
+    model.write_bytes(b"model")
+    engine = RkllmEngine(model, libraries[abi], abi, bundle.max_context, GenerationConfig(max_new_tokens=64))
+    try:
+        grammar = GrammarCompiler.for_bundle(bundle).compile(from_ollama_format(SMALL))
+        config = GenerationConfig(max_new_tokens=120, grammar=grammar)
+        session = Runner(bundle, OnnxVisionEncoder(bundle.file("vision.onnx"), bundle.settings), engine).session()
+        turn1 = [{"role": "user", "content": [{"type": "text", "text": "Which vehicle is it?"}]}]
+        g1 = session.generate(turn1, config).consume()
+        assert g1.finish_reason == "stop" and g1.token_ids[-1] == bundle.stop_ids[0]
+        jsonschema.validate(json.loads(g1.text), SMALL)
+        held = g1.prompt_tokens + len(g1.token_ids)
+        assert engine.kv_cache_size() == held  # prompt + every chosen id, the stop id included
+        turn2 = turn1 + [{"role": "assistant", "content": [{"type": "text", "text": g1.text}]},
+                         {"role": "user", "content": [{"type": "text", "text": "And the next one?"}]}]
+        g2 = session.generate(turn2, config).consume()
+        prefill = [c for c in double.calls() if c["input_type"] == 2][-1]
+        assert prefill["history_before"] == held == g2.reused_tokens and prefill["n_tokens"] == len(g2.prefill_ids)
+        assert g2.finish_reason == "stop"
+        jsonschema.validate(json.loads(g2.text), SMALL)
+        assert engine.kv_cache_size() == g2.prompt_tokens + len(g2.token_ids)
+        cut = session.generate(turn1, replace(config, max_new_tokens=5)).consume()
+        assert cut.finish_reason == "length" and len(cut.token_ids) == 5
+        assert engine.kv_cache_size() == cut.prompt_tokens + 5
+    finally:
+        engine.close()
