@@ -239,9 +239,11 @@ class RkllmEngine:
 
     def _on_logits(self, result, state) -> int:
         """GET_LOGITS callback: copies the last row of the call's first logits (the prompt's or the fed
-        run's last position; never the other rows) and ignores what the runtime samples by itself."""
+        run's last position; never the other rows) and ignores what the runtime samples by itself.
+        1.3.0 is told to release the logits buffer at once (return 2): a prompt's is N × vocab floats."""
         sink = self._logits
         assert sink is not None
+        release = 0
         try:
             r = result.contents
             if state == abi_mod.RUN_NORMAL and r.logits.num_tokens > 0 and sink.rows == 0:
@@ -256,8 +258,10 @@ class RkllmEngine:
                     sink.rows, sink.bytes = rows, sink.bytes + vocab * 4
                     if not self.abi.has_sampling:  # 1.2.x: no per-run max_new_tokens, stop it here
                         self.lib.rkllm_abort(self.handle)
+                release = 2 if self.abi.init_takes_struct else 0  # 1.3.0's "release the output buffer"
             elif state == abi_mod.RUN_NORMAL and r.logits.num_tokens > 0:
                 sink.extra += 1  # a step the runtime took by itself: it must not have reached the KV cache
+                release = 2 if self.abi.init_takes_struct else 0
             elif state == abi_mod.RUN_FINISH:
                 p = r.perf
                 sink.perf = {"prefill_time_ms": p.prefill_time_ms, "generate_time_ms": p.generate_time_ms}
@@ -265,7 +269,7 @@ class RkllmEngine:
                 sink.error = "the runtime reported RKLLM_RUN_ERROR"
         except Exception as exc:  # never let an exception cross the C boundary
             sink.error = repr(exc)
-        return 0
+        return release
 
     @property
     def history_tokens(self) -> int:

@@ -230,13 +230,14 @@ def test_call_sequence_one_run_per_choice(setup, compiler, tokenizer, eou):
     assert (prefill["mode"], prefill["input_type"], prefill["keep_history"]) == (2, 2, 1)
     assert prefill["n_tokens"] == len(embeds) and prefill["logits_rows"] == [len(embeds)]
     assert prefill["history_before"] == 0 and prefill["history_after"] == len(embeds)
+    assert prefill["released"] == (1 if abi == "1.3" else 0)
     for call, fed in zip(steps, token_calls):
         assert (call["mode"], call["input_type"], call["keep_history"], call["role"]) == (2, 1, 1, "user")
         assert call["tokens"] == fed and call["n_tokens"] == len(fed)
         assert call["history_after"] == call["history_before"] + len(fed)  # nothing the runtime sampled is kept
         assert call["logits_rows"] == [len(fed)]  # the runtime took no step of its own
-        if abi == "1.3":
-            assert call["max_new_tokens"] == 1 and call["stop"] == "max_new_tokens"
+        if abi == "1.3":  # the logits buffer is released at once (callback return value 2)
+            assert call["max_new_tokens"] == 1 and call["stop"] == "max_new_tokens" and call["released"] == 1
         else:  # no per-run max_new_tokens: the engine aborts once the first logits are in
             assert call["max_new_tokens"] is None and call["stop"] == "abort"
     assert [t for call in steps for t in call["tokens"]] == ids  # every chosen id fed once, in order

@@ -853,7 +853,8 @@ static int32_t argmax_row(const float *row, int vocab) {
 
 /* Deliver one logits callback of `rows` rows (positions first_pos.., keys[]), then poison and free
  * the buffer: it is valid only during the callback, as in the real runtime. Returns the verdict. */
-static int deliver_logits(const Job *j, int rows, uint32_t first_pos, const uint32_t *keys, int32_t *sampled) {
+static int deliver_logits(const Job *j, int rows, uint32_t first_pos, const uint32_t *keys, int32_t *sampled,
+                          int *released) {
     size_t n = (size_t)rows * (size_t)j->vocab;
     float *buf = malloc(n * sizeof(float));
     if (!buf) abort();
@@ -866,7 +867,9 @@ static int deliver_logits(const Job *j, int rows, uint32_t first_pos, const uint
     res.logits.logits = buf;
     res.logits.vocab_size = j->vocab;
     res.logits.num_tokens = rows;
-    int v = callback_verdict(deliver(j, &res, RKLLM_RUN_NORMAL));
+    int raw = deliver(j, &res, RKLLM_RUN_NORMAL);
+    if (RKLLM_ABI == 130 && raw == 2) (*released)++; /* "release the current output buffer" */
+    int v = callback_verdict(raw);
     for (size_t i = 0; i < n; i++) buf[i] = NAN;
     free(buf);
     pthread_mutex_lock(&g_lock);
@@ -879,7 +882,7 @@ static int deliver_logits(const Job *j, int rows, uint32_t first_pos, const uint
  * #245); the runtime samples a token from the last row (greedy here) and, while it may generate
  * more, forwards it and delivers 1 x vocab per step. The last sampled token is never forwarded, so
  * the KV cache grows by n_tokens + generated - 1. */
-static void stream_logits(Job *j, int delay, int *stop, int *generated, int *delivered, Buf *rows) {
+static void stream_logits(Job *j, int delay, int *stop, int *generated, int *delivered, int *released, Buf *rows) {
     DHandle *h = j->h;
     int32_t sampled = -1;
     buf_printf(rows, "[");
@@ -900,7 +903,7 @@ static void stream_logits(Job *j, int delay, int *stop, int *generated, int *del
         uint32_t key = (uint32_t)sampled;
         int n = first ? j->n_tokens : 1;
         uint32_t pos = (uint32_t)(j->history_before + (first ? 0 : j->n_tokens + *generated - 1));
-        int v = deliver_logits(j, n, pos, first ? j->keys : &key, &sampled);
+        int v = deliver_logits(j, n, pos, first ? j->keys : &key, &sampled, released);
         buf_printf(rows, "%s%d", first ? "" : ",", n);
         (*delivered)++;
         (*generated)++;
@@ -930,7 +933,8 @@ static int stream(Job *j) {
 
     if (sleep_abortable(h, prefill_delay)) stop = STOP_ABORT;
     double t_first = now_ms();
-    if (j->mode == RKLLM_INFER_GET_LOGITS) stream_logits(j, delay, &stop, &generated, &delivered, &rows);
+    int released = 0;
+    if (j->mode == RKLLM_INFER_GET_LOGITS) stream_logits(j, delay, &stop, &generated, &delivered, &released, &rows);
     while (j->mode == RKLLM_INFER_GENERATE && stop == STOP_DONE) {
         if (atomic_load(&h->abort_req)) {
             stop = STOP_ABORT;
@@ -1022,7 +1026,7 @@ static int stream(Job *j) {
     size_t tl = sizeof open_tail - 1;
     if (b->len >= tl && memcmp(b->s + b->len - tl, open_tail, tl) == 0) { /* not reset meanwhile */
         b->len -= tl;
-        buf_printf(b, ",\"logits_rows\":%s", rows.s ? rows.s : "null");
+        buf_printf(b, ",\"logits_rows\":%s,\"released\":%d", rows.s ? rows.s : "null", released);
         buf_printf(b, ",\"stop\":\"%s\",\"delivered\":%d,\"generated\":%d,\"rc\":%d,\"history_after\":%d}",
                    STOP_NAMES[stop], delivered, generated, rc, h->history);
         publish(b, &g_run_json_out);
