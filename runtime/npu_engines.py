@@ -417,15 +417,20 @@ class RkllmEngine:
             self._history = 0
             raise EngineError(f"rkllm_run (GET_LOGITS) failed ({fresh.error or 'return code ' + str(code)}): the KV "
                               "cache was dropped; check the runtime's messages")
+        aborted = fresh.rows == 0 and self._aborted.is_set()
+        if fresh.rows == 0 and not aborted:
+            self._history = 0
+            raise EngineError("rkllm_run in RKLLM_INFER_GET_LOGITS mode delivered no logits: this librkllmrt does not "
+                              "support the mode; send the request without response_format/format")
         expected = self._history + n
         cached = self.kv_cache_size()
-        if cached is not None and cached != expected and not (fresh.rows == 0 and self._aborted.is_set()):
+        if cached is not None and cached != expected and not aborted:
             self._history = cached
             raise KvCacheMismatchError(
-                f"after a GET_LOGITS call of {n} tokens librkllmrt holds {cached} positions, expected {expected} "
-                f"(the prompt and the chosen tokens; {fresh.extra} extra steps were reported): this runtime keeps "
-                "tokens it sampled itself, so structured output cannot run on it; use runtime 1.3.0, or send the "
-                "request without response_format/format")
+                f"after a GET_LOGITS call of {n} tokens librkllmrt {self.abi.name} holds {cached} positions, expected "
+                f"{expected} (the prompt and the chosen tokens; {fresh.extra} steps of its own were reported): it keeps "
+                "tokens it sampled itself, so structured output cannot run on it; send the request without "
+                "response_format/format")
         self._history = expected if cached is None else cached
         return fresh
 

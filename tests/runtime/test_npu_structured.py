@@ -22,7 +22,7 @@ from support import DOUBLES
 
 from rksmolvlm.runtime import rkllm_abi
 from rksmolvlm.runtime.engines import GenerationConfig, PerfStats
-from rksmolvlm.runtime.npu_engines import BatchedLogitsError, KvCacheMismatchError, RkllmEngine
+from rksmolvlm.runtime.npu_engines import BatchedLogitsError, EngineError, KvCacheMismatchError, RkllmEngine
 from rksmolvlm.runtime.structured import GrammarCompiler, Guide, from_ollama_format, from_openai_response_format
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
@@ -335,6 +335,25 @@ def test_abort_mid_answer(setup, compiler, eou):
     small = config_for(compiler, SMALL, eou)
     ids = list(engine.generate(prompt(), small, False, PerfStats()))
     assert ids == predict(small.grammar, small, prompt(), eou)[0]
+
+
+def test_abort_during_the_prefill(setup, compiler, eou):
+    abi, double, engine = setup
+    double.lib.double_set_prefill_delay_us(400_000)
+    timer = threading.Timer(0.05, engine.abort)
+    timer.start()
+    assert list(engine.generate(prompt(), config_for(compiler, SMALL, eou), False, PerfStats())) == []
+    timer.join()
+    assert [c["stop"] for c in double.calls()] == ["abort"] and double.calls()[0]["logits_rows"] == []
+    assert engine.history_tokens == engine.kv_cache_size()
+
+
+def test_a_runtime_without_logits_is_a_named_error(setup, compiler, eou, monkeypatch):
+    abi, double, engine = setup
+    monkeypatch.setattr(engine, "_on_logits", lambda result, state: 0)  # callbacks without logits
+    with pytest.raises(EngineError, match="delivered no logits"):
+        list(engine.generate(prompt(), config_for(compiler, SMALL, eou), False, PerfStats()))
+    assert engine.history_tokens == 0
 
 
 def test_history_kept_across_turns(setup, compiler, eou):
