@@ -428,8 +428,8 @@ class RkllmEngine:
             self._history = cached
             raise KvCacheMismatchError(
                 f"after a GET_LOGITS call of {n} tokens librkllmrt {self.abi.name} holds {cached} positions, expected "
-                f"{expected} (the prompt and the chosen tokens; {fresh.extra} steps of its own were reported): it keeps "
-                "tokens it sampled itself, so structured output cannot run on it; send the request without "
+                f"{expected} (the prompt and the chosen tokens; {fresh.extra} steps of its own were reported): it "
+                "keeps tokens it sampled itself, so structured output cannot run on it; send the request without "
                 "response_format/format")
         self._history = expected if cached is None else cached
         return fresh
