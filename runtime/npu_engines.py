@@ -134,7 +134,9 @@ def find_rkllm_library(explicit: str | os.PathLike | None = None) -> Path:
 
 
 class RkllmEngine:
-    """The decoder in librkllmrt, fed with our embeddings (RKLLM_INPUT_EMBED)."""
+    """The decoder in librkllmrt, fed with our embeddings (RKLLM_INPUT_EMBED). Free text runs in one
+    RKLLM_INFER_GENERATE call sampled by the runtime; with ``config.grammar`` the runtime only computes
+    logits (RKLLM_INFER_GET_LOGITS) and the CPU chooses (``_generate_structured``)."""
 
     def __init__(self, model_path: Path, library: Path, abi: str, max_context: int,
                  config: GenerationConfig | None = None, base_domain_id: int = 1,
