@@ -12,7 +12,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Generator, Sequence, cast
+from typing import TYPE_CHECKING, Generator, Sequence
 
 import numpy as np
 
@@ -322,7 +322,6 @@ class RkllmEngine:
         are read). The KV cache holds exactly the prompt and the yielded ids (checked with
         rkllm_get_kv_cache_size after every call where the runtime has it)."""
         from rksmolvlm.runtime.structured.guide import Guide
-        from rksmolvlm.runtime.structured.sampler import SamplingOptions
 
         grammar = config.grammar
         assert grammar is not None
@@ -339,8 +338,7 @@ class RkllmEngine:
         stop_id = (config.stop_ids or grammar.stop_ids)[0]
         stops = set(config.stop_ids) | set(grammar.stop_ids)
         self._aborted.clear()
-        # GenerationConfig has every SamplingOptions member, read-only (frozen): the protocol declares them settable
-        guide = Guide(cast("SamplingOptions", config), grammar.constraint())
+        guide = Guide(config, grammar.constraint())
         counters = {"rkllm_runs": 0, "logits_bytes": 0}
         stats.engine["structured"] = counters
         sink = _LogitsSink(None, 0)

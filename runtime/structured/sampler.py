@@ -28,14 +28,21 @@ __all__ = ["SamplingOptions", "Sampler", "apply_penalties"]
 class SamplingOptions(Protocol):
     """What the sampler reads of a generation config (runtime.engines.GenerationConfig has all of it)."""
 
-    temperature: float
-    top_k: int
-    top_p: float
-    repeat_penalty: float
-    frequency_penalty: float
-    presence_penalty: float
-    seed: int | None
-
+    # read-only members: a frozen GenerationConfig satisfies them
+    @property
+    def temperature(self) -> float: ...
+    @property
+    def top_k(self) -> int: ...
+    @property
+    def top_p(self) -> float: ...
+    @property
+    def repeat_penalty(self) -> float: ...
+    @property
+    def frequency_penalty(self) -> float: ...
+    @property
+    def presence_penalty(self) -> float: ...
+    @property
+    def seed(self) -> int | None: ...
     @property
     def greedy(self) -> bool: ...
 
