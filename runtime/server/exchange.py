@@ -230,6 +230,8 @@ class Gateway:
              max_tokens=chat.config.max_new_tokens)
         if chat.videos:
             note(request.scope, videos=chat.videos, video_bytes=chat.video_bytes)
+        if chat.format is not None:  # structured output: json_schema, json_object or tool_call
+            note(request.scope, format=chat.format.kind)
         job = self.service.submit(chat, asyncio.get_running_loop(), request.scope["state"]["request_id"])
         return Exchange(job, self.service, request.receive, self.config.server.request_timeout_s)
 
