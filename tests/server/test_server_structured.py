@@ -300,16 +300,19 @@ def test_a_schema_too_big_or_too_deep_is_a_named_400_in_bounded_time_while_healt
     errors = []
 
     def send():
-        for fmt in ({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},):
-            with pytest.raises(openai.BadRequestError) as info:
-                hello(fake_openai, response_format=fmt)
-            errors.append(info.value.body)
+        with pytest.raises(openai.BadRequestError) as info:
+            hello(fake_openai, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+        errors.append(info.value.body)
+        errors.append(httpx.post(f"{fake.url}/api/chat", headers=AUTH, timeout=30, json={
+            "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "format": schema, "stream": False}))
 
     elapsed, health = _health_while(fake, send)
-    error = errors[0]
+    error, ollama_reply = errors
     assert error["code"] == "schema_too_complex", error
     assert error["param"].startswith("response_format.json_schema.schema")
     assert limit_word in error["message"]
+    assert ollama_reply.status_code == 400 and limit_word in ollama_reply.json()["error"]
+    assert "format" in ollama_reply.json()["error"]
     assert elapsed < 5.0, f"{what}: refused after {elapsed:.2f} s"
     assert health and max(health) < 1.0
     hello(fake_openai)
