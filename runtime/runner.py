@@ -9,6 +9,11 @@ then new messages, only the new part is rendered, tiled, encoded and prefilled (
 after the answer and the new images). Anything else (edited history, other images, another session
 having used the engine since) starts over. One request runs at a time.
 
+Structured answers (``GenerationConfig.grammar``, compiled for this bundle by
+``GrammarCompiler.for_bundle``) pass through the same wiring: the engine ends a complete answer with
+the bundle's end-of-utterance id, so the text stream finishes "stop" and a session continues after
+it as after free text; max_new_tokens cuts one with finish_reason "length" and the partial text.
+
 Image detail (``ImagePart.detail``, OpenAI's ``image_url.detail``): "high" tiles an image the way
 the checkpoint's processor does (tiles plus the global image), "low" as one unsplit tile (the
 processor's ``do_image_splitting=False``), "auto" as the runner's ``default_detail`` says: "high",
@@ -183,6 +188,11 @@ class Runner:
         config = config or GenerationConfig()
         if not config.stop_ids:
             config = replace(config, stop_ids=self.bundle.stop_ids)
+        grammar = config.grammar
+        if grammar is not None and grammar.vocab_size != self.bundle.manifest.model.vocab_size:
+            raise ValueError(f"the grammar was compiled for a vocabulary of {grammar.vocab_size} ids, this bundle's "
+                             f"model has {self.bundle.manifest.model.vocab_size}: compile it with "
+                             "GrammarCompiler.for_bundle(runner.bundle)")
         try:
             typed = conversation(messages)
         except ValueError as exc:

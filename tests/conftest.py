@@ -1,6 +1,7 @@
 """Fixtures shared by every part: tiny random SmolVLM checkpoints (both classes, both token layouts),
-built offline once per session, host-preview bundles of them, a small set of calibration images, and
-the vendor contract doubles. Helpers that are not fixtures live in ``tests/support/``."""
+built offline once per session, host-preview bundles of them, the trained demo model's bundle, a small
+set of calibration images, and the vendor contract doubles. Helpers that are not fixtures live in
+``tests/support/``."""
 
 from __future__ import annotations
 
@@ -84,6 +85,23 @@ def runtime_bundles(preview_bundles) -> dict:
     return {name: RuntimeBundle.open(path) for name, path in preview_bundles.items()}
 
 
+
+
+@pytest.fixture(scope="session")
+def demo_preview_bundle(tmp_path_factory) -> Path:
+    """The trained tiny demo model (convert/demo_model.py, Idefics3 class) converted as ``rksmolvlm demo``
+    does (host preview, decoder for the host only), built once on first use (~20 s). Asked "What is on
+    the table?" it answers "A coffee cup." about the shipped coffee photo and "There is no table." about
+    the cat."""
+    from rksmolvlm.convert.demo_model import build_demo_checkpoint
+    from rksmolvlm.convert.pipeline import ConvertOptions, convert
+    from rksmolvlm.convert.progress import Progress
+
+    root = tmp_path_factory.mktemp("demo-preview")
+    checkpoint = build_demo_checkpoint(root / "demo-idefics3", "idefics3")
+    convert(ConvertOptions(model=str(checkpoint), output=root / "bundle", host_preview=True, llm_host_only=True,
+                           llm_dataset_format="text"), Progress(0, quiet=True))
+    return root / "bundle"
 
 
 @pytest.fixture

@@ -154,6 +154,12 @@ class TorchLlmEngine:
 
     def generate(self, embeddings: np.ndarray, config: GenerationConfig, keep_history: bool,
                  stats: PerfStats) -> Generator[int, None, None]:
+        if config.grammar is not None:
+            return self._generate_structured(embeddings, config, keep_history, stats)
+        return self._generate_free(embeddings, config, keep_history, stats)
+
+    def _generate_free(self, embeddings: np.ndarray, config: GenerationConfig, keep_history: bool,
+                       stats: PerfStats) -> Generator[int, None, None]:
         torch = self.torch
         self._abort.clear()
         if not keep_history:
@@ -180,6 +186,63 @@ class TorchLlmEngine:
         if produced and not self._abort.is_set():
             with torch.no_grad():
                 self._forward(embed(torch.tensor([[produced[-1]]])))
+
+    def _generate_structured(self, embeddings: np.ndarray, config: GenerationConfig, keep_history: bool,
+                             stats: PerfStats) -> Generator[int, None, None]:
+        """The answer under ``config.grammar``, chosen on the CPU by a ``Guide`` (runtime/structured):
+        the ids the grammar forces at the start go in with the prompt, then each step samples one id
+        under the mask and the run the grammar forces after it is yielded and fed in one forward. The
+        KV cache holds exactly the prompt and the yielded ids. A complete grammar ends the answer with
+        ``config.stop_ids[0]`` (the bundle's end of utterance), which counts against max_new_tokens
+        as the model's own stop id does; without room for it the answer ends by length."""
+        from rksmolvlm.runtime.structured.guide import Guide
+
+        torch = self.torch
+        grammar = config.grammar
+        assert grammar is not None
+        self._abort.clear()
+        if not keep_history:
+            self.clear_history()
+        stop_ids = config.stop_ids or grammar.stop_ids
+        guide = Guide(config, grammar.constraint())
+        embed = self.model.get_input_embeddings()
+        limit = config.max_new_tokens
+        produced = 0
+        with torch.no_grad():
+            start = time.perf_counter()
+            run = _with_end(guide, guide.begin(), stop_ids)[:limit]
+            x = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))[None]
+            if run:  # the forced head (e.g. '{"') is prefilled with the prompt
+                x = torch.cat([x, embed(torch.tensor([run]))], dim=1)
+            logits = self._forward(x)
+            stats.prefill_tokens += len(embeddings)
+            stats.prefill_ms += (time.perf_counter() - start) * 1000
+            start = time.perf_counter()
+            in_cache = True  # whether ``run`` is in the KV cache yet
+            while True:
+                for token in run:
+                    if self._abort.is_set():
+                        break
+                    produced += 1
+                    stats.generate_tokens += 1
+                    stats.generate_ms = (time.perf_counter() - start) * 1000
+                    yield token
+                if self._abort.is_set() or produced >= limit or (run and run[-1] in stop_ids):
+                    break
+                if not in_cache:
+                    logits = self._forward(embed(torch.tensor([run])))
+                run = _with_end(guide, guide.step(logits.numpy()), stop_ids)[:limit - produced]
+                in_cache = False
+            # The last run was yielded but never fed: put it in the cache so history is complete.
+            if run and not in_cache and not self._abort.is_set():
+                self._forward(embed(torch.tensor([run])))
+
+
+def _with_end(guide, run: list[int], stop_ids: tuple[int, ...]) -> list[int]:
+    """``run`` ended by the first stop id when the grammar is complete and the run does not end in one."""
+    if guide.done and not (run and run[-1] in stop_ids):
+        return [*run, stop_ids[0]]
+    return run
 
 
 def make_host_engines(bundle: "RuntimeBundle", options: EngineOptions) -> tuple[OnnxVisionEncoder, TorchLlmEngine]:

@@ -5,7 +5,9 @@ One room per responsibility:
 - ``errors``: ApiError, the refusal every adapter answers with (status, code, message naming the fix).
 - ``model``: ServedModel, the id clients name and the bundle's facts.
 - ``requests``: the OpenAI chat completion schema → a checked ChatRequest (RequestReader, parse_json):
-  every field, count and size checked, every media part read and checked before the request may queue.
+  every field, count and size checked, every media part read and checked before the request may queue;
+  structured output (response_format, a forced tool call, Ollama's format) compiled there into the
+  request's grammar by the bundle's GrammarCompiler (``runtime/structured``), built once by ``process``.
 - ``media``: media references → bytes, images and videos alike (data: URIs, files under
   images.local_dir, remote URLs through ``remote``), each within its byte limit, refusals named by kind.
 - ``media_checks``: the pre-queue checks of the bytes: an image's header (type, pixels, decode memory,

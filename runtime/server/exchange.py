@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from starlette.requests import Request
 
     from rksmolvlm.runtime.server.service import Answer, Job, ModelService
+    from rksmolvlm.runtime.structured import GrammarCompiler
 
 __all__ = ["ClientGone", "EventStream", "Exchange", "Frames", "Gateway", "note", "read_body"]
 
@@ -80,7 +81,7 @@ class Frames(Protocol):
         """What goes out at once, before the job runs."""
 
     def delta(self, text: str) -> bytes:
-        """One piece of the answer's text."""
+        """One piece of the answer's text (empty bytes: nothing to send yet)."""
 
     def done(self, answer: Answer) -> Iterable[bytes]:
         """The closing frames of a finished answer."""
@@ -174,13 +175,15 @@ class Gateway:
     """The common entry of every adapter over one ModelService: the key, a ready model, the bounded
     body, the checked request, the queued job and its events; counting and noting on the way."""
 
-    def __init__(self, service: ModelService, config: ServerConfig, api_key: str | None = None):
+    def __init__(self, service: ModelService, config: ServerConfig, api_key: str | None = None,
+                 grammars: GrammarCompiler | None = None):
         self.service = service
         self.config = config
         self.model = service.model
         self.metrics = service.metrics
         self.api_key = api_key
-        self.reader = RequestReader(config, service.model)
+        self.grammars = grammars  # the served bundle's grammar compiler (None: no structured output)
+        self.reader = RequestReader(config, service.model, grammars)
         self.body_limit = config.body_limit(self.takes_video())  # a video's data: URI must get through
 
     def takes_video(self) -> bool:
@@ -227,6 +230,8 @@ class Gateway:
              max_tokens=chat.config.max_new_tokens)
         if chat.videos:
             note(request.scope, videos=chat.videos, video_bytes=chat.video_bytes)
+        if chat.format is not None:  # structured output: json_schema, json_object or tool_call
+            note(request.scope, format=chat.format.kind)
         job = self.service.submit(chat, asyncio.get_running_loop(), request.scope["state"]["request_id"])
         return Exchange(job, self.service, request.receive, self.config.server.request_timeout_s)
 
@@ -256,7 +261,9 @@ class Gateway:
             while True:
                 kind, value = await exchange.next()
                 if kind == "delta":
-                    yield frames.delta(value)
+                    chunk = frames.delta(value)
+                    if chunk:  # empty: the adapter holds the text back (a tool call until it is complete)
+                        yield chunk
                     continue
                 if kind == "done":
                     self.note_answer(request, value)

@@ -19,7 +19,7 @@ import json
 import logging
 import time
 import uuid
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from rksmolvlm import __version__
 from rksmolvlm.runtime.server.config import ServerConfig
@@ -34,6 +34,9 @@ from rksmolvlm.runtime.server.openai import OpenAiApi
 from rksmolvlm.runtime.server.service import ModelService
 from rksmolvlm.runtime.server.web import WebPage, page_enabled, prefers_html
 
+if TYPE_CHECKING:
+    from rksmolvlm.runtime.structured import GrammarCompiler
+
 __all__ = ["create_app"]
 
 log = logging.getLogger("rksmolvlm.server")
@@ -43,13 +46,15 @@ log = logging.getLogger("rksmolvlm.server")
 # HTTP
 # ==============================================================================================
 def create_app(service: ModelService, config: ServerConfig, *, api_key: str | None = None,
-               notifier: SystemdNotifier | None = None, on_fatal: Callable[[], None] | None = None):
-    """The Starlette application; its lifespan starts the service (loading the model) and stops it."""
+               notifier: SystemdNotifier | None = None, on_fatal: Callable[[], None] | None = None,
+               grammars: "GrammarCompiler | None" = None):
+    """The Starlette application; its lifespan starts the service (loading the model) and stops it.
+    ``grammars``: the served bundle's grammar compiler (structured output); None refuses it."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.routing import Route
 
-    gateway = Gateway(service, config, api_key)
+    gateway = Gateway(service, config, api_key, grammars)
     server = _Server(gateway, notifier or SystemdNotifier(None), on_fatal)
     routes = [
         *OpenAiApi(gateway).routes(),

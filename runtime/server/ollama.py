@@ -11,10 +11,14 @@ them as ResponseError), their messages naming the Ollama fields (``options.num_p
 
 Decisions: options the request leaves out take the server's defaults (greedy), not Ollama's;
 ``num_ctx`` and ``keep_alive`` are ignored (the bundle fixes the context, the model stays loaded);
-unknown options are ignored; ``format`` ("json" or a schema), ``think``, ``raw``, ``template``,
-``suffix`` and ``context`` are refused with a 400 (SmolVLM has no constrained decoding, no thinking,
-and always answers through the bundle's chat template); an empty chat or prompt answers at once
-(Ollama's "load the model" request). ``/api/version`` needs no API key, like ``/health``.
+unknown options are ignored; ``format`` ("json": any JSON object, or a JSON schema) is read by
+``runtime/structured`` and compiled into the request's grammar like the OpenAI side's response_format
+(a refused schema is a 400 naming ``format``); ``think`` (other than false), ``raw``, ``template``,
+``suffix`` and ``context`` are refused with a 400 (SmolVLM has no thinking, and always answers
+through the bundle's chat template); ``tools`` leave the answer text (Ollama has no way to force a
+call); an empty chat or prompt answers at once (Ollama's "load the model" request). ``/api/version``
+needs no API key, like ``/health``. ``/api/show``'s capabilities are Ollama's ("completion", "vision")
+plus "structured_outputs": Ollama lists no capability for ``format`` (its every model takes it).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from rksmolvlm.runtime.server.requests import ChatRequest, parse_json
 
 if TYPE_CHECKING:
     from rksmolvlm.runtime.server.service import Answer
+    from rksmolvlm.runtime.structured import ResponseFormat
 
 __all__ = ["ollama_routes", "OllamaApi", "OLLAMA_API_VERSION", "translate_chat", "translate_generate",
            "Translation"]
@@ -78,6 +83,7 @@ class Translation:
     model: str  # the name to answer with (Ollama echoes the request's)
     load: bool = False  # no messages / no prompt: Ollama's "load the model" request, answered at once
     repeat_penalty: float | None = None
+    format: ResponseFormat | None = None  # Ollama's format, read (None: free text)
     renames: list[tuple[re.Pattern, str]] = field(default_factory=list)  # OpenAI param → Ollama field
 
     def rename(self, error: ApiError) -> ApiError:
@@ -120,7 +126,8 @@ def translate_chat(payload: dict, model: str) -> Translation:
         body["tools"] = payload["tools"]  # Ollama's tools have OpenAI's shape: the OpenAI side's policy applies
     renames = [(re.compile(r"messages\[(\d+)\]\.content\[(\d+)\]\.image_url"), r"messages[\1].images[\2]"),
                (re.compile(r"messages\[(\d+)\]\.content\[\d+\]\.text"), r"messages[\1].content")]
-    return Translation(body, model, repeat_penalty=_repeat_penalty(payload), renames=renames)
+    return Translation(body, model, repeat_penalty=_repeat_penalty(payload), format=_format(payload),
+                       renames=renames)
 
 
 def translate_generate(payload: dict, model: str) -> Translation:
@@ -141,7 +148,7 @@ def translate_generate(payload: dict, model: str) -> Translation:
                (re.compile(rf"messages\[{user}\]\.content(\[\d+\]\.text)?"), "prompt"),
                (re.compile(r"messages\[0\]\.content"), "system")]
     return Translation({"messages": messages, **_common(payload)}, model, repeat_penalty=_repeat_penalty(payload),
-                       renames=renames)
+                       format=_format(payload), renames=renames)
 
 
 # ==============================================================================================
@@ -249,7 +256,8 @@ class OllamaApi:
             "model_info": {"general.architecture": family, "general.basename": self.model.id,
                            "general.size_label": facts["details"]["parameter_size"],
                            f"{family}.context_length": context},
-            "capabilities": ["completion", "vision"],
+            "capabilities": ["completion", "vision",
+                             *(["structured_outputs"] if self.gateway.grammars is not None else [])],
             "modified_at": facts["modified_at"],
         })
 
@@ -322,7 +330,7 @@ class OllamaApi:
         if translation.load:
             return translation, None
         try:
-            chat = self.gateway.reader.read_payload(translation.payload)
+            chat = self.gateway.reader.read_payload(translation.payload, translation.format)
         except ApiError as error:
             raise translation.rename(error) from None
         if translation.repeat_penalty is not None:
@@ -378,12 +386,18 @@ def _option_renames(param: str | None) -> list[tuple[re.Pattern, str]]:
     return renames
 
 
+def _format(payload: dict) -> ResponseFormat | None:
+    """Ollama's ``format`` ("json" or a schema) as a ResponseFormat; None for free text."""
+    from rksmolvlm.runtime.structured import StructuredOutputError, from_ollama_format
+
+    try:
+        fmt = from_ollama_format(payload.get("format"))
+    except StructuredOutputError as exc:
+        raise ApiError(400, str(exc), exc.code, exc.param) from None
+    return fmt if fmt.constrained else None
+
+
 def _refuse_unsupported(payload: dict, model: str, generate: bool) -> None:
-    fmt = payload.get("format")
-    if fmt not in (None, ""):
-        raise ApiError(400, "format is not supported: this server has no constrained decoding, so it cannot promise "
-                       "JSON; leave format out and describe the JSON you want in the prompt", "unsupported_parameter",
-                       "format")
     if payload.get("think") not in (None, False):
         raise ApiError(400, f"{json.dumps(model)} does not support thinking: leave think out or false",
                        "unsupported_parameter", "think")

@@ -3,12 +3,20 @@
 (``runtime/server/exchange.py``). A body is read by the RequestReader as it comes; an answer is
 OpenAI's ``chat.completion`` object or its ``chat.completion.chunk`` stream, with usage and the
 ``rksmolvlm`` field (token ids, timings). Errors are OpenAI's ``{"error": {…}}`` (the app's handler).
+
+Structured output: the reader compiles ``response_format`` (json_schema, json_object) or a forced tool
+call into the request's grammar; a json answer is ordinary ``content`` (streamed as deltas). A forced
+call's answer (``{"name", "arguments"}``, written under the grammar) is returned as OpenAI's
+``message.tool_calls`` with ``finish_reason: "tool_calls"``; streamed, its text is held back and sent as
+one ``tool_calls`` delta. Cut by max_tokens it cannot be a call: the partial text is the content and
+the finish reason ``"length"``, as for any answer.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import uuid
 from typing import TYPE_CHECKING, Iterable
 
 from rksmolvlm import __version__
@@ -61,7 +69,7 @@ class OpenAiApi:
         answer = await gateway.complete(request, exchange)
         if answer is None:
             return Response(status_code=499)
-        return JSONResponse(_completion(answer, request_id, self.model.id))
+        return JSONResponse(_completion(answer, request_id, self.model.id, chat))
 
     # -- the model -------------------------------------------------------------------------------
     async def models(self, request):
@@ -120,14 +128,22 @@ class OpenAiApi:
             "checkpoint_max_frames": checkpoint["max_frames"], "max_videos": video.max_videos,
             **{name: getattr(video, name) for name in VIDEO_LIMIT_KEYS}}}
 
+    def _supported_parameters(self) -> list[str]:
+        """The request fields /v1/chat/completions honours, in OpenRouter's ``supported_parameters`` terms;
+        the structured ones only when the bundle's grammar compiler was built."""
+        structured = ["response_format", "structured_outputs", "tools", "tool_choice"] \
+            if self.gateway.grammars is not None else []
+        return [*_PARAMETERS, *structured]
+
     def _model_card(self) -> dict:
         """OpenAI's model object plus what clients look for: the context (vLLM's max_model_len,
-        context_length, llama.cpp's meta.n_ctx) and the input modalities (top level and OpenRouter's /
-        llama.cpp's architecture object)."""
+        context_length, llama.cpp's meta.n_ctx), the input modalities (top level and OpenRouter's /
+        llama.cpp's architecture object) and the request parameters honoured (OpenRouter's
+        supported_parameters: structured output among them)."""
         context, inputs = self.model.max_context, self._input_modalities()
         return {"id": self.model.id, "object": "model", "created": self.model.created, "owned_by": "rksmolvlm",
                 "max_model_len": context, "context_length": context, "input_modalities": inputs,
-                "output_modalities": ["text"],
+                "output_modalities": ["text"], "supported_parameters": self._supported_parameters(),
                 "architecture": {"input_modalities": inputs, "output_modalities": ["text"]},
                 "meta": {"n_ctx": context}, "aliases": list(self.model.aliases),
                 "rksmolvlm": {**self.model.details, "aliases": list(self.model.aliases), **self._media_limits()}}
@@ -142,22 +158,35 @@ class _ChunkFrames:
 
     def __init__(self, model_id: str, request_id: str, chat: ChatRequest):
         self.include_usage = chat.include_usage
+        self.tool_call = chat.tool_call
+        self.held: list[str] = []  # a forced tool call's text, held back until it is complete
         self.base = {"id": f"chatcmpl-{request_id}", "object": "chat.completion.chunk", "created": int(time.time()),
                      "model": model_id, "system_fingerprint": FINGERPRINT}
 
     def opening(self) -> bytes:
-        return self._chunk({"role": "assistant", "content": ""})
+        return self._chunk({"role": "assistant", "content": None if self.tool_call else ""})
 
     def delta(self, text: str) -> bytes:
+        if self.tool_call:
+            self.held.append(text)
+            return b""
         return self._chunk({"content": text})
 
     def done(self, answer: Answer) -> Iterable[bytes]:
         usage = _usage(answer)
+        finish = answer.finish_reason
+        if self.tool_call:
+            call = _tool_call(answer)
+            if call is not None:  # OpenAI's shape: the call (id, name, arguments) in one delta, then the finish
+                yield self._chunk({"tool_calls": [{"index": 0, **call}]})
+                finish = "tool_calls"
+            elif self.held:  # cut before the call was complete: the partial text, as content
+                yield self._chunk({"content": "".join(self.held)})
         if self.include_usage:
-            yield self._chunk({}, answer.finish_reason)
+            yield self._chunk({}, finish)
             yield _sse_data({**self.base, "choices": [], "usage": usage, "rksmolvlm": answer.extra()})
         else:
-            yield self._chunk({}, answer.finish_reason, usage=usage, rksmolvlm=answer.extra())
+            yield self._chunk({}, finish, usage=usage, rksmolvlm=answer.extra())
         yield _DONE
 
     def error(self, error: ApiError) -> Iterable[bytes]:
@@ -174,6 +203,9 @@ class _ChunkFrames:
 
 
 _DONE = b"data: [DONE]\n\n"
+# What /v1/chat/completions honours besides the structured-output fields (OpenRouter's names).
+_PARAMETERS = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+               "frequency_penalty", "presence_penalty", "stream", "stream_options")
 
 
 def _usage(answer: Answer) -> dict:
@@ -182,11 +214,29 @@ def _usage(answer: Answer) -> dict:
             "total_tokens": answer.prompt_tokens + completion}
 
 
-def _completion(answer: Answer, request_id: str, model_id: str) -> dict:
+def _tool_call(answer: Answer) -> dict | None:
+    """A forced call's answer as OpenAI's tool call (arguments as JSON text); None when it was cut short."""
+    from rksmolvlm.runtime.structured import tool_call_from_text
+
+    if answer.finish_reason != "stop":
+        return None
+    try:
+        call = tool_call_from_text(answer.text)
+    except ValueError:
+        return None
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments_json}}
+
+
+def _completion(answer: Answer, request_id: str, model_id: str, chat: ChatRequest) -> dict:
+    message: dict = {"role": "assistant", "content": answer.text}
+    finish = answer.finish_reason
+    call = _tool_call(answer) if chat.tool_call else None
+    if call is not None:
+        message, finish = {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls"
     return {"id": f"chatcmpl-{request_id}", "object": "chat.completion", "created": int(time.time()),
             "model": model_id, "system_fingerprint": FINGERPRINT,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text}, "logprobs": None,
-                         "finish_reason": answer.finish_reason}],
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
             "usage": _usage(answer), "rksmolvlm": answer.extra()}
 
 

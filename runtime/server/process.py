@@ -35,6 +35,7 @@ from rksmolvlm.runtime.server.service import ModelService, open_runner
 if TYPE_CHECKING:
     from rksmolvlm.runtime.loader import RuntimeBundle
     from rksmolvlm.runtime.runner import Runner, RunnerFactory
+    from rksmolvlm.runtime.structured import GrammarCompiler
 
 __all__ = ["BackgroundServer", "add_serve_arguments", "resolve_config", "build_app", "serve_command"]
 
@@ -363,10 +364,23 @@ def build_app(config: ServerConfig, runners: "RunnerFactory | None" = None, *,
         return runner
 
     service = ModelService(loading, model, server.queue_size, Metrics(), server.stall_timeout_s)
-    app = create_app(service, config, api_key=api_key, notifier=notifier, on_fatal=on_fatal)
+    app = create_app(service, config, api_key=api_key, notifier=notifier, on_fatal=on_fatal,
+                     grammars=grammar_compiler(bundle))
     app.state.service = service
     app.state.bundle = bundle
     return app
+
+
+def grammar_compiler(bundle: "RuntimeBundle") -> "GrammarCompiler | None":
+    """The served bundle's grammar compiler (its tokenizer.json read once, every distinct schema compiled
+    once); None, with a warning, when it cannot be built: structured requests are then refused."""
+    try:
+        from rksmolvlm.runtime.structured import GrammarCompiler
+
+        return GrammarCompiler.for_bundle(bundle)
+    except (ImportError, OSError, ValueError) as exc:
+        log.warning("structured output is off: the grammar compiler cannot be built for %s (%s)", bundle.path, exc)
+        return None
 
 
 def serve_command(args: argparse.Namespace, runners: "RunnerFactory") -> int:

@@ -14,6 +14,12 @@ Images' resolution budget: the request's ``mm_processor_kwargs`` may also hold t
 most split tiles per image) and ``do_image_splitting`` (false: one tile per image); absent, the
 server's images.longest_edge / images.max_tiles apply. An image's ``detail`` "low" is still one tile.
 
+Structured output (DESIGN §10): ``response_format`` ``json_schema`` / ``json_object`` and a forced tool
+call (``tool_choice`` "required" or a named function, with ``tools``) become one ``ResponseFormat``
+(``runtime/structured``), compiled here, in the request's thread and before it may queue, by the served
+bundle's ``GrammarCompiler``; the grammar goes to the worker in ``GenerationConfig.grammar``. A bad,
+unsupported or too costly schema is a 400 with the typed error's ``code`` and ``param``.
+
 The Responses API's part types (``input_text``, ``input_image``) are read here too, so that a later
 Responses adapter translates only the envelope."""
 
@@ -22,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable
 
 from rksmolvlm.runtime.server.config import ServerConfig
@@ -34,6 +40,7 @@ from rksmolvlm.runtime.server.model import ServedModel
 if TYPE_CHECKING:  # the module is imported for `rksmolvlm --help`: numpy and friends load on use
     from rksmolvlm.processing.content import Message
     from rksmolvlm.runtime.engines import GenerationConfig
+    from rksmolvlm.runtime.structured import GrammarCompiler, ResponseFormat
 
 __all__ = ["ChatRequest", "RequestReader", "parse_json"]
 
@@ -54,6 +61,12 @@ class ChatRequest:
     image_bytes: int = 0
     videos: int = 0
     video_bytes: int = 0
+    format: ResponseFormat | None = None  # the structured answer asked for (None: free text)
+
+    @property
+    def tool_call(self) -> bool:
+        """The answer is a forced tool call (rendered as tool_calls, not content)."""
+        return self.format is not None and self.format.kind == "tool_call"
 
 
 class RequestReader:
@@ -61,19 +74,22 @@ class RequestReader:
     checked against the limits (an image's header, a video's container) — all before the request may
     take a queue slot."""
 
-    def __init__(self, config: ServerConfig, model: ServedModel):
+    def __init__(self, config: ServerConfig, model: ServedModel, grammars: GrammarCompiler | None = None):
         self.config = config
         self.limits = config.limits
         self.model = model
         self.media = MediaSource(config)
+        self.grammars = grammars  # the served bundle's (None: structured output is refused with a 501)
 
     def read(self, body: bytes) -> ChatRequest:
         return self.read_payload(parse_json(body))
 
-    def read_payload(self, payload: dict) -> ChatRequest:
-        """A chat completion body already parsed from JSON (the Ollama endpoints translate theirs into one)."""
+    def read_payload(self, payload: dict, fmt: ResponseFormat | None = None) -> ChatRequest:
+        """A chat completion body already parsed from JSON (the Ollama endpoints translate theirs into one
+        and pass their ``format`` as ``fmt``, already read)."""
         self._check_model(payload.get("model"))
         self._refuse_unsupported(payload)
+        fmt = fmt if fmt is not None else _response_format(payload)
         stream = _bool(payload, "stream", False)
         options = payload.get("stream_options")
         include_usage = False
@@ -86,6 +102,8 @@ class RequestReader:
                                "invalid_type", "stream_options")
             include_usage = _bool(options, "include_usage", False, "stream_options.include_usage")
         config = self._generation(payload, self._stops(payload.get("stop")))
+        if fmt.constrained:  # compiled before any media is read: a bad schema is refused at once
+            config = replace(config, grammar=self.compile(fmt))
         sampling = _mm_processor_kwargs(payload.get("mm_processor_kwargs"))
         budget = _image_budget(payload.get("mm_processor_kwargs"))
         self._check_sizes(payload.get("messages"))
@@ -101,7 +119,21 @@ class RequestReader:
         videos = {part: self._read_media(part.ref) for part in clips}
         messages = [_message(role, parts, images, videos, sampling, budget) for role, parts in drafts]
         return ChatRequest(messages, config, stream, include_usage, len(refs), sum(map(len, images.values())),
-                           len(clips), sum(map(len, videos.values())))
+                           len(clips), sum(map(len, videos.values())), fmt if fmt.constrained else None)
+
+    def compile(self, fmt: ResponseFormat):
+        """The grammar of ``fmt`` from the bundle's compiler (cached per schema); a schema refused by the
+        compiler is a 400 naming its code and param."""
+        from rksmolvlm.runtime.structured import StructuredOutputError
+
+        if self.grammars is None:
+            raise ApiError(501, f"{fmt.param}: structured output is not available on this server (the grammar "
+                           "compiler could not be built for this bundle: see the server log)",
+                           "structured_output_unavailable", fmt.param, "server_error")
+        try:
+            return self.grammars.compile(fmt)
+        except StructuredOutputError as exc:
+            raise ApiError(400, str(exc), exc.code, exc.param) from None
 
     # -- fields ----------------------------------------------------------------------------------
     def _check_model(self, model) -> None:
@@ -119,22 +151,19 @@ class RequestReader:
         if n not in (1, None):
             raise ApiError(400, "n must be 1: this server makes one answer per request (send several requests)",
                            "unsupported_value", "n")
-        # tools (legacy: functions) are ignored and the answer is text, unless the request demands a call
-        for choice_name in ("tool_choice", "function_call"):
-            choice = payload.get(choice_name)
-            if choice not in (None, "none", "auto"):
-                raise ApiError(400, f"{choice_name} = {_shown(choice)} demands a tool call, which SmolVLM cannot make: "
-                               f"leave {choice_name} out or set it to \"auto\" or \"none\" (the tools are then "
-                               "ignored and the answer is text)", "unsupported_value", choice_name)
+        # tools are ignored and the answer is text unless tool_choice forces a call (_response_format);
+        # the legacy function_call cannot force one
+        choice = payload.get("function_call")
+        if choice not in (None, "none", "auto"):
+            raise ApiError(400, f"function_call = {_shown(choice)} demands a call through the legacy functions API: "
+                           "send the function in tools and name it in tool_choice ({\"type\": \"function\", "
+                           "\"function\": {\"name\": ...}}), or set function_call to \"auto\" or \"none\"",
+                           "unsupported_value", "function_call")
         if payload.get("logprobs"):
             raise ApiError(400, "logprobs are not supported: leave logprobs out (token ids are in the response's "
                            "'rksmolvlm' field)", "unsupported_parameter", "logprobs")
         if payload.get("logit_bias"):
             raise ApiError(400, "logit_bias is not supported: leave it out", "unsupported_parameter", "logit_bias")
-        fmt = payload.get("response_format")
-        if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-            raise ApiError(400, "only response_format {\"type\": \"text\"} is supported", "unsupported_value",
-                           "response_format")
 
     def _generation(self, payload: dict, stops: tuple[str, ...]) -> GenerationConfig:
         from rksmolvlm.runtime.engines import GenerationConfig
@@ -312,6 +341,23 @@ class RequestReader:
         if len(clips) > video.max_videos:
             raise ApiError(400, f"the request has {len(clips)} videos, over video.max_videos = {video.max_videos}: "
                            f"send at most {video.max_videos} per request", "too_many_videos", "messages")
+
+
+def _response_format(payload: dict) -> ResponseFormat:
+    """The answer's format: response_format, or a call forced by tool_choice (not both)."""
+    from rksmolvlm.runtime.structured import (StructuredOutputError, from_openai_response_format,
+                                              from_tool_choice)
+
+    try:
+        fmt = from_openai_response_format(payload.get("response_format"))
+        call = from_tool_choice(payload.get("tool_choice"), payload.get("tools"))
+    except StructuredOutputError as exc:
+        raise ApiError(400, str(exc), exc.code, exc.param) from None
+    if fmt.constrained and call.constrained:
+        raise ApiError(400, "tool_choice forces a tool call and response_format asks for JSON content: the answer can "
+                       "be only one of them; leave response_format out or set tool_choice to \"auto\"",
+                       "invalid_value", "response_format")
+    return call if call.constrained else fmt
 
 
 def parse_json(body: bytes) -> dict:

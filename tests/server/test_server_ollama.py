@@ -331,8 +331,10 @@ def test_an_undecodable_image_is_a_400_or_an_error_line_in_the_stream(client):
     ({"messages": [{"role": "user", "content": "hi"}], "options": {"repeat_penalty": 0}}, 400,
      "options.repeat_penalty = 0 is out of range"),
     ({"messages": [{"role": "user", "content": "hi"}], "options": [1]}, 400, "options must be an object"),
-    ({"messages": [{"role": "user", "content": "hi"}], "format": "json"}, 400, "format is not supported"),
-    ({"messages": [{"role": "user", "content": "hi"}], "format": {"type": "object"}}, 400, "format is not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "format": "yaml"}, 400,
+     "format must be \"json\" or a JSON schema object"),
+    ({"messages": [{"role": "user", "content": "hi"}], "format": {"type": "object", "properties": {"a": {
+        "type": "integer", "not": {"const": 1}}}}}, 400, "schema keyword 'not' at format.properties.a"),
     ({"messages": [{"role": "user", "content": "hi"}], "think": True}, 400, "does not support thinking"),
     ({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 400, "stream must be true or false"),
     ({"messages": [{"role": "user", "content": "hi"}], "model": 7}, 400, "model must be a model name"),

@@ -60,7 +60,12 @@ class FakeLlm:
     """An LLM engine that records the embeddings it was given and yields ``script`` (a list of
     ids, settable between requests) until a stop id (yielded too), ``max_new_tokens``, the end of
     the script or an abort. Like the real engines its history counts the prefill and every
-    generated token."""
+    generated token.
+
+    With a grammar (``config.grammar``) it follows it as the real engines do (runtime/structured's
+    Guide: forced runs, one pick per step, the first stop id once the grammar is complete, counted
+    against max_new_tokens): at position i it picks ``script[i]`` when the grammar allows it, else
+    the lowest id the grammar allows."""
 
     def __init__(self, script: Sequence[int] = ()):
         self.script = list(script)
@@ -88,6 +93,9 @@ class FakeLlm:
         stats.prefill_tokens += len(embeddings)
         out: list[int] = []
         self.yielded.append(out)
+        if config.grammar is not None:
+            yield from self._structured(config, out, stats)
+            return
         for token in self.script[:config.max_new_tokens]:
             if self._abort.is_set():
                 return
@@ -97,6 +105,32 @@ class FakeLlm:
             yield token
             if token in config.stop_ids:
                 return
+
+    def _structured(self, config, out: list[int], stats):
+        from rksmolvlm.runtime.engines import GenerationConfig
+        from rksmolvlm.runtime.structured import Guide
+
+        grammar = config.grammar
+        stop_ids = config.stop_ids or grammar.stop_ids
+        guide = Guide(GenerationConfig(), grammar.constraint())  # greedy over the fake's preferences
+        run = guide.begin()
+        while True:
+            if guide.done and not (run and run[-1] in stop_ids):
+                run = [*run, stop_ids[0]]
+            for token in run[:config.max_new_tokens - len(out)]:
+                if self._abort.is_set():
+                    return
+                out.append(token)
+                self._history += 1
+                stats.generate_tokens += 1
+                yield token
+            if len(out) >= config.max_new_tokens or (run and run[-1] in stop_ids):
+                return
+            # preferences: the script's id at this position first, then lower ids before higher ones
+            logits = -np.arange(grammar.vocab_size, dtype=np.float32)
+            if len(out) < len(self.script) and 0 <= self.script[len(out)] < grammar.vocab_size:
+                logits[self.script[len(out)]] = 1.0
+            run = guide.step(logits)
 
     def abort(self) -> None:
         self.aborts += 1
