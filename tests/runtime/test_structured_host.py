@@ -20,6 +20,10 @@ from rksmolvlm.runtime.structured import (GrammarCompiler, from_ollama_format, f
                                           from_tool_choice, tool_call_from_text)
 from rksmolvlm.runners import open_engines
 
+# Every test here runs a bundle's engines; the ``setup`` fixture picks its bundle fixture at run time,
+# where the bundle fixtures' automatic slow mark cannot see it.
+pytestmark = pytest.mark.slow
+
 # Frigate 0.18's ReviewMetadata as its openai provider sends it (DESIGN §10).
 FRIGATE = {
     "type": "object",
@@ -243,6 +247,14 @@ def test_a_session_continues_after_a_grammar_answer(setup, name):
     assert g2.reused_tokens == g1.prompt_tokens + len(g1.token_ids)  # the KV cache was kept
     history = g1.prefill_ids + g1.token_ids + g2.prefill_ids
     assert g2.token_ids == free_reference(setup, history, 16)
+
+
+def test_streamed_deltas_join_to_the_answer(tiny):
+    g = tiny.runner.generate([user(QUESTION)], GenerationConfig(max_new_tokens=1_500,
+                                                                grammar=tiny.grammar("frigate")))
+    deltas = list(g)
+    assert len(deltas) > 10 and "".join(deltas) == g.text and g.finish_reason == "stop"
+    jsonschema.validate(json.loads("".join(deltas)), FRIGATE)
 
 
 def test_stop_strings_cut_a_structured_answer(tiny):
