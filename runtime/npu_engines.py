@@ -355,8 +355,10 @@ class RkllmEngine:
             while True:
                 ids = chosen[:config.max_new_tokens - produced]
                 done = guide.done and len(ids) == len(chosen)
-                if done and (not ids or ids[-1] not in stops):
-                    ids = [*ids, stop_id]  # the grammar is complete: end the answer (finish_reason "stop")
+                if done and (not ids or ids[-1] not in stops) and produced + len(ids) < config.max_new_tokens:
+                    # the grammar is complete: end the answer (finish_reason "stop"); the stop id counts against
+                    # max_new_tokens as the host engine's does, so without room the answer ends "length"
+                    ids = [*ids, stop_id]
                 for token in ids:
                     produced += 1
                     stats.generate_tokens += 1

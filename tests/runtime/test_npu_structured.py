@@ -176,7 +176,7 @@ def predict(grammar, config: GenerationConfig, embeds: np.ndarray, eou: int, his
     while True:
         ids = chosen[:config.max_new_tokens - len(out)]
         done = guide.done and len(ids) == len(chosen)
-        if done and (not ids or ids[-1] != eou):
+        if done and (not ids or ids[-1] != eou) and len(out) + len(ids) < config.max_new_tokens:
             ids = [*ids, eou]
         out += ids
         if ids:
@@ -315,6 +315,23 @@ def test_max_new_tokens_cuts_the_answer_and_the_cache_keeps_it(setup, compiler, 
     assert len(ids) == 7 and eou not in ids  # "length": no stop id
     assert ids == predict(config.grammar, config, embeds, eou)[0]
     assert engine.kv_cache_size() == len(embeds) + 7  # the last chosen ids were fed too
+
+
+def test_an_answer_complete_on_the_last_allowed_token_ends_length_as_on_the_host(setup, compiler, eou):
+    """The stop id counts against max_new_tokens (as on the host engine): a grammar completed by the
+    max_new_tokens-th id leaves no room for it, so the answer ends "length" with its whole text."""
+    abi, double, engine = setup
+    small = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    grammar = compiler.compile(from_ollama_format(small))
+    embeds = prompt()
+    whole = list(engine.generate(embeds, GenerationConfig(grammar=grammar, stop_ids=(eou,), max_new_tokens=50),
+                                 False, PerfStats()))
+    assert whole[-1] == eou
+    exact = GenerationConfig(grammar=grammar, stop_ids=(eou,), max_new_tokens=len(whole) - 1)
+    cut = list(engine.generate(embeds, exact, False, PerfStats()))
+    assert cut == whole[:-1] and eou not in cut
+    room = GenerationConfig(grammar=grammar, stop_ids=(eou,), max_new_tokens=len(whole))
+    assert list(engine.generate(embeds, room, False, PerfStats())) == whole
 
 
 def test_abort_mid_answer(setup, compiler, eou):
