@@ -1,0 +1,171 @@
+"""Frigate's structured answer is the same text on the host engine and on the NPU path (issue 20).
+
+The NPU path runs ``RkllmEngine`` against the librkllmrt contract double, whose GET_LOGITS rows come
+from a logits provider (``double_set_logits_provider``) implemented here around the demo bundle's
+host decoder: the provider keeps its own transformers KV cache in step with the double's (the KV
+position the double passes says how much of it the run builds on: 0 after keep_history 0 or
+rkllm_clear_kv_cache), so the double hands the engine the logits the model computes. Both runners
+share the host vision encoder; the NPU runner takes its embeddings from the bundle's table as on the
+board. Greedy, the same GenerationConfig with the compiled Frigate grammar: the same token ids and
+text, finish "stop", and the text validates against Frigate's ReviewMetadata schema."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import shutil
+import subprocess
+
+import jsonschema
+import numpy as np
+import pytest
+
+from support import DOUBLES
+from support.frigate import FRIGATE, FRIGATE_FORMAT, FRIGATE_PROMPT, coffee_photo
+
+from rksmolvlm.runtime.engines import EngineOptions, GenerationConfig
+from rksmolvlm.runtime.loader import RuntimeBundle
+from rksmolvlm.runtime.npu_engines import RkllmEngine
+from rksmolvlm.runtime.runner import Runner
+from rksmolvlm.runtime.structured import GrammarCompiler, from_openai_response_format
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
+
+PENALTY = 1.0  # the server tests' Frigate option (see tests/server/test_server_structured.py)
+
+# int provider(void* userdata, const float* embed, const int32_t* tokens, int n, int hidden,
+#              int keep_history, int pos, float* out, int vocab)
+PROVIDER = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float),
+                            ctypes.POINTER(ctypes.c_int32), ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                            ctypes.POINTER(ctypes.c_float), ctypes.c_int)
+
+
+class HostLogits:
+    """GET_LOGITS rows from the host decoder, with a KV cache of its own kept at the double's position."""
+
+    def __init__(self, model):
+        import torch
+
+        from rksmolvlm.preview.host_engines import cache_keyword
+
+        self.torch = torch
+        self.model = model
+        self.keyword = cache_keyword(model)
+        self.cache = None
+        self.length = 0  # positions in self.cache
+        self.calls: list[tuple[str, int, int, int]] = []  # (input kind, n, keep_history, pos)
+        self.errors: list[BaseException] = []
+        self.callback = PROVIDER(self._provide)
+
+    def _provide(self, _userdata, embed, tokens, n, hidden, keep_history, pos, out, vocab) -> int:
+        try:
+            self._fill(embed, tokens, n, hidden, keep_history, pos, out, vocab)
+            return 0
+        except BaseException as exc:  # noqa: BLE001 - reported by the test, the double stops the run
+            self.errors.append(exc)
+            return 1
+
+    def _fill(self, embed, tokens, n, hidden, keep_history, pos, out, vocab) -> None:
+        from transformers import DynamicCache
+
+        torch = self.torch
+        if pos > self.length:
+            raise AssertionError(f"the double is at KV position {pos}, the provider's cache holds {self.length}")
+        if pos == 0 or self.cache is None:
+            self.cache, self.length = DynamicCache(), 0
+        elif pos < self.length:
+            self.cache.crop(pos)
+            self.length = pos
+        if embed:
+            rows = np.ctypeslib.as_array(embed, shape=(n, hidden)).copy()
+            inputs = {"inputs_embeds": torch.from_numpy(rows)[None]}
+        else:
+            ids = np.ctypeslib.as_array(tokens, shape=(n,)).astype(np.int64)
+            inputs = {"input_ids": torch.from_numpy(ids)[None]}
+        self.calls.append(("embed" if embed else "tokens", n, keep_history, pos))
+        with torch.no_grad():
+            result = self.model(**inputs, use_cache=True, position_ids=torch.arange(pos, pos + n)[None],
+                                **{self.keyword: self.cache})
+        self.length = pos + n
+        logits = result.logits[0].float().numpy()
+        assert logits.shape == (n, vocab), (logits.shape, n, vocab)
+        np.ctypeslib.as_array(out, shape=(n, vocab))[:] = logits
+
+
+@pytest.fixture(scope="module")
+def libraries(tmp_path_factory):
+    out = {}
+    for abi, flag in (("1.2", "123"), ("1.3", "130")):
+        path = tmp_path_factory.mktemp(f"rkllm-same{flag}") / "librkllmrt.so"
+        subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-Wall", "-Werror", f"-DRKLLM_ABI={flag}", "-o", str(path),
+                        str(DOUBLES / "librkllmrt" / "rkllm_double.c"), "-lpthread"], check=True)
+        out[abi] = path
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo(demo_preview_bundle):
+    """The demo bundle, its host runner and the Frigate grammar."""
+    from rksmolvlm.runners import open_runner
+
+    bundle = RuntimeBundle.open(demo_preview_bundle)
+    runner = open_runner(bundle, "host")
+    grammar = GrammarCompiler.for_bundle(bundle).compile(from_openai_response_format(FRIGATE_FORMAT))
+    yield bundle, runner, grammar
+    runner.close()
+
+
+def frigate_messages() -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": FRIGATE_PROMPT},
+                                         {"type": "image", "image": coffee_photo(), "detail": "low"}]}]
+
+
+@pytest.mark.parametrize("abi", ["1.3", "1.2"])
+def test_frigate_review_same_text_on_host_and_npu_double(demo, libraries, abi, tmp_path):
+    from rksmolvlm.preview.host_engines import make_host_vision
+
+    bundle, host, grammar = demo
+    config = GenerationConfig(max_new_tokens=bundle.max_context, cap_to_context=True, frequency_penalty=PENALTY,
+                              grammar=grammar)
+    expected = host.generate(frigate_messages(), config).consume()
+    assert expected.finish_reason == "stop", expected.text
+    jsonschema.validate(json.loads(expected.text), FRIGATE)
+
+    lib = ctypes.CDLL(str(libraries[abi]))
+    lib.double_calls_json.restype = ctypes.c_char_p
+    lib.double_last_error.restype = ctypes.c_char_p
+    lib.double_set_logits_provider.argtypes = [PROVIDER, ctypes.c_void_p]
+    lib.double_reset()
+    table = bundle.embedding_table()
+    vocab = bundle.manifest.model.vocab_size
+    lib.double_set_hidden(table.hidden_size)
+    lib.double_set_vocab(vocab)
+    provider = HostLogits(host.llm.model)
+    lib.double_set_logits_provider(provider.callback, None)
+    model_file = tmp_path / "llm.rkllm"
+    model_file.write_bytes(b"model")
+    engine = RkllmEngine(model_file, libraries[abi], abi, bundle.max_context,
+                         GenerationConfig(max_new_tokens=bundle.max_context - 1))
+    npu = Runner(bundle, make_host_vision(bundle, EngineOptions()), engine)
+    try:
+        got = npu.generate(frigate_messages(), config).consume()
+        assert not provider.errors, provider.errors
+        assert lib.double_last_error().decode() == ""
+        assert got.prefill_ids == expected.prefill_ids
+        assert got.token_ids == expected.token_ids
+        assert got.text == expected.text and got.finish_reason == "stop"
+        jsonschema.validate(json.loads(got.text), FRIGATE)
+
+        calls = json.loads(lib.double_calls_json())
+        assert all(c["mode"] == 2 and c["stop"] in ("finish", "max_new_tokens") for c in calls), calls
+        # the prompt in one EMBED call of every position, then the chosen ids as TOKEN input on the history
+        assert calls[0]["input_type"] == 2 and calls[0]["n_tokens"] == len(expected.prefill_ids)
+        assert calls[0]["logits_rows"] == [len(expected.prefill_ids)]
+        assert all(c["input_type"] == 1 and c["keep_history"] == 1 for c in calls[1:])
+        fed = [t for c in calls[1:] for t in c["tokens"]]
+        assert fed == expected.token_ids[:len(fed)] and len(fed) >= len(expected.token_ids) - 1
+        assert provider.calls[0] == ("embed", len(expected.prefill_ids), calls[0]["keep_history"], 0)
+        assert [c[3] for c in provider.calls] == [c["history_before"] for c in calls]
+    finally:
+        npu.close()
+        lib.double_set_logits_provider(PROVIDER(), None)
