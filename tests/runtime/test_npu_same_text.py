@@ -103,6 +103,160 @@ def libraries(tmp_path_factory):
     return out
 
 
+# ------------------------------------------------------------------ the hook itself (raw ABI, no model)
+
+HOOK_VOCAB, HOOK_HIDDEN = 16, 4
+
+
+class RawDouble:
+    """The double driven through the ABI structs directly, recording every logits callback."""
+
+    def __init__(self, path, abi: str, tmp_path, init_max_new: int):
+        from rksmolvlm.runtime import rkllm_abi
+
+        self.m, self.A = rkllm_abi, rkllm_abi.ABIS[abi]
+        self.lib = L = ctypes.CDLL(str(path))
+        L.double_last_error.restype = L.double_calls_json.restype = ctypes.c_char_p
+        L.double_set_logits_provider.argtypes = [PROVIDER, ctypes.c_void_p]
+        L.rkllm_createDefaultParam.restype = self.A.param
+        L.rkllm_run.argtypes = [ctypes.c_void_p, ctypes.POINTER(self.A.input), ctypes.POINTER(self.A.infer),
+                                ctypes.c_void_p]
+        L.rkllm_clear_kv_cache.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        L.rkllm_destroy.argtypes = [ctypes.c_void_p]
+        L.double_reset()
+        L.double_set_hidden(HOOK_HIDDEN)
+        L.double_set_vocab(HOOK_VOCAB)
+        self.rows: list[tuple[int, np.ndarray]] = []  # (token_id, rows) of each logits callback
+        self._cb = rkllm_abi.ResultCallback(self._on_result)
+        model = tmp_path / "llm.rkllm"
+        model.write_bytes(b"model")
+        param = L.rkllm_createDefaultParam()
+        param.model_path = str(model).encode()
+        param.max_context_len, param.max_new_tokens = 64, init_max_new
+        self.handle = ctypes.c_void_p()
+        if self.A.init_takes_struct:
+            self._cbs = rkllm_abi.Callback13(result_callback=self._cb)
+            L.rkllm_init.argtypes = [ctypes.c_void_p, ctypes.POINTER(self.A.param), ctypes.POINTER(rkllm_abi.Callback13)]
+            assert L.rkllm_init(ctypes.byref(self.handle), ctypes.byref(param), ctypes.byref(self._cbs)) == 0
+        else:
+            L.rkllm_init.argtypes = [ctypes.c_void_p, ctypes.POINTER(self.A.param), rkllm_abi.ResultCallback]
+            assert L.rkllm_init(ctypes.byref(self.handle), ctypes.byref(param), self._cb) == 0
+
+    def _on_result(self, result, _userdata, state) -> int:
+        r = result.contents
+        if state == self.m.RUN_NORMAL and r.logits.num_tokens:
+            n, v = r.logits.num_tokens, r.logits.vocab_size
+            self.rows.append((int(r.token_id), np.ctypeslib.as_array(r.logits.logits, shape=(n, v)).copy()))
+        return 0
+
+    def run(self, *, ids=None, embeds=None, keep_history=1) -> int:
+        inp = self.A.input()
+        inp.role = b"user"
+        if ids is not None:
+            keep = (ctypes.c_int32 * len(ids))(*ids)
+            inp.input_type = self.m.INPUT_TOKEN
+            inp.token_input.input_ids, inp.token_input.n_tokens = keep, len(ids)
+        else:
+            keep = np.ascontiguousarray(embeds, dtype=np.float32)
+            inp.input_type = self.m.INPUT_EMBED
+            inp.embed_input.embed = keep.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            inp.embed_input.n_tokens = len(keep)
+        infer = self.A.infer()
+        infer.mode = self.m.INFER_GET_LOGITS
+        infer.keep_history = keep_history
+        return self.lib.rkllm_run(self.handle, ctypes.byref(inp), ctypes.byref(infer), None)
+
+    def calls(self) -> list[dict]:
+        return json.loads(self.lib.double_calls_json())
+
+    def close(self) -> None:
+        self.lib.double_set_logits_provider(PROVIDER(), None)
+        self.lib.rkllm_destroy(self.handle)
+
+
+def _row(key: float, pos: int) -> np.ndarray:
+    """A provider's row: one clear maximum at (key + pos) mod vocab, so the runtime's own pick is known."""
+    row = np.arange(HOOK_VOCAB, dtype=np.float32) * 0.01
+    row[int(key + pos) % HOOK_VOCAB] = 5.0
+    return row
+
+
+@pytest.mark.parametrize("abi", ["1.2", "1.3"])
+def test_the_provider_fills_every_logits_callback_and_follows_the_history(libraries, abi, tmp_path):
+    double = RawDouble(libraries[abi], abi, tmp_path, init_max_new=3)
+    seen: list[tuple] = []
+
+    def provide(_ud, embed, tokens, n, hidden, keep_history, pos, out, vocab):
+        keys = np.ctypeslib.as_array(embed, shape=(n, hidden))[:, 0] if embed else np.ctypeslib.as_array(tokens, (n,))
+        seen.append(("embed" if embed else "tokens", [float(k) for k in keys], keep_history, pos, vocab))
+        np.ctypeslib.as_array(out, shape=(n, vocab))[:] = [_row(k, pos + i) for i, k in enumerate(keys)]
+        return 0
+
+    callback = PROVIDER(provide)
+    double.lib.double_set_logits_provider(callback, None)
+    try:
+        assert double.run(ids=[5, 6, 7]) == 0
+        # prefill: the three inputs at positions 0..2; the runtime then picks argmax (7 + 2) % 16 = 9 by
+        # itself and steps on it at position 3 → picks 12, steps at 4 → picks 0 (max_new_tokens 3)
+        assert seen == [("tokens", [5.0, 6.0, 7.0], 1, 0, HOOK_VOCAB), ("tokens", [9.0], 1, 3, HOOK_VOCAB),
+                        ("tokens", [12.0], 1, 4, HOOK_VOCAB)]
+        assert [t for t, _ in double.rows] == [9, 12, 0]
+        assert np.array_equal(double.rows[0][1], np.stack([_row(5, 0), _row(6, 1), _row(7, 2)]))
+        assert np.array_equal(double.rows[2][1], _row(12, 4)[None])
+        assert double.calls()[-1]["logits_rows"] == [3, 1, 1] and double.calls()[-1]["history_after"] == 5
+        # EMBED input on that history (the first float of a row is its key here)
+        embeds = np.array([[1, 0, 0, 0], [2, 0, 0, 0]], dtype=np.float32)
+        seen.clear()
+        assert double.run(embeds=embeds) == 0
+        assert seen[0] == ("embed", [1.0, 2.0], 1, 5, HOOK_VOCAB) and [c[3] for c in seen] == [5, 7, 8]
+        # keep_history 0 discards the history before the run: the provider is told position 0
+        seen.clear()
+        assert double.run(ids=[1], keep_history=0) == 0
+        assert [(c[2], c[3]) for c in seen] == [(0, 0), (0, 1), (0, 2)]
+        # so does rkllm_clear_kv_cache
+        assert double.run(ids=[3]) == 0 and double.calls()[-1]["history_after"] == 3
+        assert double.lib.rkllm_clear_kv_cache(double.handle, 0, None, None) == 0
+        seen.clear()
+        assert double.run(ids=[2]) == 0
+        assert seen[0] == ("tokens", [2.0], 1, 0, HOOK_VOCAB)
+        # without a provider: the formula again
+        double.lib.double_set_logits_provider(PROVIDER(), None)
+        seen.clear()
+        double.rows.clear()
+        assert double.run(ids=[4], keep_history=0) == 0 and seen == []
+        formula = np.empty(HOOK_VOCAB, dtype=np.float32)
+        double.lib.double_logits_row(formula.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), HOOK_VOCAB, 0, 4)
+        assert np.array_equal(double.rows[0][1][0], formula)
+    finally:
+        double.close()
+
+
+@pytest.mark.parametrize("failure", ["returns 1", "leaves NaN"])
+def test_a_failing_provider_stops_the_run(libraries, failure, tmp_path):
+    double = RawDouble(libraries["1.3"], "1.3", tmp_path, init_max_new=1)
+
+    def provide(_ud, embed, tokens, n, hidden, keep_history, pos, out, vocab):
+        if failure == "returns 1":
+            return 1
+        rows = np.ctypeslib.as_array(out, shape=(n, vocab))
+        rows[:] = 0.0
+        rows[-1, 3] = np.nan
+        return 0
+
+    callback = PROVIDER(provide)
+    double.lib.double_set_logits_provider(callback, None)
+    try:
+        assert double.run(ids=[1, 2]) == -1
+        assert double.rows == []  # the engine never saw those rows
+        assert "logits provider" in double.lib.double_last_error().decode()
+        assert double.calls()[-1]["stop"] == "callback_invalid"
+    finally:
+        double.close()
+
+
+# ------------------------------------------------------------------ Frigate on the demo bundle
+
+
 @pytest.fixture(scope="module")
 def demo(demo_preview_bundle):
     """The demo bundle, its host runner and the Frigate grammar."""
