@@ -187,7 +187,8 @@ def test_the_provider_fills_every_logits_callback_and_follows_the_history(librar
     seen: list[tuple] = []
 
     def provide(_ud, embed, tokens, n, hidden, keep_history, pos, out, vocab):
-        keys = np.ctypeslib.as_array(embed, shape=(n, hidden))[:, 0] if embed else np.ctypeslib.as_array(tokens, (n,))
+        keys = (np.ctypeslib.as_array(embed, shape=(n, hidden))[:, 0] if embed
+                else np.ctypeslib.as_array(tokens, shape=(n,)))
         seen.append(("embed" if embed else "tokens", [float(k) for k in keys], keep_history, pos, vocab))
         np.ctypeslib.as_array(out, shape=(n, vocab))[:] = [_row(k, pos + i) for i, k in enumerate(keys)]
         return 0
