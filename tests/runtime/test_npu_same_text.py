@@ -136,7 +136,8 @@ class RawDouble:
         self.handle = ctypes.c_void_p()
         if self.A.init_takes_struct:
             self._cbs = rkllm_abi.Callback13(result_callback=self._cb)
-            L.rkllm_init.argtypes = [ctypes.c_void_p, ctypes.POINTER(self.A.param), ctypes.POINTER(rkllm_abi.Callback13)]
+            L.rkllm_init.argtypes = [ctypes.c_void_p, ctypes.POINTER(self.A.param),
+                                     ctypes.POINTER(rkllm_abi.Callback13)]
             assert L.rkllm_init(ctypes.byref(self.handle), ctypes.byref(param), ctypes.byref(self._cbs)) == 0
         else:
             L.rkllm_init.argtypes = [ctypes.c_void_p, ctypes.POINTER(self.A.param), rkllm_abi.ResultCallback]
