@@ -276,26 +276,17 @@ def frigate_messages() -> list[dict]:
                                          {"type": "image", "image": coffee_photo(), "detail": "low"}]}]
 
 
-@pytest.mark.parametrize("abi", ["1.3", "1.2"])
-def test_frigate_review_same_text_on_host_and_npu_double(demo, libraries, abi, tmp_path):
+def open_npu_runner(bundle, host, library, abi: str, tmp_path, **settings):
+    """(the double, its provider, a Runner of the host vision encoder and RkllmEngine on the double)."""
     from rksmolvlm.preview.host_engines import make_host_vision
 
-    bundle, host, grammar = demo
-    config = GenerationConfig(max_new_tokens=bundle.max_context, cap_to_context=True, frequency_penalty=PENALTY,
-                              grammar=grammar)
-    expected = host.generate(frigate_messages(), config).consume()
-    assert expected.finish_reason == "stop", expected.text
-    jsonschema.validate(json.loads(expected.text), FRIGATE)
-
-    lib = ctypes.CDLL(str(libraries[abi]))
+    lib = ctypes.CDLL(str(library))
     lib.double_calls_json.restype = ctypes.c_char_p
     lib.double_last_error.restype = ctypes.c_char_p
     lib.double_set_logits_provider.argtypes = [PROVIDER, ctypes.c_void_p]
     lib.double_reset()
-    table = bundle.embedding_table()
-    vocab = bundle.manifest.model.vocab_size
-    lib.double_set_hidden(table.hidden_size)
-    lib.double_set_vocab(vocab)
+    lib.double_set_hidden(bundle.embedding_table().hidden_size)
+    lib.double_set_vocab(bundle.manifest.model.vocab_size)
     provider = HostLogits(host.llm.model)
     lib.double_set_logits_provider(provider.callback, None)
     model_file = tmp_path / "llm.rkllm"
@@ -304,8 +295,20 @@ def test_frigate_review_same_text_on_host_and_npu_double(demo, libraries, abi, t
     # it against every GET_LOGITS run's context (history + n + max_new_tokens, stricter than the real
     # runtime is known to be), so a 1.2.x engine here starts with 1: the structured path needs no more
     startup = min(EngineOptions().max_new_tokens, bundle.max_context - 1) if abi == "1.3" else 1
-    engine = RkllmEngine(model_file, libraries[abi], abi, bundle.max_context, GenerationConfig(max_new_tokens=startup))
-    npu = Runner(bundle, make_host_vision(bundle, EngineOptions()), engine)
+    engine = RkllmEngine(model_file, library, abi, bundle.max_context, GenerationConfig(max_new_tokens=startup))
+    return lib, provider, Runner(bundle, make_host_vision(bundle, EngineOptions()), engine, **settings)
+
+
+@pytest.mark.parametrize("abi", ["1.3", "1.2"])
+def test_frigate_review_same_text_on_host_and_npu_double(demo, libraries, abi, tmp_path):
+    bundle, host, grammar = demo
+    config = GenerationConfig(max_new_tokens=bundle.max_context, cap_to_context=True, frequency_penalty=PENALTY,
+                              grammar=grammar)
+    expected = host.generate(frigate_messages(), config).consume()
+    assert expected.finish_reason == "stop", expected.text
+    jsonschema.validate(json.loads(expected.text), FRIGATE)
+
+    lib, provider, npu = open_npu_runner(bundle, host, libraries[abi], abi, tmp_path)
     try:
         got = npu.generate(frigate_messages(), config).consume()
         assert not provider.errors, provider.errors
@@ -329,3 +332,78 @@ def test_frigate_review_same_text_on_host_and_npu_double(demo, libraries, abi, t
     finally:
         npu.close()
         lib.double_set_logits_provider(PROVIDER(), None)
+
+
+# ------------------------------------------------------------------ the same request over HTTP
+
+API_KEY = "same-text-key-0123456789abcdef"
+
+
+class NpuDoubleRunners:
+    """A RunnerFactory for build_app: the NPU runner on the double (whatever engine the config names)."""
+
+    def __init__(self, host, library, tmp_path):
+        self.host, self.library, self.tmp_path = host, library, tmp_path
+        self.lib = self.provider = None
+
+    def resolve(self, engine: str) -> str:
+        return "host"  # the server's own checks see the x86 engine; the runner it gets is the NPU one
+
+    def open(self, bundle, engine, options, **settings):
+        self.lib, self.provider, runner = open_npu_runner(bundle, self.host, self.library, "1.3", self.tmp_path,
+                                                          **settings)
+        return runner
+
+
+def _frigate_over_http(runners, bundle_path, tmp_path) -> list[dict]:
+    """Frigate's request through /v1/chat/completions (its openai provider) and /api/generate with
+    ``format`` (its Ollama provider), greedy: the two JSON replies."""
+    import base64
+
+    import httpx
+
+    from rksmolvlm.runtime.server import BackgroundServer, build_app
+    from rksmolvlm.runtime.server.config import ServerConfig, with_overrides
+
+    tmp_path.mkdir()
+    key_file = tmp_path / "api_key"
+    key_file.write_text(API_KEY + "\n")
+    config = with_overrides(ServerConfig(), {"bundle": str(bundle_path), "engine": "host",
+                                             "server.api_key_file": str(key_file),
+                                             "server.request_timeout_s": 600})
+    photo = base64.b64encode(coffee_photo()).decode()
+    chat = {"model": "idefics3-256m", "temperature": 0, "frequency_penalty": PENALTY,
+            "response_format": FRIGATE_FORMAT,
+            "messages": [{"role": "user", "content": [
+                {"type": "text", "text": FRIGATE_PROMPT},
+                {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + photo, "detail": "low"}}]}]}
+    generate = {"model": "idefics3-256m", "prompt": FRIGATE_PROMPT, "images": [photo], "format": FRIGATE,
+                "stream": False, "options": {"temperature": 0, "frequency_penalty": PENALTY}}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with BackgroundServer(build_app(config, runners), config) as server:
+        replies = [httpx.post(f"{server.url}/v1/chat/completions", json=chat, headers=headers, timeout=600),
+                   httpx.post(f"{server.url}/api/generate", json=generate, headers=headers, timeout=600)]
+    assert [r.status_code for r in replies] == [200, 200], [r.text for r in replies]
+    return [r.json() for r in replies]
+
+
+def test_frigate_review_same_text_over_http(demo, demo_preview_bundle, libraries, tmp_path):
+    from rksmolvlm.runners import RUNNERS
+
+    _, host, _ = demo
+    on_host = _frigate_over_http(RUNNERS, demo_preview_bundle, tmp_path / "host")
+    npu = NpuDoubleRunners(host, libraries["1.3"], tmp_path)
+    on_npu = _frigate_over_http(npu, demo_preview_bundle, tmp_path / "npu")
+    try:
+        assert not npu.provider.errors, npu.provider.errors
+        calls = json.loads(npu.lib.double_calls_json())
+        assert calls and all(c["mode"] == 2 for c in calls)  # both answers came from GET_LOGITS runs
+    finally:
+        npu.lib.double_set_logits_provider(PROVIDER(), None)
+    texts = []
+    for chat, generate in (on_host, on_npu):
+        assert chat["choices"][0]["finish_reason"] == "stop" and generate["done_reason"] == "stop"
+        for text in (chat["choices"][0]["message"]["content"], generate["response"]):
+            jsonschema.validate(json.loads(text), FRIGATE)
+        texts.append((chat["choices"][0]["message"]["content"], generate["response"]))
+    assert texts[0] == texts[1]  # per endpoint: the same text on the host engine and on the NPU path
