@@ -439,6 +439,14 @@ static Buf g_calls;         /* every finished accepted run since double_reset, a
 static size_t g_n_calls;
 static char *g_calls_out;
 static unsigned long long g_logits_floats; /* floats handed out in logits callbacks since double_reset */
+/* GET_LOGITS logits provider (double_set_logits_provider): fills the rows instead of the hash formula.
+ * Called once per logits callback with that step's input: the run's input in prefill (EMBED: n x hidden
+ * floats, TOKEN: n ids; the other pointer NULL), then the runtime's own sampled id (TOKEN, n = 1) per step.
+ * `pos` is the KV position of the first row, `keep_history` the run's. Returns 0, else the run stops. */
+typedef int (*DoubleLogitsProvider)(void *userdata, const float *embed, const int32_t *tokens, int n, int hidden,
+                                    int keep_history, int pos, float *out, int vocab);
+static DoubleLogitsProvider g_provider;
+static void *g_provider_ud;
 
 static pthread_mutex_t g_err_lock = PTHREAD_MUTEX_INITIALIZER;
 static char g_last_error[512];
@@ -767,6 +775,11 @@ typedef struct {
     int mode;
     int vocab;      /* GET_LOGITS: the vocabulary size (rows are vocab floats) */
     uint32_t *keys; /* GET_LOGITS: one key per input position (token id, or a hash of the embedding row) */
+    DoubleLogitsProvider provider; /* GET_LOGITS: the provider set when the run started (NULL: the formula) */
+    void *provider_ud;
+    float *embed;   /* GET_LOGITS with a provider: copy of the EMBED input (n_tokens x hidden), else NULL */
+    int32_t *tokens; /* same for TOKEN input */
+    int hidden;
     double t0;
 } Job;
 
@@ -854,11 +867,28 @@ static int32_t argmax_row(const float *row, int vocab) {
 /* Deliver one logits callback of `rows` rows (positions first_pos.., keys[]), then poison and free
  * the buffer: it is valid only during the callback, as in the real runtime. Returns the verdict. */
 static int deliver_logits(const Job *j, int rows, uint32_t first_pos, const uint32_t *keys, int32_t *sampled,
-                          int *released) {
+                          int *released, int first) {
     size_t n = (size_t)rows * (size_t)j->vocab;
     float *buf = malloc(n * sizeof(float));
     if (!buf) abort();
-    for (int r = 0; r < rows; r++) logits_row(buf + (size_t)r * j->vocab, j->vocab, first_pos + (uint32_t)r, keys[r]);
+    if (j->provider) {
+        for (size_t i = 0; i < n; i++) buf[i] = NAN; /* a row the provider leaves unfilled is caught below */
+        int32_t own = (int32_t)keys[0];
+        const float *embed = first ? j->embed : NULL;
+        const int32_t *tokens = first ? j->tokens : &own;
+        int rc = j->provider(j->provider_ud, embed, tokens, rows, j->hidden, j->keep_history, (int)first_pos, buf,
+                             j->vocab);
+        int finite = 1;
+        for (size_t i = 0; i < n && finite; i++) finite = isfinite(buf[i]);
+        if (rc != 0 || !finite) {
+            free(buf);
+            fail("rkllm_run: the logits provider %s", rc != 0 ? "failed" : "left a non-finite logit");
+            return -2; /* the run stops without FINISH and rkllm_run returns -1 */
+        }
+    } else {
+        for (int r = 0; r < rows; r++)
+            logits_row(buf + (size_t)r * j->vocab, j->vocab, first_pos + (uint32_t)r, keys[r]);
+    }
     *sampled = argmax_row(buf + (size_t)(rows - 1) * j->vocab, j->vocab); /* the runtime samples by itself */
     RKLLMResult res;
     memset(&res, 0, sizeof res);
@@ -903,7 +933,11 @@ static void stream_logits(Job *j, int delay, int *stop, int *generated, int *del
         uint32_t key = (uint32_t)sampled;
         int n = first ? j->n_tokens : 1;
         uint32_t pos = (uint32_t)(j->history_before + (first ? 0 : j->n_tokens + *generated - 1));
-        int v = deliver_logits(j, n, pos, first ? j->keys : &key, &sampled, released);
+        int v = deliver_logits(j, n, pos, first ? j->keys : &key, &sampled, released, first);
+        if (v == -2) {
+            *stop = STOP_CB_INVALID;
+            break;
+        }
         buf_printf(rows, "%s%d", first ? "" : ",", n);
         (*delivered)++;
         (*generated)++;
@@ -1036,7 +1070,11 @@ static int stream(Job *j) {
     pthread_mutex_unlock(&g_lock);
     free(rows.s);
     free(j->keys);
+    free(j->embed);
+    free(j->tokens);
     j->keys = NULL;
+    j->embed = NULL;
+    j->tokens = NULL;
     atomic_store(&h->running, 0);
     return rc;
 }
@@ -1237,7 +1275,29 @@ static int prepare_run(const char *fn, LLMHandle handle, RKLLMInput *in, RKLLMIn
                                                  : fnv1a(in->embed_input.embed + i * (size_t)hidden,
                                                          (size_t)hidden * sizeof(float));
     }
+    float *embed_copy = NULL;
+    int32_t *tokens_copy = NULL;
+    pthread_mutex_lock(&g_lock);
+    DoubleLogitsProvider provider = mode == RKLLM_INFER_GET_LOGITS ? g_provider : NULL;
+    void *provider_ud = g_provider_ud;
+    pthread_mutex_unlock(&g_lock);
+    if (provider) { /* the caller's buffers may be freed once rkllm_run_async returns */
+        if (itype == RKLLM_INPUT_TOKEN) {
+            tokens_copy = malloc(n_tokens * sizeof *tokens_copy);
+            if (!tokens_copy) abort();
+            memcpy(tokens_copy, in->token_input.input_ids, n_tokens * sizeof *tokens_copy);
+        } else {
+            embed_copy = malloc(n_tokens * (size_t)hidden * sizeof *embed_copy);
+            if (!embed_copy) abort();
+            memcpy(embed_copy, in->embed_input.embed, n_tokens * (size_t)hidden * sizeof *embed_copy);
+        }
+    }
     atomic_store(&h->abort_req, 0); /* an abort only affects a run in progress */
+    j->provider = provider;
+    j->provider_ud = provider_ud;
+    j->embed = embed_copy;
+    j->tokens = tokens_copy;
+    j->hidden = hidden;
     j->mode = mode;
     j->vocab = vocab;
     j->keys = keys;
@@ -1481,6 +1541,14 @@ EXPORT unsigned long long double_logits_floats(void) {
     return n;
 }
 
+/* GET_LOGITS rows from `fn` instead of the formula (NULL restores the formula); runs started afterwards use it. */
+EXPORT void double_set_logits_provider(DoubleLogitsProvider fn, void *userdata) {
+    pthread_mutex_lock(&g_lock);
+    g_provider = fn;
+    g_provider_ud = userdata;
+    pthread_mutex_unlock(&g_lock);
+}
+
 EXPORT void double_logits_row(float *out, int vocab, uint32_t pos, uint32_t key) {
     if (out && vocab > 0) logits_row(out, vocab, pos, key);
 }
@@ -1578,6 +1646,8 @@ EXPORT void double_reset(void) {
     pthread_mutex_lock(&g_lock);
     script_reset_locked();
     g_delay_us = g_prefill_delay_us = g_hidden = g_error_rc = g_vocab = 0;
+    g_provider = NULL;
+    g_provider_ud = NULL;
     g_calls.len = 0;
     g_n_calls = 0;
     g_logits_floats = 0;
