@@ -38,12 +38,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from rksmolvlm.runtime.structured import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/support: the shared schemas
+from support.frigate import FRIGATE  # noqa: E402
+
+from rksmolvlm.runtime.engines import GenerationConfig  # noqa: E402
+from rksmolvlm.runtime.structured import (  # noqa: E402
     GrammarCompiler,
     Sampler,
     from_ollama_format,
@@ -53,39 +56,15 @@ from rksmolvlm.runtime.structured import (
 VOCAB = 49_280
 EOU = 49_279
 
-FRIGATE = {
-    "type": "object",
-    "properties": {
-        "title": {"type": "string", "maxLength": 80},
-        "scene": {"type": "string", "minLength": 150, "maxLength": 600},
-        "shortSummary": {"type": "string", "minLength": 70, "maxLength": 140},
-        "confidence": {"type": "number", "minimum": 0, "maximum": 1},
-        "potential_threat_level": {"type": "integer", "minimum": 0, "maximum": 2},
-        "observations": {"type": "array", "minItems": 3, "maxItems": 8,
-                         "items": {"type": "string", "minLength": 20, "maxLength": 200}},
-    },
-    "required": ["title", "scene", "shortSummary", "confidence", "potential_threat_level", "observations"],
-    "additionalProperties": False,
-}
 SMALL = {"type": "object", "properties": {"color": {"type": "string", "maxLength": 40},
                                           "count": {"type": "integer", "minimum": 0, "maximum": 99},
                                           "kind": {"type": "string", "enum": ["car", "truck", "bike"]}},
          "required": ["color", "count", "kind"]}
 
 
-@dataclass
-class Greedy:
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repeat_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    seed: int | None = 0
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature < 1e-5
+def Greedy(**kwargs) -> GenerationConfig:  # noqa: N802 - reads like the record it builds
+    """Seeded generation options (greedy unless a temperature is given)."""
+    return GenerationConfig(**{"seed": 0, **kwargs})
 
 
 def synthetic_tokenizer() -> str:

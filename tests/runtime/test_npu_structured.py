@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 
 from support import DOUBLES
+from support.frigate import FRIGATE
+from support.tokenizers import byte_level_bpe
 
 from rksmolvlm.runtime import rkllm_abi
 from rksmolvlm.runtime.engines import GenerationConfig, PerfStats
@@ -31,21 +33,6 @@ VOCAB = 512  # wider than the tokenizer, like the model's padded rows
 HIDDEN = 8
 CONTEXT = 8192
 
-# Frigate 0.18's ReviewMetadata (DESIGN §10) as its openai provider sends it.
-FRIGATE = {
-    "type": "object",
-    "properties": {
-        "title": {"type": "string", "maxLength": 80},
-        "scene": {"type": "string", "minLength": 150, "maxLength": 600},
-        "shortSummary": {"type": "string", "minLength": 70, "maxLength": 140},
-        "confidence": {"type": "number", "minimum": 0, "maximum": 1},
-        "potential_threat_level": {"type": "integer", "minimum": 0, "maximum": 2},
-        "observations": {"type": "array", "minItems": 3, "maxItems": 8,
-                         "items": {"type": "string", "minLength": 20, "maxLength": 200}},
-    },
-    "required": ["title", "scene", "shortSummary", "confidence", "potential_threat_level", "observations"],
-    "additionalProperties": False,
-}
 SMALL = {"type": "object", "properties": {"color": {"type": "string", "maxLength": 12},
                                           "count": {"type": "integer", "minimum": 0, "maximum": 99},
                                           "kind": {"type": "string", "enum": ["car", "truck", "bike"]}},
@@ -75,16 +62,9 @@ def libraries(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizer_json() -> str:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=["<|endoftext|>", "<image>", "<end_of_utterance>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator(_CORPUS * 30, trainer=trainer)
-    assert bpe.get_vocab_size() < VOCAB
-    return bpe.to_str()
+    text = byte_level_bpe(_CORPUS, 420, ["<|endoftext|>", "<image>", "<end_of_utterance>"])
+    assert len(json.loads(text)["model"]["vocab"]) < VOCAB
+    return text
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,15 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
 
 import jsonschema
 import numpy as np
 import pytest
 
+from support.frigate import FRIGATE, FRIGATE_FORMAT
+from support.tokenizers import byte_level_bpe
+
+from rksmolvlm.runtime.engines import GenerationConfig
 from rksmolvlm.runtime.structured import (
     TEXT,
     Constraint,
@@ -38,24 +41,7 @@ from rksmolvlm.runtime.structured.schema import pattern_size
 
 VOCAB = 512  # the model's vocabulary: wider than the tokenizer, like padded embedding rows
 
-# Frigate 0.18's ReviewMetadata as its openai provider sends it (DESIGN §10), pydantic-style titles.
-FRIGATE = {
-    "type": "object",
-    "title": "ReviewMetadata",
-    "properties": {
-        "title": {"type": "string", "title": "Title", "maxLength": 80,
-                  "description": "A short title for the activity"},
-        "scene": {"type": "string", "title": "Scene", "minLength": 150, "maxLength": 600},
-        "shortSummary": {"type": "string", "title": "Shortsummary", "minLength": 70, "maxLength": 140},
-        "confidence": {"type": "number", "title": "Confidence", "minimum": 0, "maximum": 1},
-        "potential_threat_level": {"type": "integer", "title": "Potential Threat Level", "minimum": 0, "maximum": 2},
-        "observations": {"type": "array", "title": "Observations", "minItems": 3, "maxItems": 8,
-                         "items": {"type": "string", "minLength": 20, "maxLength": 200}},
-    },
-    "required": ["title", "scene", "shortSummary", "confidence", "potential_threat_level", "observations"],
-    "additionalProperties": False,
-}
-FRIGATE_REQUEST = {"type": "json_schema", "json_schema": {"name": "review_metadata", "strict": True, "schema": FRIGATE}}
+FRIGATE_REQUEST = FRIGATE_FORMAT
 
 # Home Assistant's Ollama AI Task: format = the task's structure, no additionalProperties.
 HA_TASK = {
@@ -97,17 +83,9 @@ _CORPUS = [
 def tokenizer_json() -> str:
     """A byte-level BPE like SmolVLM's (same pre-tokenizer and decoder), small, with added special
     tokens for the image placeholder and the end of utterance."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=450, special_tokens=["<|endoftext|>", "<|im_start|>", "<image>",
-                                                                    "<end_of_utterance>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator(_CORPUS * 30, trainer=trainer)
-    assert bpe.get_vocab_size() < VOCAB
-    return bpe.to_str()
+    text = byte_level_bpe(_CORPUS, 450, ["<|endoftext|>", "<|im_start|>", "<image>", "<end_of_utterance>"])
+    assert len(json.loads(text)["model"]["vocab"]) < VOCAB
+    return text
 
 
 @pytest.fixture(scope="module")
@@ -601,19 +579,9 @@ def test_forced_tool_calls_validate_against_the_tool(compiler, tokenizer, eou, s
 # ---------------------------------------------------------------- the sampler
 
 
-@dataclass
-class Options:
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repeat_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    seed: int | None = 0
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature < 1e-5
+def Options(**kwargs) -> GenerationConfig:  # noqa: N802 - reads like the record it builds
+    """The generation options the sampler reads, seeded by default."""
+    return GenerationConfig(**{"seed": 0, **kwargs})
 
 
 def test_greedy_picks_equal_the_host_engines(tmp_path):

@@ -12,6 +12,7 @@ import json
 import jsonschema
 import pytest
 
+from support.frigate import FRIGATE
 from support.parity import HfProcessor, message_images
 from rksmolvlm.runtime.engines import GenerationConfig, PerfStats
 from rksmolvlm.runtime.loader import RuntimeBundle
@@ -24,22 +25,6 @@ from rksmolvlm.runners import open_engines
 # where the bundle fixtures' automatic slow mark cannot see it.
 pytestmark = pytest.mark.slow
 
-# Frigate 0.18's ReviewMetadata as its openai provider sends it (DESIGN §10).
-FRIGATE = {
-    "type": "object",
-    "title": "ReviewMetadata",
-    "properties": {
-        "title": {"type": "string", "title": "Title", "maxLength": 80},
-        "scene": {"type": "string", "title": "Scene", "minLength": 150, "maxLength": 600},
-        "shortSummary": {"type": "string", "title": "Shortsummary", "minLength": 70, "maxLength": 140},
-        "confidence": {"type": "number", "title": "Confidence", "minimum": 0, "maximum": 1},
-        "potential_threat_level": {"type": "integer", "title": "Potential Threat Level", "minimum": 0, "maximum": 2},
-        "observations": {"type": "array", "title": "Observations", "minItems": 3, "maxItems": 8,
-                         "items": {"type": "string", "minLength": 20, "maxLength": 200}},
-    },
-    "required": ["title", "scene", "shortSummary", "confidence", "potential_threat_level", "observations"],
-    "additionalProperties": False,
-}
 # A Home Assistant AI Task structure (Ollama format: an object schema, no additionalProperties).
 HA_TASK = {
     "type": "object",
