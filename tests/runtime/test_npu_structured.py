@@ -20,7 +20,7 @@ import pytest
 
 from support import DOUBLES
 from support.frigate import FRIGATE
-from support.tokenizers import byte_level_bpe
+from support.bpe import byte_level_bpe
 
 from rksmolvlm.runtime import rkllm_abi
 from rksmolvlm.runtime.engines import GenerationConfig, PerfStats

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from support.frigate import FRIGATE, FRIGATE_FORMAT
-from support.tokenizers import byte_level_bpe
+from support.bpe import byte_level_bpe
 
 from rksmolvlm.runtime.engines import GenerationConfig
 from rksmolvlm.runtime.structured import (

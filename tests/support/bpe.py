@@ -1,5 +1,8 @@
 """Small byte-level BPE tokenizers like SmolVLM's (same pre-tokenizer and decoder), trained in memory:
-the structured-output tests compile grammars over them without building a checkpoint."""
+the structured-output tests compile grammars over them without building a checkpoint.
+
+Named bpe.py, not tokenizers.py: the board-path scripts run with tests/support first on sys.path, where
+that name would shadow the real library."""
 
 from __future__ import annotations
 
