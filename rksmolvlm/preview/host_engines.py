@@ -146,6 +146,7 @@ class TorchLlmEngine:
         if config.top_p < 1.0:
             sorted_probs, order = torch.sort(probs, descending=True)
             keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < config.top_p
+            keep[0] = True  # the top token always: a top_p under float32's least (1e-300) compares as 0
             mask = torch.zeros_like(probs, dtype=torch.bool)
             mask[order[keep]] = True
             probs = torch.where(mask, probs, torch.zeros_like(probs))

@@ -136,6 +136,7 @@ def _nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
             order = top[np.argsort(-probs[top], kind="stable")]
         ordered = probs[order]
         keep = np.cumsum(ordered) - ordered < top_p
+        keep[0] = True  # the top id always, whatever float type p is compared in
         if head >= probs.shape[0] or not keep[-1]:
             return order[keep]
         head *= 4

@@ -604,6 +604,23 @@ def test_greedy_picks_equal_the_host_engines(tmp_path):
         assert Sampler(config).pick(logits, previous) == want, case
 
 
+@pytest.mark.parametrize("top_p", [1e-300, 1e-45, 1e-9])
+def test_a_tiny_top_p_keeps_the_top_token_in_both_samplers(top_p):
+    """A top_p below float32's smallest number compared as 0 and kept no token: NaN
+    probabilities, a crash (a 500 on both APIs). The nucleus always holds the top token."""
+    logits = np.log(np.array([0.1, 0.6, 0.2, 0.1], dtype=np.float32))
+    config = Options(temperature=1.0, top_p=top_p, seed=3)
+    assert {Sampler(config).pick(logits) for _ in range(20)} == {1}
+    torch = pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    from rksmolvlm.preview.host_engines import TorchLlmEngine
+
+    host, generator = SimpleNamespace(torch=torch), torch.Generator().manual_seed(3)
+    picks = {TorchLlmEngine._pick(host, torch.from_numpy(logits.copy()), config, generator, []) for _ in range(20)}
+    assert picks == {1}
+
+
 def test_penalties_match_the_host_formula():
     logits = np.array([2.0, -2.0, 1.0, 0.5], dtype=np.float32)
     out = apply_penalties(logits, [0, 1, 1], repeat_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25)
