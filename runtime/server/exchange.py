@@ -48,8 +48,9 @@ def note(scope: MutableMapping[str, Any], **fields: object) -> None:
 
 
 async def read_body(request: Request, limit: int, configured: int | None = None) -> bytes:
-    """The request body, refused with 413 past ``limit`` bytes (after letting the client finish
-    sending up to a bound, so it can read the answer); ``configured`` is limits.max_body_bytes when
+    """The request body, refused with 413 past ``limit`` bytes: at once when the declared
+    Content-Length is over it, else after letting a chunked client finish sending up to a bound,
+    so it can read the answer; ``configured`` is limits.max_body_bytes when
     ``limit`` was raised above it to carry a video. Raises ClientGone when the client left."""
     from starlette.requests import ClientDisconnect
 
@@ -58,18 +59,20 @@ async def read_body(request: Request, limit: int, configured: int | None = None)
     too_big = ApiError(413, f"the request body is over {where} bytes: send smaller or fewer images or videos (or "
                        "raise the limit in the server config)", "request_too_large")
     declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big  # by the head alone, before any byte: nothing waits for a body it would refuse
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
-            if size > limit or (declared.isdigit() and int(declared) > limit):
+            if size > limit:
                 if size > 4 * limit + 65536:
                     break  # stop reading: the connection is dropped after the answer
                 continue
             chunks.append(chunk)
     except ClientDisconnect:
         raise ClientGone from None
-    if size > limit or (declared.isdigit() and int(declared) > limit):
+    if size > limit:
         raise too_big
     return b"".join(chunks)
 

@@ -467,3 +467,33 @@ def test_the_pump_stops_and_cancels_the_job_when_the_client_leaves():
     chunks, scope, service = _pumped([], leave=True)
     assert chunks == [b"created"]
     assert service.cancels[0] == "client_disconnect" and "finish" not in scope["state"]["log"]
+
+
+class _StalledBody:
+    """A request whose head declares ``declared`` body bytes and whose body never comes."""
+
+    def __init__(self, declared: str):
+        self.headers = {"content-length": declared}
+        self.read = 0
+
+    async def stream(self):
+        import asyncio
+
+        self.read += 1
+        await asyncio.Event().wait()
+        yield b""  # pragma: no cover - never reached
+
+
+@pytest.mark.parametrize("declared", ["1000000000", str(10 ** 30)])
+def test_a_declared_length_over_the_limit_is_413_before_any_byte_is_read(declared):
+    """A Content-Length of 10^9 waited for a body it would refuse anyway: the head alone answers."""
+    import asyncio
+
+    from rksmolvlm.runtime.server.exchange import read_body
+
+    request = _StalledBody(declared)
+    with pytest.raises(ApiError) as refused:
+        asyncio.run(asyncio.wait_for(read_body(request, 1024 * 1024), timeout=2))
+    error = refused.value
+    assert (error.status, error.code) == (413, "request_too_large") and "limits.max_body_bytes" in error.message
+    assert request.read == 0
