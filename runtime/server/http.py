@@ -241,6 +241,17 @@ class _RequestLog:
 
         start = time.perf_counter()
         try:
+            names = [name.lower() for name, _ in scope.get("headers", [])]
+            if b"transfer-encoding" in names and b"content-length" in names:
+                # two framings a proxy in front may read differently (request smuggling): neither is trusted
+                error = ApiError(400, "the request has both Content-Length and Transfer-Encoding: send one "
+                                 "(the connection is closed)", "bad_http_request")
+                body = json.dumps(error.body()).encode()
+                await send_with_id({"type": "http.response.start", "status": 400,
+                                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
+                                                (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
             await self.app(scope, receive, send_with_id)
         except Exception:  # noqa: BLE001 - logged with its trace here; the client gets no trace
             log.exception("request %s failed", request_id)

@@ -582,3 +582,45 @@ def test_stop_strings_across_deltas(bundle, stop, content, finish):
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == content
     assert chunks[-1]["choices"][0]["finish_reason"] == finish
     assert llm.closed == 1  # the server freed the engines when it stopped
+
+
+def _raw_exchange(server, request: bytes, timeout: float = 10.0) -> tuple[bytes, bool]:
+    """What the server answers ``request`` on a fresh connection, and whether it then closed it."""
+    import socket
+
+    with socket.create_connection((server.host, server.port), timeout=timeout) as sock:
+        sock.sendall(request)
+        data, closed = b"", False
+        try:
+            while chunk := sock.recv(65536):
+                data += chunk
+            closed = True
+        except ConnectionResetError:
+            closed = True
+        except TimeoutError:
+            pass
+    return data, closed
+
+
+def _fake_served():
+    model = ServedModel("m", (), 2048, 0, "host")
+    config = with_overrides(ServerConfig(), {"server.keepalive_timeout_s": 30.0})
+    service = ModelService(lambda: _RaisingRunner(RuntimeError("unused")), model, 2, Metrics())
+    return BackgroundServer(create_app(service, config), config)
+
+
+def test_content_length_with_chunked_transfer_encoding_is_400_and_closed():
+    """Both framings on one request is the request-smuggling shape (a proxy may read the other one):
+    it was answered 200; now a named 400, and the connection is closed."""
+    body = b'{"messages": [{"role": "user", "content": "hi"}]}'
+    chunked = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+    with _fake_served() as server:
+        data, closed = _raw_exchange(server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                     b"Content-Type: application/json\r\nContent-Length: 4\r\n"
+                                     b"Transfer-Encoding: chunked\r\n\r\n" + chunked
+                                     + b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", timeout=5)
+        head, _, rest = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400") and b"connection: close" in head.lower()
+        assert json.loads(rest)["error"]["code"] == "bad_http_request" and closed
+        assert data.count(b"HTTP/1.1") == 1  # the smuggled second request was never answered
+        assert httpx.get(f"{server.url}/health").status_code == 200
