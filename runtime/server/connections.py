@@ -292,6 +292,7 @@ def protocol_class(book: ConnectionBook) -> type:
                 body = json.dumps({"error": error}).encode()
                 phrase = {400: "Bad Request", 408: "Request Timeout", 503: "Service Unavailable"}[status]
                 head = (f"HTTP/1.1 {status} {phrase}\r\ncontent-type: application/json\r\n"
+                        "x-content-type-options: nosniff\r\n"
                         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
                 self.transport.write(head.encode() + body)
             self.transport.close()

@@ -624,3 +624,28 @@ def test_content_length_with_chunked_transfer_encoding_is_400_and_closed():
         assert json.loads(rest)["error"]["code"] == "bad_http_request" and closed
         assert data.count(b"HTTP/1.1") == 1  # the smuggled second request was never answered
         assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_every_answer_says_nosniff():
+    """A JSON 404 echoes the path: without nosniff a browser may sniff it as HTML. Every answer, JSON
+    errors of the app and of the connection layer, 500s and successes, carries the header."""
+    with _fake_served() as server:
+        answers = {"404": httpx.get(f"{server.url}/%3Cscript%3Ealert(1)%3C%2Fscript%3E"),
+                   "405": httpx.delete(f"{server.url}/v1/chat/completions"),
+                   "500": httpx.post(f"{server.url}/v1/chat/completions",
+                                     json={"messages": [{"role": "user", "content": "hi"}]}),
+                   "400": httpx.post(f"{server.url}/v1/chat/completions", content=b"{",
+                                     headers={"content-type": "application/json"}),
+                   "200 health": httpx.get(f"{server.url}/health"),
+                   "200 metrics": httpx.get(f"{server.url}/metrics"),
+                   "200 models": httpx.get(f"{server.url}/v1/models")}
+        for name, answer in answers.items():
+            assert answer.headers.get("x-content-type-options") == "nosniff", name
+            assert answer.headers.get_list("x-content-type-options") == ["nosniff"], name
+        assert answers["404"].status_code == 404 and answers["500"].status_code == 500
+        data, _ = _raw_exchange(server, b"GARBAGE\r\n\r\n", timeout=5)  # answered by the connection layer
+        head = data.partition(b"\r\n\r\n")[0].lower()
+        assert head.startswith(b"http/1.1 400") and b"x-content-type-options: nosniff" in head
+        data, _ = _raw_exchange(server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                b"Content-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", timeout=5)
+        assert b"x-content-type-options: nosniff" in data.partition(b"\r\n\r\n")[0].lower()
