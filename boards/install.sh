@@ -90,6 +90,14 @@ for option in --prefix --config-dir; do
   [[ "$value" =~ ^/[A-Za-z0-9._+/-]*$ ]] || die "$option must be an absolute path made of letters, digits and" \
     ". _ + - / (it goes into the systemd unit): got $(shown "$value")"
 done
+# A . or .. component hides where a path leads (/var/lib/../../home/… is a home directory): refused, not resolved.
+for option in --prefix --config-dir --bundle; do
+  value="$prefix"; [[ $option == --config-dir ]] && value="$config_dir"; [[ $option == --bundle ]] && value="$bundle"
+  case "$value/" in
+    */./*|*/../*) die "$option may not contain . or .. components (got $(shown "$value")): give the path it" \
+      "leads to, e.g. $(realpath -m -- "$value" 2>/dev/null || echo "$state_dir/bundle")" ;;
+  esac
+done
 if [[ -n "$bundle" ]]; then  # only config.toml holds the bundle, TOML-quoted: other characters land as they are
   case "$bundle" in /*) ;; *) die "--bundle needs an absolute path (got $(shown "$bundle"))" ;; esac
   if [[ "$bundle" =~ [[:cntrl:]] ]]; then

@@ -131,6 +131,13 @@ def test_install_keeps_an_existing_config_and_starts_with_a_bundle(tmp_path):
     (["--bundle"], 2, "--bundle needs a value"),
     (["--dry-run", "--bundle", "/home/me/model.bundle"], 1, "cannot read /home/me/model.bundle (ProtectHome=yes)"),
     (["--dry-run", "--bundle", "relative/dir"], 1, "--bundle needs an absolute path"),
+    (["--dry-run", "--bundle", "/var/lib/../../home/me/model.bundle"], 1,
+     "--bundle may not contain . or .. components (got /var/lib/../../home/me/model.bundle): give the path it "
+     "leads to, e.g. /home/me/model.bundle"),
+    (["--dry-run", "--bundle", "/var/lib/rksmolvlm/bundle/.."], 1, "--bundle may not contain . or .. components"),
+    (["--dry-run", "--bundle", "/var/lib/rksmolvlm/./bundle"], 1, "--bundle may not contain . or .. components"),
+    (["--dry-run", "--prefix", "/opt/../root/x"], 1, "--prefix may not contain . or .. components"),
+    (["--dry-run", "--config-dir", "/etc/.."], 1, "--config-dir may not contain . or .. components"),
     (["--dry-run", "--prefix", "/opt/my dir"], 1, "--prefix must be an absolute path made of letters, digits"),
     (["--dry-run", "--prefix", "/opt/a&b"], 1, "(it goes into the systemd unit): got /opt/a\\&b"),
     (["--dry-run", "--prefix", "opt"], 1, "--prefix must be an absolute path"),
