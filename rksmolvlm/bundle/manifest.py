@@ -317,6 +317,9 @@ class LlmRecipe(_Part):
                    s.integer("max_context", 1), s.integer("optimization_level", 0), s.number("hybrid_rate"))
 
 
+MAX_CONTEXT = 16384  # rkllm-toolkit's max_context limit (DESIGN §6): no decoder of a bundle has more
+
+
 @dataclass(frozen=True)
 class LlmPart(_Part):
     _KEY = "llm"
@@ -349,7 +352,8 @@ class LlmPart(_Part):
         decoder_dir = s.optional_str("decoder_dir")
         if decoder_dir is not None:
             confined_path(s.bundle.root, decoder_dir, s.key("decoder_dir"))
-        return cls(s.optional_file("file"), s.optional_str("toolkit_version"), s.integer("max_context", 32),
+        max_context = s.integer("max_context", 32, MAX_CONTEXT, " (rkllm-toolkit's limit)")
+        return cls(s.optional_file("file"), s.optional_str("toolkit_version"), max_context,
                    embed.file("file"), (shape[0], shape[1]), decoder_dir, _optional(s, "recipe", LlmRecipe),
                    s.optional_str("board_decoder"), embed.optional_str("dtype"))
 
@@ -730,10 +734,11 @@ class _Section:
             raise self._fail(key, f"one of {', '.join(allowed)}", value)
         return value
 
-    def integer(self, key: str, minimum: int | None) -> int:
+    def integer(self, key: str, minimum: int | None, maximum: int | None = None, why: str = "") -> int:
         value = self._get(key, "an integer")
-        if not _is_int(value) or (minimum is not None and value < minimum):
-            raise self._fail(key, "an integer" + (f" ≥ {minimum}" if minimum is not None else ""), value)
+        if not _is_int(value) or (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+            raise self._fail(key, "an integer" + (f" ≥ {minimum}" if minimum is not None else "")
+                             + (f" and ≤ {maximum}{why}" if maximum is not None else ""), value)
         return value
 
     def optional_int(self, key: str, minimum: int | None) -> int | None:

@@ -142,6 +142,10 @@ PART_DAMAGE = {
     "accuracy not finite": (VisionAccuracy, _set("min_tile_cosine", float("nan")),
                             "'vision.accuracy.min_tile_cosine' must be a finite number"),
     "llm context": (LlmPart, _set("max_context", 16), "'llm.max_context' must be an integer ≥ 32"),
+    "llm context too large": (LlmPart, _set("max_context", 10 ** 12), r"'llm\.max_context' must be an integer ≥ 32 "
+                              r"and ≤ 16384 \(rkllm-toolkit's limit\), not the number 1000000000000"),
+    "llm context not an integer": (LlmPart, _set("max_context", 1e12), r"'llm\.max_context' must be an integer ≥ 32 "
+                                   r"and ≤ 16384 .*, not the number 1000000000000\.0"),
     "llm embed shape": (LlmPart, _set("embed_tokens.shape", [49280, 576, 1]),
                         "'llm.embed_tokens.shape' must be a list of 2"),
     "llm decoder dir absolute": (LlmPart, _set("decoder_dir", "/opt/decoder"),
