@@ -67,6 +67,18 @@ def Greedy(**kwargs) -> GenerationConfig:  # noqa: N802 - reads like the record 
     return GenerationConfig(**{"seed": 0, **kwargs})
 
 
+def tokenizer_text(path: Path | None, cache: Path | None) -> str:
+    """tokenizer.json text: ``path`` when given, else the synthetic one (kept in ``cache`` when given)."""
+    if path:
+        return path.read_text(encoding="utf-8")
+    if cache and cache.is_file():
+        return cache.read_text(encoding="utf-8")
+    text = synthetic_tokenizer()
+    if cache:
+        cache.write_text(text, encoding="utf-8")
+    return text
+
+
 def synthetic_tokenizer() -> str:
     """A byte-level BPE with SmolVLM's id layout, trained on pseudo-English with JSON punctuation."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -339,14 +351,7 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.perf_counter()
-    if args.tokenizer:
-        text = args.tokenizer.read_text(encoding="utf-8")
-    elif args.cache and args.cache.is_file():
-        text = args.cache.read_text(encoding="utf-8")
-    else:
-        text = synthetic_tokenizer()
-        if args.cache:
-            args.cache.write_text(text, encoding="utf-8")
+    text = tokenizer_text(args.tokenizer, args.cache)
     built = time.perf_counter()
     compiler = GrammarCompiler(text, VOCAB, [EOU])
     ready = time.perf_counter()

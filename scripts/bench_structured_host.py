@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_structured import EOU, FRIGATE, SMALL, VOCAB, synthetic_tokenizer  # noqa: E402
+from bench_structured import EOU, FRIGATE, SMALL, VOCAB, tokenizer_text  # noqa: E402
 
 from rksmolvlm.runtime.engines import GenerationConfig, PerfStats  # noqa: E402
 from rksmolvlm.runtime.structured import GrammarCompiler, from_ollama_format, from_openai_response_format  # noqa: E402
@@ -112,14 +112,7 @@ def main() -> None:
 
     Guide.step = _timed_step(Guide.step)  # type: ignore[method-assign]
 
-    if args.tokenizer:
-        text = args.tokenizer.read_text(encoding="utf-8")
-    elif args.cache and args.cache.is_file():
-        text = args.cache.read_text(encoding="utf-8")
-    else:
-        text = synthetic_tokenizer()
-        if args.cache:
-            args.cache.write_text(text, encoding="utf-8")
+    text = tokenizer_text(args.tokenizer, args.cache)
     compiler = GrammarCompiler(text, VOCAB, [EOU])
     grammars = {
         "frigate": compiler.compile(from_openai_response_format(
