@@ -76,27 +76,7 @@ def from_openai_response_format(value: Any, *, param: str = "response_format",
                                 limits: SchemaLimits = DEFAULT_SCHEMA_LIMITS) -> ResponseFormat:
     """OpenAI chat/completions ``response_format``: ``{"type": "text" | "json_object"}`` or
     ``{"type": "json_schema", "json_schema": {"name", "strict", "schema", "description"}}``."""
-    if value is None:
-        return TEXT
-    if not isinstance(value, dict):
-        raise FormatShapeError(f"{param} must be an object such as {{\"type\": \"json_object\"}}", param=param)
-    kind = value.get("type")
-    if kind == "text":
-        return TEXT
-    if kind == "json_object":
-        return _any_object(param)
-    if kind == "json_schema":
-        spec = value.get("json_schema")
-        if not isinstance(spec, dict):
-            raise FormatShapeError(f"{param}.json_schema must be an object with name and schema",
-                                   param=f"{param}.json_schema")
-        name = _name(spec.get("name"), f"{param}.json_schema.name")
-        strict = _flag(spec.get("strict"), f"{param}.json_schema.strict")
-        if "schema" not in spec:  # OpenAI: a schema-less json_schema is any JSON object
-            return ResponseFormat("json_schema", _dump(_ANY_OBJECT), name, strict, param=f"{param}.json_schema")
-        return _schema_format(spec["schema"], f"{param}.json_schema.schema", name, strict, limits)
-    raise FormatShapeError(f"{param}.type must be one of 'text', 'json_object', 'json_schema', got {kind!r}",
-                           param=f"{param}.type")
+    return _typed_format(value, param, limits, nested=True, example='{"type": "json_object"}')
 
 
 def from_ollama_format(value: Any, *, param: str = "format",
@@ -116,21 +96,32 @@ def from_responses_text_format(value: Any, *, param: str = "text.format",
                                limits: SchemaLimits = DEFAULT_SCHEMA_LIMITS) -> ResponseFormat:
     """The Responses API's ``text.format``: ``{"type": "text" | "json_object"}`` or
     ``{"type": "json_schema", "name", "schema", "strict", "description"}`` (flat, unlike chat)."""
+    return _typed_format(value, param, limits, nested=False, example='{"type": "json_schema", ...}')
+
+
+def _typed_format(value: Any, param: str, limits: SchemaLimits, *, nested: bool, example: str) -> ResponseFormat:
+    """The ``{"type": ...}`` shapes of chat (``nested``: the schema's fields under ``json_schema``; a
+    schema-less one is any JSON object) and of the Responses API (flat; the schema is required)."""
     if value is None:
         return TEXT
     if not isinstance(value, dict):
-        raise FormatShapeError(f"{param} must be an object such as {{\"type\": \"json_schema\", ...}}", param=param)
+        raise FormatShapeError(f"{param} must be an object such as {example}", param=param)
     kind = value.get("type")
     if kind == "text":
         return TEXT
     if kind == "json_object":
         return _any_object(param)
     if kind == "json_schema":
-        name = _name(value.get("name"), f"{param}.name")
-        strict = _flag(value.get("strict"), f"{param}.strict")
-        if "schema" not in value:
-            raise FormatShapeError(f"{param}.schema is required for json_schema", param=f"{param}.schema")
-        return _schema_format(value["schema"], f"{param}.schema", name, strict, limits)
+        spec, where = (value.get("json_schema"), f"{param}.json_schema") if nested else (value, param)
+        if not isinstance(spec, dict):
+            raise FormatShapeError(f"{where} must be an object with name and schema", param=where)
+        name = _name(spec.get("name"), f"{where}.name")
+        strict = _flag(spec.get("strict"), f"{where}.strict")
+        if "schema" not in spec:
+            if nested:  # OpenAI: a schema-less json_schema is any JSON object
+                return ResponseFormat("json_schema", _dump(_ANY_OBJECT), name, strict, param=where)
+            raise FormatShapeError(f"{where}.schema is required for json_schema", param=f"{where}.schema")
+        return _schema_format(spec["schema"], f"{where}.schema", name, strict, limits)
     raise FormatShapeError(f"{param}.type must be one of 'text', 'json_object', 'json_schema', got {kind!r}",
                            param=f"{param}.type")
 
