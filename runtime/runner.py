@@ -53,6 +53,7 @@ from rksmolvlm.processing.embed import EmbeddingTable
 from rksmolvlm.processing.image import DEFAULT_MAX_PIXELS, Resolution
 from rksmolvlm.processing.image_safety import DecodeLimits
 from rksmolvlm.processing.prompt import Rendered
+from rksmolvlm.runtime.decoding import DecodeAborted, MediaDecoder
 from rksmolvlm.runtime.engines import EngineOptions, GenerationConfig, LlmEngine, PerfStats, VisionEncoder
 from rksmolvlm.runtime.loader import RuntimeBundle
 from rksmolvlm.runtime.text_stream import TextStream
@@ -136,7 +137,8 @@ class Runner:
                  image_cache_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS,
                  table: EmbeddingTable | None = None, default_detail: str = "auto-fit",
                  fit_answer_tokens: int = 256, decode_limits: DecodeLimits | None = None,
-                 video: VideoOptions | None = None, resolution: Resolution | None = None):
+                 video: VideoOptions | None = None, resolution: Resolution | None = None,
+                 decoder: MediaDecoder | None = None):
         if default_detail not in DEFAULT_DETAILS:
             raise ValueError(f"default_detail {default_detail!r} is not one of {', '.join(DEFAULT_DETAILS)}")
         self.default_detail = default_detail
@@ -146,9 +148,11 @@ class Runner:
         self.resolution.check(bundle.settings.tile_size)  # ValueError naming the valid sizes
         self.assembler = bundle.assembler
         self.vision = vision
-        self.images = ImageEncoder(vision, bundle.settings, image_cache_size, max_pixels, decode_limits)
+        # the decoder (in-process, or the server's jail) is the caller's: the runner does not close it
+        self.images = ImageEncoder(vision, bundle.settings, image_cache_size, max_pixels, decode_limits, decoder)
         video_settings = bundle.video_settings
-        self.videos = VideoEncoder(vision, video_settings, video) if video_settings is not None else None
+        self.videos = (VideoEncoder(vision, video_settings, video, decoder) if video_settings is not None
+                       else None)
         self.llm = llm
         if table is None:
             own = llm.embedding_table()
@@ -240,7 +244,12 @@ class Runner:
             chosen = choose_unsplit(savings, excess)
             for k in flexible if chosen is None else chosen:  # not all unsplit fit: the context check refuses it
                 splits[k], layouts[k] = replace(splits[k], split=False), UNSPLIT
-        prepared = self.images.prepare(images, splits)  # exact layouts: a header may not tell all (image_size)
+        if not held:  # refused from the headers before any tile is made (a held history is replanned instead)
+            error = self._over_context(self._assemble(lambda: drafted.length(layouts)), 0, config)
+            if error is not None:
+                raise error
+        # exact layouts: a header may not tell all (image_size)
+        prepared = self.images.prepare(images, splits, self._abort.is_set)
         prompt = self._assemble(lambda: drafted.prompt([p.layout for p in prepared]))
         return prompt, prepared, plans
 
@@ -291,6 +300,21 @@ class Runner:
             parts, lambda videos: self.assembler.draft(after, parts, videos), self.llm.history_tokens, config)
         return _Turn(prompt, prepared, videos, self.llm.history_tokens, rendered.text)
 
+    def _over_context(self, length: int, held: int, config: GenerationConfig) -> "ContextError | None":
+        """The refusal of a prompt of ``length`` tokens after ``held`` kept ones, or None when it fits (an
+        answer that may be capped needs one token of room; another all of max_new_tokens)."""
+        context = self.bundle.max_context
+        if context - length - held < 1:
+            return ContextError(f"the prompt is {length} tokens: it fills the context of {context} and leaves no "
+                                "room for an answer; send fewer or smaller images, fewer video frames (max_frames) "
+                                "or a shorter conversation")
+        if not config.cap_to_context and length + held + config.max_new_tokens > context:
+            return ContextError(
+                f"the prompt is {length} tokens and max_new_tokens is {config.max_new_tokens}: together over the "
+                f"context of {context}; send fewer or smaller images, fewer video frames (max_frames), a shorter "
+                "conversation or a smaller max_new_tokens")
+        return None
+
     @staticmethod
     def _assemble(build: Callable[[], _T]) -> _T:
         """``build()``, a prompt the assembler refuses being the request's fault (InputError)."""
@@ -305,22 +329,21 @@ class Runner:
             self._abort.clear()
             started = time.perf_counter()
             stats = result.stats
-            turn = self._plan(session, messages, config)
             context = self.bundle.max_context
-            if turn.held_tokens + len(turn.prompt) + config.max_new_tokens > context and turn.held_tokens:
-                turn = self._plan(None, messages, config)  # the history does not fit: start over
+            try:
+                turn = self._plan(session, messages, config)
+                if turn.held_tokens + len(turn.prompt) + config.max_new_tokens > context and turn.held_tokens:
+                    turn = self._plan(None, messages, config)  # the history does not fit: start over
+            except DecodeAborted:  # cancelled while the images were decoded
+                result.finish_reason = "abort"
+                self._forget()
+                return
+            error = self._over_context(len(turn.prompt), turn.held_tokens, config)
+            if error is not None:
+                raise error
             room = context - len(turn.prompt) - turn.held_tokens
-            if config.cap_to_context and 0 < room < config.max_new_tokens:
+            if config.cap_to_context and room < config.max_new_tokens:
                 config = replace(config, max_new_tokens=room)  # the answer ends with finish_reason "length"
-            if room < 1:
-                raise ContextError(f"the prompt is {len(turn.prompt)} tokens: it fills the context of {context} and "
-                                   "leaves no room for an answer; send fewer or smaller images, fewer video "
-                                   "frames (max_frames) or a shorter conversation")
-            if len(turn.prompt) + turn.held_tokens + config.max_new_tokens > context:
-                raise ContextError(
-                    f"the prompt is {len(turn.prompt)} tokens and max_new_tokens is {config.max_new_tokens}: together "
-                    f"over the context of {context}; send fewer or smaller images, fewer video frames (max_frames), a "
-                    "shorter conversation or a smaller max_new_tokens")
             if session is not None:
                 session._held = None  # invalid until this turn completes
             self._owner = session

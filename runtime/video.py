@@ -22,8 +22,9 @@ import numpy as np
 
 from rksmolvlm.processing.assembler import VideoLayout
 from rksmolvlm.processing.content import VideoPart
-from rksmolvlm.processing.video import VideoInfo, VideoLimits, VideoReader, probe_video
-from rksmolvlm.processing.video_frames import VideoSettings, frame_timestamps, resize_frames, sample_indices
+from rksmolvlm.processing.video import VideoInfo, VideoLimits
+from rksmolvlm.processing.video_frames import VideoSettings, frame_timestamps, sample_indices
+from rksmolvlm.runtime.decoding import InlineDecoder, MediaDecoder
 from rksmolvlm.runtime.engines import PerfStats, VisionEncoder
 from rksmolvlm.runtime.vision import FeatureCache
 
@@ -33,7 +34,6 @@ __all__ = ["VideoOptions", "VideoPlan", "VideoEncoder", "DEFAULT_BOARD_MAX_FRAME
 # 256M/500M and 16 tower passes spread over the NPU cores (the checkpoints' own 64 frames would fill
 # a 4,096-token context on their own).
 DEFAULT_BOARD_MAX_FRAMES = 16
-DECODE_BATCH = 8  # frames decoded and resized at a time: a 4K clip's 64 frames would take 1.6 GB at once
 
 
 @dataclass(frozen=True)
@@ -59,10 +59,12 @@ class VideoPlan:
 class VideoEncoder:
     """The video side of a request."""
 
-    def __init__(self, encoder: VisionEncoder, settings: VideoSettings, options: VideoOptions | None = None):
+    def __init__(self, encoder: VisionEncoder, settings: VideoSettings, options: VideoOptions | None = None,
+                 decoder: MediaDecoder | None = None):
         self.encoder = encoder
         self.settings = settings
         self.options = options or VideoOptions()
+        self.decoder: MediaDecoder = decoder or InlineDecoder()
         self.cache = FeatureCache(self.options.cache_frames)
 
     def sampling(self, part: VideoPart) -> tuple[float, int]:
@@ -74,7 +76,7 @@ class VideoEncoder:
 
     def plan(self, part: VideoPart) -> VideoPlan:
         fps, max_frames = self.sampling(part)
-        info = probe_video(part.source, self.options.limits)
+        info = self.decoder.probe_video(part, self.options.limits)
         indices = sample_indices(info.total_num_frames, info.duration, info.fps, fps, max_frames,
                                  self.settings.skip_secs)
         timestamps = tuple(float(t) for t in frame_timestamps(indices, info.fps))
@@ -112,15 +114,6 @@ class VideoEncoder:
         return out
 
     def _frames(self, plan: VideoPlan, wanted: list[int], aborted: Callable[[], bool]) -> np.ndarray | None:
-        """The model's frames (uint8 (n, S, S, 3)) of the sampled frames ``wanted`` (positions in the
-        plan): decoded in order, a batch at a time, each batch resized before the next is decoded."""
-        size = self.settings.frame_size
-        out = np.empty((len(wanted), size, size, 3), np.uint8)
-        with VideoReader(plan.part.source, self.options.limits) as reader:
-            for start in range(0, len(wanted), DECODE_BATCH):
-                if aborted():
-                    return None
-                batch = [int(plan.indices[k]) for k in wanted[start:start + DECODE_BATCH]]
-                out[start:start + len(batch)] = resize_frames(reader.read_frames(batch), self.settings)
-        return out
-
+        """The model's frames (uint8 (n, S, S, 3)) of the sampled frames ``wanted`` (positions in the plan)."""
+        indices = [int(plan.indices[k]) for k in wanted]
+        return self.decoder.video_frames(plan.part, indices, self.settings, self.options.limits, aborted)

@@ -21,9 +21,9 @@ import numpy as np
 
 from rksmolvlm.processing.assembler import Layout
 from rksmolvlm.processing.content import ImagePart
+from rksmolvlm.processing.image import DEFAULT_MAX_PIXELS, ImageSettings, Resolution, TiledImage, split_layout
 from rksmolvlm.processing.image_safety import DecodeLimits
-from rksmolvlm.processing.image import (DEFAULT_MAX_PIXELS, ImageSettings, Resolution, image_size, load_image,
-                                        split_layout, tile_image)
+from rksmolvlm.runtime.decoding import NEVER, DecodeAborted, InlineDecoder, MediaDecoder
 from rksmolvlm.runtime.engines import PerfStats, VisionEncoder
 
 __all__ = ["ImageEncoder", "PreparedImage", "FeatureCache", "UNSPLIT", "Tiling"]
@@ -83,10 +83,12 @@ class ImageEncoder:
     images."""
 
     def __init__(self, encoder: VisionEncoder, settings: ImageSettings, cache_size: int = 32,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, limits: DecodeLimits | None = None):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, limits: DecodeLimits | None = None,
+                 decoder: MediaDecoder | None = None):
         self.encoder = encoder
         self.settings = settings
         self.limits = limits or DecodeLimits(max_pixels=max_pixels)
+        self.decoder: MediaDecoder = decoder or InlineDecoder()
         self.cache = FeatureCache(cache_size)
 
     def settings_for(self, part: ImagePart, tiling: Tiling = True) -> ImageSettings:
@@ -108,9 +110,11 @@ class ImageEncoder:
             return cached
         return Layout(*split_layout(*self._size(part), settings))
 
-    def prepare(self, images: Sequence[ImagePart], splits: Sequence[Tiling] | None = None) -> list[PreparedImage]:
+    def prepare(self, images: Sequence[ImagePart], splits: Sequence[Tiling] | None = None,
+                aborted: Callable[[], bool] = NEVER) -> list[PreparedImage]:
         """Tile every image that is not cached, ``splits[i]`` saying how (a split mode or a
-        Resolution; default: all split at the checkpoint's resolution)."""
+        Resolution; default: all split at the checkpoint's resolution). DecodeAborted when ``aborted``
+        turned true meanwhile."""
         splits = [True] * len(images) if splits is None else list(splits)
         if len(splits) != len(images):
             raise ValueError(f"{len(images)} images but {len(splits)} split modes")
@@ -126,7 +130,9 @@ class ImageEncoder:
             elif key in seen:  # the same image twice in one request: tiled and encoded once
                 out.append(PreparedImage(part, seen[key].layout, None, split, settings))
             else:
-                tiled = self._tile(part, settings)
+                tiled = self._tile(part, settings, aborted)
+                if tiled is None:
+                    raise DecodeAborted("the request was cancelled while its images were decoded")
                 seen[key] = prepared = PreparedImage(part, Layout(tiled.rows, tiled.cols), tiled.tiles, split,
                                                      settings)
                 out.append(prepared)
@@ -150,7 +156,10 @@ class ImageEncoder:
                 stats.vision_cached_images += 1
             else:
                 if image.tiles is None:  # evicted since prepare(): decode again
-                    image.tiles = self._tile(image.part, settings).tiles
+                    tiled = self._tile(image.part, settings, aborted)
+                    if tiled is None:
+                        return None
+                    image.tiles = tiled.tiles
                 start = time.perf_counter()
                 features = self.encoder.encode(image.tiles)
                 stats.vision_ms += (time.perf_counter() - start) * 1000
@@ -164,10 +173,7 @@ class ImageEncoder:
         self.encoder.close()
 
     def _size(self, part: ImagePart) -> tuple[int, int]:
-        size = image_size(part.source)
-        if size is None:  # an unreadable header: decode now (load_image names the problem)
-            size = load_image(part.source, limits=self.limits).size
-        return size
+        return self.decoder.image_size(part, self.limits)
 
-    def _tile(self, part: ImagePart, settings: ImageSettings):
-        return tile_image(load_image(part.source, limits=self.limits), settings)
+    def _tile(self, part: ImagePart, settings: ImageSettings, aborted: Callable[[], bool]) -> TiledImage | None:
+        return self.decoder.tile(part, settings, self.limits, aborted)
