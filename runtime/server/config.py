@@ -29,7 +29,8 @@ if TYPE_CHECKING:  # the config is read for `serve --help`: PyAV and numpy load 
     from rksmolvlm.processing.video import VideoLimits
 
 __all__ = [
-    "ServerConfig", "ServerSection", "Limits", "ImageSources", "VideoSection", "ConfigError", "VIDEO_LIMIT_KEYS",
+    "ServerConfig", "ServerSection", "Limits", "ImageSources", "VideoSection", "DecodeSection", "ConfigError",
+    "VIDEO_LIMIT_KEYS",
     "DEFAULT_CONFIG_PATH", "CONFIG_ENV", "load_config", "config_from_dict", "with_overrides", "schema_keys",
     "read_api_key",
 ]
@@ -200,6 +201,27 @@ class VideoSection:
         return VideoLimits(**{name: getattr(self, name) for name in VIDEO_LIMIT_KEYS})
 
 
+@dataclass(frozen=True)
+class DecodeSection:
+    """Untrusted images and videos are decoded in child processes with hard limits (runtime/jail/): a
+    file that overruns them costs its child, which is killed and replaced, and gets a 400 naming the
+    limit; the server, the model and /health are untouched."""
+
+    workers: int = _key(3, "child processes that decode images and videos: one is kept for the request the model "
+                        "is on, the others check new requests' media before they are queued (the RK3588 has 8 "
+                        "cores; each idle child holds about 60 MB)", min=2, max=64)
+    max_memory: int = _key(768 * MIB, "address space one decoding child may take beyond its idle size; a decode "
+                           "past it is stopped with 400 image_too_complex / video_too_complex. The pool's worst case "
+                           "is workers × (this + its idle size): keep it, the model and the server under the unit's "
+                           "MemoryMax (6 GB)", min=64 * MIB, max=64 * 1024 * MIB, kind="size")
+    probe_timeout_s: float = _key(10.0, "seconds the check of one image or video before its request is queued may "
+                                  "take (a child opens it and reads its header or container); then 400 "
+                                  "image_too_complex / video_too_complex", min=0.1, max=600)
+    image_timeout_s: float = _key(30.0, "seconds decoding and tiling one image for the model may take (a video's "
+                                  "frames have video.max_decode_seconds); then 400 image_too_complex", min=0.1,
+                                  max=3600)
+
+
 # The [video] keys that are VideoLimits fields (the same names: a VideoError's ``limit`` is video.<name>).
 VIDEO_LIMIT_KEYS = ("max_bytes", "max_duration_seconds", "max_stream_frames", "max_frame_pixels", "max_side",
                     "max_decode_seconds", "max_output_bytes")
@@ -222,6 +244,7 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     images: ImageSources = field(default_factory=ImageSources)
     video: VideoSection = field(default_factory=VideoSection)
+    decode: DecodeSection = field(default_factory=DecodeSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -235,7 +258,7 @@ class ServerConfig:
 
 
 _SECTIONS: dict[str, type] = {"server": ServerSection, "limits": Limits, "images": ImageSources,
-                              "video": VideoSection}
+                              "video": VideoSection, "decode": DecodeSection}
 
 
 def schema_keys() -> dict[str, dataclasses.Field]:

@@ -32,6 +32,7 @@ from rksmolvlm.runtime.server.requests import ChatRequest, RequestReader
 if TYPE_CHECKING:
     from starlette.requests import Request
 
+    from rksmolvlm.runtime.jail.decoder import JailedDecoder
     from rksmolvlm.runtime.server.service import Answer, Job, ModelService
     from rksmolvlm.runtime.structured import GrammarCompiler
 
@@ -179,14 +180,15 @@ class Gateway:
     body, the checked request, the queued job and its events; counting and noting on the way."""
 
     def __init__(self, service: ModelService, config: ServerConfig, api_key: str | None = None,
-                 grammars: GrammarCompiler | None = None):
+                 grammars: GrammarCompiler | None = None, decoder: "JailedDecoder | None" = None):
         self.service = service
         self.config = config
         self.model = service.model
         self.metrics = service.metrics
         self.api_key = api_key
         self.grammars = grammars  # the served bundle's grammar compiler (None: no structured output)
-        self.reader = RequestReader(config, service.model, grammars)
+        self.decoder = decoder  # the jail media are opened in (None: in this process)
+        self.reader = RequestReader(config, service.model, grammars, decoder)
         self.body_limit = config.body_limit(self.takes_video())  # a video's data: URI must get through
 
     def takes_video(self) -> bool:

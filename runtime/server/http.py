@@ -35,6 +35,7 @@ from rksmolvlm.runtime.server.service import ModelService
 from rksmolvlm.runtime.server.web import WebPage, page_enabled, prefers_html
 
 if TYPE_CHECKING:
+    from rksmolvlm.runtime.jail.decoder import JailedDecoder
     from rksmolvlm.runtime.structured import GrammarCompiler
 
 __all__ = ["create_app"]
@@ -47,14 +48,16 @@ log = logging.getLogger("rksmolvlm.server")
 # ==============================================================================================
 def create_app(service: ModelService, config: ServerConfig, *, api_key: str | None = None,
                notifier: SystemdNotifier | None = None, on_fatal: Callable[[], None] | None = None,
-               grammars: "GrammarCompiler | None" = None):
+               grammars: "GrammarCompiler | None" = None, decoder: "JailedDecoder | None" = None):
     """The Starlette application; its lifespan starts the service (loading the model) and stops it.
-    ``grammars``: the served bundle's grammar compiler (structured output); None refuses it."""
+    ``grammars``: the served bundle's grammar compiler (structured output); None refuses it.
+    ``decoder``: the jail media are opened in (runtime/jail/): its children are started with the app and
+    stopped with it; None opens them in this process."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.routing import Route
 
-    gateway = Gateway(service, config, api_key, grammars)
+    gateway = Gateway(service, config, api_key, grammars, decoder)
     server = _Server(gateway, notifier or SystemdNotifier(None), on_fatal)
     routes = [
         *OpenAiApi(gateway).routes(),
@@ -88,6 +91,7 @@ class _Server:
         self.model = gateway.model
         self.metrics = gateway.metrics
         self.api_key = gateway.api_key
+        self.decoder = gateway.decoder
         self.notifier = notifier
         self.on_fatal = on_fatal
         self.started = time.time()
@@ -103,6 +107,8 @@ class _Server:
         def on_state(state: str) -> None:  # called on the worker thread: the change is handled on the loop
             loop.call_soon_threadsafe(self._on_state, state)
 
+        if self.decoder is not None:  # the children start while the model loads: the first request pays nothing
+            self.decoder.pool.start()
         self.service.start(on_state)
         if self.notifier.watchdog_interval:
             tasks.append(loop.create_task(self._feed_watchdog(self.notifier.watchdog_interval)))
@@ -113,6 +119,8 @@ class _Server:
             for task in tasks:
                 task.cancel()
             await asyncio.get_running_loop().run_in_executor(None, self.service.close)
+            if self.decoder is not None:
+                await asyncio.get_running_loop().run_in_executor(None, self.decoder.close)
             log.info("stopped")
 
     def _on_state(self, state: str) -> None:
@@ -173,6 +181,8 @@ class _Server:
         body = {"status": "ok" if state == "ready" else state, "ready": state == "ready", "model": self.model.id,
                 "engine": self.model.engine, "queue": self.service.snapshot(),
                 "uptime_s": round(time.time() - self.started, 1), "version": __version__}
+        if self.decoder is not None:
+            body["decode"] = self.decoder.snapshot()
         if self.service.error:
             body["error"] = self.service.error
         return JSONResponse(body, status_code=200 if state == "ready" else 503,
@@ -200,6 +210,14 @@ class _Server:
             "rksmolvlm_info": ("The served model and engine.", [({"model": self.model.id, "engine": self.model.engine,
                                                                    "version": __version__}, 1)]),
         }
+        if self.decoder is not None:
+            pool = self.decoder.snapshot()
+            gauges["rksmolvlm_decode_workers"] = ("Decoding child processes alive (decode.workers).",
+                                                  [({}, pool.get("alive", 0))])
+            gauges["rksmolvlm_decode_busy"] = ("Decoding child processes at work.", [({}, pool.get("busy", 0))])
+            gauges["rksmolvlm_decode_killed"] = (
+                "Decoding children killed since the start, by reason (deadline, abort, crash: memory or CPU).",
+                [({"reason": str(reason)}, n) for reason, n in sorted(pool.get("killed", {}).items())])
         return Response(self.metrics.render(gauges), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def index(self, request):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import io
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from rksmolvlm.runtime.server.config import ServerConfig
 from rksmolvlm.runtime.server.errors import ApiError
@@ -21,6 +21,7 @@ from rksmolvlm.runtime.server.media import IMAGE, IMAGE_TYPES, VIDEO
 
 if TYPE_CHECKING:
     from rksmolvlm.errors import VideoError
+    from rksmolvlm.runtime.jail.decoder import JailedDecoder
 
 __all__ = ["VIDEO_STATUS", "check_image", "check_video", "looks_like_video", "video_api_error",
            "video_decoder_available"]
@@ -29,9 +30,11 @@ __all__ = ["VIDEO_STATUS", "check_image", "check_video", "looks_like_video", "vi
 VIDEO_STATUS: dict[str | None, int] = {"max_bytes": 413}
 
 
-def check_image(data: bytes, param: str, config: ServerConfig) -> None:
+def check_image(data: bytes, param: str, config: ServerConfig, decoder: "JailedDecoder | None" = None,
+                client: str | None = None) -> None:
     """Type, size, pixel count, side, decode memory and a JPEG's scan count from the header and the
-    marker structure only: nothing is decoded here (rksmolvlm.processing.image_safety)."""
+    marker structure only (rksmolvlm.processing.image_safety). With a ``decoder`` (the server's jail),
+    only the byte checks run here; the child opens the image, within decode.probe_timeout_s."""
     from PIL import Image, UnidentifiedImageError
 
     from rksmolvlm.errors import ImageError
@@ -47,12 +50,17 @@ def check_image(data: bytes, param: str, config: ServerConfig) -> None:
     decode = DecodeLimits(max_pixels=limit, max_decode_bytes=limits.max_decode_bytes,
                           max_jpeg_scans=limits.max_jpeg_scans)
     try:
-        jpeg = check_jpeg(data, decode)  # before Pillow walks the markers itself
+        jpeg = check_jpeg(data, decode)  # before Pillow walks the markers itself: milliseconds, in front of the jail
+        if decoder is not None:
+            _jailed(lambda: decoder.inspect_image(data, decode, client))
+            return
         with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as image:
             width, height = image.size
             if width * height <= limit:
                 check_decodable(image, decode, jpeg, data)
     except ImageError as exc:
+        if exc.code == "invalid_image" and exc.limit is None and looks_like_video(data):
+            raise _video_as_image(param) from None
         key = _DECODE_LIMIT_KEYS.get(exc.limit)
         raise ApiError(400, f"{param}: {exc}" + (f" (the server's {key})" if key else ""), exc.code,
                        param) from None
@@ -61,9 +69,7 @@ def check_image(data: bytes, param: str, config: ServerConfig) -> None:
                        "decoding): downscale it", "image_too_many_pixels", param) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
         if looks_like_video(data):
-            raise ApiError(400, f"{param} is a video, not an image: send it as a video_url part of POST "
-                           "/v1/chat/completions (the Ollama API has no field for videos)",
-                           "unsupported_image_type", param) from None
+            raise _video_as_image(param) from None
         raise ApiError(400, f"{param} cannot be read as a PNG, JPEG, WebP, GIF, BMP or TIFF image: the data is "
                        "corrupt or in another format", "invalid_image", param) from None
     if width * height > limit:
@@ -71,9 +77,11 @@ def check_image(data: bytes, param: str, config: ServerConfig) -> None:
                        f"limits.max_image_pixels = {limit:,}: downscale it", "image_too_many_pixels", param)
 
 
-def check_video(data: bytes, param: str, config: ServerConfig) -> None:
+def check_video(data: bytes, param: str, config: ServerConfig, decoder: "JailedDecoder | None" = None,
+                client: str | None = None) -> None:
     """Size, then the container read without decoding a frame (rksmolvlm.processing.video.probe_video):
-    a video stream, its duration, frame count and frame size within the [video] limits."""
+    a video stream, its duration, frame count and frame size within the [video] limits. With a
+    ``decoder`` (the server's jail) the container is read in a child, within decode.probe_timeout_s."""
     from rksmolvlm.errors import VideoError
     from rksmolvlm.processing.video import probe_video
 
@@ -83,15 +91,18 @@ def check_video(data: bytes, param: str, config: ServerConfig) -> None:
     if len(data) > VIDEO.limit(config):
         raise VIDEO.too_large(config, len(data), param)
     try:
-        probe_video(data, config.video.limits())
+        if decoder is not None:
+            _jailed(lambda: decoder.inspect_video(data, config.video.limits(), client))
+        else:
+            probe_video(data, config.video.limits())
     except VideoError as exc:
         raise video_api_error(exc, param) from None
 
 
 def video_api_error(exc: VideoError, param: str | None) -> ApiError:
     """A VideoError as the API answers it: its code, 413 for the byte limit else 400, the message naming the
-    server's config key of the limit it is over."""
-    key = f" (the server's video.{exc.limit})" if exc.limit else ""
+    server's config key of the limit it is over (a jail limit's key is in the message already)."""
+    key = f" (the server's video.{exc.limit})" if exc.limit and "." not in exc.limit else ""
     where = f"{param}: " if param else ""
     return ApiError(VIDEO_STATUS.get(exc.limit, 400), f"{where}{exc}{key}", exc.code, param)
 
@@ -114,6 +125,25 @@ def looks_like_video(data: bytes) -> bool:
 # ==============================================================================================
 # Private helpers
 # ==============================================================================================
+def _jailed(check: Callable[[], object]) -> None:
+    """``check()`` in the jail: every child busy for the whole wait is a 503, a stopping pool too."""
+    from rksmolvlm.runtime.jail.decoder import DecoderBusyError, DecoderClosedError
+
+    try:
+        check()
+    except DecoderBusyError as exc:
+        raise ApiError(503, f"the server is busy checking other requests' media: {exc}", "decoder_busy",
+                       headers={"Retry-After": "2"}) from None
+    except DecoderClosedError:
+        raise ApiError(503, "the server is shutting down: retry in a moment", "shutting_down",
+                       headers={"Retry-After": "5"}) from None
+
+
+def _video_as_image(param: str) -> ApiError:
+    return ApiError(400, f"{param} is a video, not an image: send it as a video_url part of POST "
+                    "/v1/chat/completions (the Ollama API has no field for videos)", "unsupported_image_type", param)
+
+
 _PIL_FORMATS = tuple(sorted(set(IMAGE_TYPES.values())))
 # The DecodeLimits field an image is over → the config key that sets it (in refusal messages).
 _DECODE_LIMIT_KEYS: dict[str | None, str] = {"max_decode_bytes": "limits.max_decode_bytes",

@@ -33,6 +33,7 @@ from rksmolvlm.runtime.server.notify import SystemdNotifier
 from rksmolvlm.runtime.server.service import ModelService, open_runner
 
 if TYPE_CHECKING:
+    from rksmolvlm.runtime.jail.decoder import JailedDecoder
     from rksmolvlm.runtime.loader import RuntimeBundle
     from rksmolvlm.runtime.runner import Runner, RunnerFactory
     from rksmolvlm.runtime.structured import GrammarCompiler
@@ -334,20 +335,23 @@ def _load_video_decoder() -> None:
 
 def build_app(config: ServerConfig, runners: "RunnerFactory | None" = None, *,
               load: Callable[["RuntimeBundle"], "Runner"] | None = None, notifier: SystemdNotifier | None = None,
-              on_fatal: Callable[[], None] | None = None):
+              on_fatal: Callable[[], None] | None = None, decoder: "JailedDecoder | None" = None):
     """The application for ``config``: the bundle is opened and checked now, its model is loaded by
     the app's lifespan in the worker thread, by ``runners`` (the serve verb passes
     ``rksmolvlm.runners.RUNNERS``: the server does not choose engines itself). ``load(bundle) -> Runner``
-    replaces it, e.g. to wrap an engine. The service is ``app.state.service``."""
+    replaces it, e.g. to wrap an engine. Media are decoded in the jail's children (``decoder``, default
+    one of ``[decode]``'s size, started and stopped by the app's lifespan; with ``load``, its runner
+    decodes as it was built). The service is ``app.state.service``."""
     if config.bundle is None:
         raise ConfigError("no bundle to serve: pass BUNDLE, or set bundle = \"/var/lib/rksmolvlm/bundle\" in "
                           f"{DEFAULT_CONFIG_PATH}")
     from rksmolvlm.runtime.loader import RuntimeBundle
 
     bundle = RuntimeBundle.open(config.bundle, verify=config.verify_bundle)
+    decoder = decoder or media_decoder(config)
     if runners is not None:
         engine = runners.resolve(config.engine)
-        load = load or functools.partial(open_runner, config=config, engine=engine, runners=runners)
+        load = load or functools.partial(open_runner, config=config, engine=engine, runners=runners, decoder=decoder)
     elif load is None:
         raise TypeError("build_app needs the runners to open the model with (rksmolvlm.runners.RUNNERS) or a load")
     else:
@@ -365,10 +369,21 @@ def build_app(config: ServerConfig, runners: "RunnerFactory | None" = None, *,
 
     service = ModelService(loading, model, server.queue_size, Metrics(), server.stall_timeout_s)
     app = create_app(service, config, api_key=api_key, notifier=notifier, on_fatal=on_fatal,
-                     grammars=grammar_compiler(bundle))
+                     grammars=grammar_compiler(bundle), decoder=decoder)
     app.state.service = service
     app.state.bundle = bundle
     return app
+
+
+def media_decoder(config: ServerConfig) -> "JailedDecoder":
+    """The jail of ``[decode]``'s size (its children start with the app): one child kept for the worker."""
+    from rksmolvlm.runtime.jail.decoder import JailedDecoder
+    from rksmolvlm.runtime.jail import DecodePool
+
+    decode = config.decode
+    pool = DecodePool(decode.workers, decode.max_memory, reserved=1)
+    return JailedDecoder(pool, probe_timeout_s=decode.probe_timeout_s, image_timeout_s=decode.image_timeout_s,
+                         max_memory=decode.max_memory)
 
 
 def grammar_compiler(bundle: "RuntimeBundle") -> "GrammarCompiler | None":

@@ -40,6 +40,7 @@ from rksmolvlm.runtime.server.model import ServedModel
 if TYPE_CHECKING:  # the module is imported for `rksmolvlm --help`: numpy and friends load on use
     from rksmolvlm.processing.content import Message
     from rksmolvlm.runtime.engines import GenerationConfig
+    from rksmolvlm.runtime.jail.decoder import JailedDecoder
     from rksmolvlm.runtime.structured import GrammarCompiler, ResponseFormat
 
 __all__ = ["ChatRequest", "RequestReader", "parse_json"]
@@ -74,12 +75,14 @@ class RequestReader:
     checked against the limits (an image's header, a video's container) — all before the request may
     take a queue slot."""
 
-    def __init__(self, config: ServerConfig, model: ServedModel, grammars: GrammarCompiler | None = None):
+    def __init__(self, config: ServerConfig, model: ServedModel, grammars: GrammarCompiler | None = None,
+                 decoder: "JailedDecoder | None" = None):
         self.config = config
         self.limits = config.limits
         self.model = model
         self.media = MediaSource(config)
         self.grammars = grammars  # the served bundle's (None: structured output is refused with a 501)
+        self.decoder = decoder  # the server's jail: media are opened in its children (None: in this process)
 
     def read(self, body: bytes) -> ChatRequest:
         return self.read_payload(parse_json(body))
@@ -317,7 +320,7 @@ class RequestReader:
     # -- media: read and checked, images first ---------------------------------------------------
     def _read_media(self, ref: MediaRef) -> bytes:
         data = self.media.read(ref)
-        _CHECKS[ref.kind](data, ref.param, self.config)
+        _CHECKS[ref.kind](data, ref.param, self.config, self.decoder)
         return data
 
     # -- videos ----------------------------------------------------------------------------------
@@ -395,7 +398,8 @@ _MM_IMAGE_KWARGS = ("size", "max_tiles", "do_image_splitting")  # and for images
 _MAX_FPS = 1000.0  # rksmolvlm.processing.content.VideoPart's bound
 _DETAILS = ("auto", "low", "high")  # rksmolvlm.processing.content.DETAILS, without importing Pillow here
 # A media kind → its pre-queue check (runtime/server/media_checks.py).
-_CHECKS: dict[MediaKind, Callable[[bytes, str, ServerConfig], None]] = {IMAGE: check_image, VIDEO: check_video}
+_CHECKS: dict[MediaKind, Callable[[bytes, str, ServerConfig, "JailedDecoder | None"], None]] = {
+    IMAGE: check_image, VIDEO: check_video}
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from rksmolvlm.runtime.server.model import ServedModel
 from rksmolvlm.runtime.server.requests import ChatRequest
 
 if TYPE_CHECKING:  # imported for `rksmolvlm --help`: numpy, torch and friends load on use
+    from rksmolvlm.runtime.decoding import MediaDecoder
     from rksmolvlm.runtime.engines import PerfStats
     from rksmolvlm.runtime.loader import RuntimeBundle
     from rksmolvlm.runtime.runner import Runner, RunnerFactory
@@ -239,6 +240,7 @@ class ModelService:
 
     def _run(self, job: Job, runner: Runner) -> None:
         from rksmolvlm.errors import VideoError
+        from rksmolvlm.runtime.jail.decoder import DecoderBusyError, DecoderClosedError
         from rksmolvlm.runtime.runner import ContextError, InputError
         from rksmolvlm.runtime.server.media_checks import video_api_error
 
@@ -264,6 +266,8 @@ class ModelService:
             return self._fail(job, video_api_error(exc, "messages"))
         except ContextError as exc:
             return self._fail(job, ApiError(400, str(exc), "context_length_exceeded", "messages"))
+        except (DecoderBusyError, DecoderClosedError) as exc:  # the jail is stopping (its worker child is reserved)
+            return self._fail(job, ApiError(503, f"{exc}", "decoder_unavailable", headers={"Retry-After": "5"}))
         except InputError as exc:
             return self._fail(job, ApiError(400, str(exc), "invalid_value", "messages"))
         except RkSmolVLMError as exc:
@@ -322,10 +326,12 @@ def video_options(config: ServerConfig) -> "VideoOptions":
                         cache_frames=video.cache_frames)
 
 
-def open_runner(bundle: "RuntimeBundle", config: ServerConfig, engine: str, runners: "RunnerFactory") -> "Runner":
+def open_runner(bundle: "RuntimeBundle", config: ServerConfig, engine: str, runners: "RunnerFactory",
+                decoder: "MediaDecoder | None" = None) -> "Runner":
     """The runner the server runs, opened by ``runners`` (the serve verb's): the bundle's engines with the
     configured cores and library, room for the largest max_tokens a request may ask for, the configured
-    image cache and pixel limit, and the ``[video]`` defaults and limits (SmolVLM2 bundles)."""
+    image cache and pixel limit, the ``[video]`` defaults and limits (SmolVLM2 bundles), and the media
+    decoder (the server's jail; None: in this process)."""
     from rksmolvlm.processing.image_safety import DecodeLimits
     from rksmolvlm.runtime.engines import EngineOptions
 
@@ -339,4 +345,5 @@ def open_runner(bundle: "RuntimeBundle", config: ServerConfig, engine: str, runn
     return runners.open(bundle, engine, options, image_cache_size=config.image_cache_size,
                         max_pixels=limits.max_image_pixels, default_detail=config.images.default_detail,
                         fit_answer_tokens=config.images.fit_answer_tokens, decode_limits=decode, resolution=resolution,
-                        video=video_options(config) if bundle.video_settings is not None else None)
+                        video=video_options(config) if bundle.video_settings is not None else None,
+                        decoder=decoder)
