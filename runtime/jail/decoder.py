@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import asdict
 from typing import Callable, Sequence
@@ -62,27 +63,29 @@ class JailedDecoder:
         self._lock = threading.Lock()
 
     # -- before a request is queued (lane "check") ---------------------------------------------------
-    def inspect_image(self, data: bytes, limits: DecodeLimits, client: str | None = None) -> tuple[int, int]:
-        """The image's display size once the child has opened it and found it within ``limits``."""
+    def inspect_image(self, data: bytes, limits: DecodeLimits, client: str | None = None,
+                      deadline: float | None = None) -> tuple[int, int]:
+        """The image's display size once the child has opened it and found it within ``limits``, by
+        ``deadline`` (time.monotonic(); default: decode.probe_timeout_s from now)."""
         key = _digest(data)
         size = self._recall(key)
         if isinstance(size, tuple):
             return size
-        answer = self._run(ImageError, "image.probe", {"limits": asdict(limits)}, data, self.probe_timeout_s,
-                           "decode.probe_timeout_s", "check", client)
+        answer = self._run(ImageError, "image.probe", {"limits": asdict(limits)}, data, self._left(deadline),
+                           self._probe_key, "check", client)
         size = _size(answer.result)
         self._remember(key, size)
         return size
 
-    def inspect_video(self, data: bytes, limits: VideoLimits, client: str | None = None) -> VideoInfo:
-        """The clip's container facts once the child has read them within ``limits``."""
+    def inspect_video(self, data: bytes, limits: VideoLimits, client: str | None = None,
+                      deadline: float | None = None) -> VideoInfo:
+        """The clip's container facts once the child has read them within ``limits``, by ``deadline``."""
         key = _digest(data)
         info = self._recall(key)
         if isinstance(info, VideoInfo):
             return info
         answer = self._run(VideoError, "video.probe", {"limits": asdict(limits)}, data,
-                           min(self.probe_timeout_s, limits.max_decode_seconds), "decode.probe_timeout_s", "check",
-                           client)
+                           min(self._left(deadline), limits.max_decode_seconds), self._probe_key, "check", client)
         info = _video_info(answer.result, limits)
         self._remember(key, info)
         return info
@@ -95,7 +98,7 @@ class JailedDecoder:
         if isinstance(size, tuple):
             return size
         answer = self._run(ImageError, "image.probe", {"limits": asdict(limits)}, part.data(), self.image_timeout_s,
-                           "decode.image_timeout_s", "worker", None)
+                           self._image_key, "worker", None)
         size = _size(answer.result)
         self._remember(part.key, size)
         return size
@@ -106,7 +109,7 @@ class JailedDecoder:
             return self._inline.tile(part, settings, limits, aborted)
         try:
             answer = self._run(ImageError, "image.tile", {"limits": asdict(limits), "settings": settings.to_dict()},
-                               part.data(), self.image_timeout_s, "decode.image_timeout_s", "worker", None, aborted)
+                               part.data(), self.image_timeout_s, self._image_key, "worker", None, aborted)
         except JailAborted:
             return None
         rows, cols = int(answer.result["rows"]), int(answer.result["cols"])
@@ -117,7 +120,7 @@ class JailedDecoder:
         if isinstance(info, VideoInfo):
             return info
         answer = self._run(VideoError, "video.probe", {"limits": asdict(limits)}, part.data(),
-                           limits.max_decode_seconds, "video.max_decode_seconds", "worker", None)
+                           limits.max_decode_seconds, _video_key(limits), "worker", None)
         info = _video_info(answer.result, limits)
         self._remember(part.key, info)
         return info
@@ -127,7 +130,7 @@ class JailedDecoder:
         params = {"limits": asdict(limits), "indices": [int(i) for i in indices], "settings": settings.to_dict()}
         try:
             answer = self._run(VideoError, "video.frames", params, part.data(), limits.max_decode_seconds,
-                               "video.max_decode_seconds", "worker", None, aborted)
+                               _video_key(limits), "worker", None, aborted)
         except JailAborted:
             return None
         return answer.arrays[0]
@@ -139,6 +142,20 @@ class JailedDecoder:
         self.pool.close()
 
     # -- private ----------------------------------------------------------------------------------
+    @property
+    def _probe_key(self) -> str:
+        return f"decode.probe_timeout_s = {self.probe_timeout_s:g} s for all of a request's media"
+
+    @property
+    def _image_key(self) -> str:
+        return f"decode.image_timeout_s = {self.image_timeout_s:g} s"
+
+    def _left(self, deadline: float | None) -> float:
+        """Seconds until ``deadline`` (at least a moment: a check out of time is refused by its child's deadline)."""
+        if deadline is None:
+            return self.probe_timeout_s
+        return max(0.05, deadline - time.monotonic())
+
     def _run(self, error: type[ImageError] | type[VideoError], op: str, params: dict, payload: bytes,
              deadline_s: float, deadline_key: str, lane: str, client: str | None,
              aborted: Callable[[], bool] = NEVER):
@@ -151,8 +168,8 @@ class JailedDecoder:
                                  cpu_s=max(1.0, deadline_s * CPU_PER_WALL_SECOND), lane=lane, client=client,
                                  aborted=aborted)
         except JailTimeout:
-            raise complex_error(f"decoding the {what} took longer than {deadline_s:g} s ({deadline_key}): send a "
-                                f"smaller or simpler {what}", limit=deadline_key) from None
+            raise complex_error(f"decoding the {what} took longer than its time allows ({deadline_key}): send a "
+                                f"smaller or simpler {what}", limit=deadline_key.split(" ", 1)[0]) from None
         except JailCrashed as exc:
             memory = f"{self.max_memory / 2**20:,.0f} MiB of memory (decode.max_memory)" if self.max_memory else \
                 "its memory allowance (decode.max_memory)"
@@ -162,7 +179,7 @@ class JailedDecoder:
             raise complex_error(f"decoding the {what} gave an answer outside what was asked ({exc}), and was "
                                 f"stopped: send a standard {what} file", limit=None) from None
         except JailBusy:
-            raise DecoderBusyError(f"every decoding process stayed busy for {deadline_s:g} s (decode.workers = "
+            raise DecoderBusyError(f"every decoding process stayed busy for {deadline_s:.3g} s (decode.workers = "
                                    f"{self.pool.snapshot().get('workers')}): retry in a moment") from None
         except JailClosed:
             raise DecoderClosedError("the server is shutting down: retry in a moment") from None
@@ -199,6 +216,10 @@ def _size(result: dict) -> tuple[int, int]:
     if not (type(width) is int and type(height) is int and width > 0 and height > 0):
         raise ImageTooComplexError("decoding the image gave no valid size: send a standard image file")
     return width, height
+
+
+def _video_key(limits: VideoLimits) -> str:
+    return f"video.max_decode_seconds = {limits.max_decode_seconds:g} s"
 
 
 def _in_memory(part: ImagePart) -> bool:

@@ -31,10 +31,11 @@ VIDEO_STATUS: dict[str | None, int] = {"max_bytes": 413}
 
 
 def check_image(data: bytes, param: str, config: ServerConfig, decoder: "JailedDecoder | None" = None,
-                client: str | None = None) -> None:
+                client: str | None = None, deadline: float | None = None) -> None:
     """Type, size, pixel count, side, decode memory and a JPEG's scan count from the header and the
     marker structure only (rksmolvlm.processing.image_safety). With a ``decoder`` (the server's jail),
-    only the byte checks run here; the child opens the image, within decode.probe_timeout_s."""
+    only the byte checks run here; the child opens the image by ``deadline`` (time.monotonic(); default
+    decode.probe_timeout_s from now)."""
     from PIL import Image, UnidentifiedImageError
 
     from rksmolvlm.errors import ImageError
@@ -52,7 +53,7 @@ def check_image(data: bytes, param: str, config: ServerConfig, decoder: "JailedD
     try:
         jpeg = check_jpeg(data, decode)  # before Pillow walks the markers itself: milliseconds, in front of the jail
         if decoder is not None:
-            _jailed(lambda: decoder.inspect_image(data, decode, client))
+            _jailed(lambda: decoder.inspect_image(data, decode, client, deadline))
             return
         with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as image:
             width, height = image.size
@@ -62,8 +63,12 @@ def check_image(data: bytes, param: str, config: ServerConfig, decoder: "JailedD
         if exc.code == "invalid_image" and exc.limit is None and looks_like_video(data):
             raise _video_as_image(param) from None
         key = _DECODE_LIMIT_KEYS.get(exc.limit)
-        raise ApiError(400, f"{param}: {exc}" + (f" (the server's {key})" if key else ""), exc.code,
-                       param) from None
+        text = str(exc)
+        if key and "over the limit of " in text:  # the processing layer's words, with the server's key in them
+            text = text.replace("over the limit of ", f"over {key} = ", 1)
+        elif key:
+            text += f" (the server's {key})"
+        raise ApiError(400, f"{param}: {text}", exc.code, param) from None
     except Image.DecompressionBombError:
         raise ApiError(400, f"{param} has more pixels than limits.max_image_pixels = {limit:,} (refused before "
                        "decoding): downscale it", "image_too_many_pixels", param) from None
@@ -78,7 +83,7 @@ def check_image(data: bytes, param: str, config: ServerConfig, decoder: "JailedD
 
 
 def check_video(data: bytes, param: str, config: ServerConfig, decoder: "JailedDecoder | None" = None,
-                client: str | None = None) -> None:
+                client: str | None = None, deadline: float | None = None) -> None:
     """Size, then the container read without decoding a frame (rksmolvlm.processing.video.probe_video):
     a video stream, its duration, frame count and frame size within the [video] limits. With a
     ``decoder`` (the server's jail) the container is read in a child, within decode.probe_timeout_s."""
@@ -92,7 +97,7 @@ def check_video(data: bytes, param: str, config: ServerConfig, decoder: "JailedD
         raise VIDEO.too_large(config, len(data), param)
     try:
         if decoder is not None:
-            _jailed(lambda: decoder.inspect_video(data, config.video.limits(), client))
+            _jailed(lambda: decoder.inspect_video(data, config.video.limits(), client, deadline))
         else:
             probe_video(data, config.video.limits())
     except VideoError as exc:

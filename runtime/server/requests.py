@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable
 
@@ -118,8 +119,10 @@ class RequestReader:
                            "too_many_images", "messages")
         clips = [part for _, parts in drafts for part in parts if isinstance(part, _VideoPart)]
         self._check_video_count(clips)
-        images = {part: self._read_media(part.ref) for part in refs}  # parts differ by param
-        videos = {part: self._read_media(part.ref) for part in clips}
+        # all of the request's media are opened within one decode.probe_timeout_s (in the jail's children)
+        deadline = time.monotonic() + self.config.decode.probe_timeout_s
+        images = {part: self._read_media(part.ref, deadline) for part in refs}  # parts differ by param
+        videos = {part: self._read_media(part.ref, deadline) for part in clips}
         messages = [_message(role, parts, images, videos, sampling, budget) for role, parts in drafts]
         return ChatRequest(messages, config, stream, include_usage, len(refs), sum(map(len, images.values())),
                            len(clips), sum(map(len, videos.values())), fmt if fmt.constrained else None)
@@ -318,9 +321,9 @@ class RequestReader:
                            f"({where}): send less text", "text_too_long", "messages")
 
     # -- media: read and checked, images first ---------------------------------------------------
-    def _read_media(self, ref: MediaRef) -> bytes:
+    def _read_media(self, ref: MediaRef, deadline: float) -> bytes:
         data = self.media.read(ref)
-        _CHECKS[ref.kind](data, ref.param, self.config, self.decoder)
+        _CHECKS[ref.kind](data, ref.param, self.config, self.decoder, deadline=deadline)
         return data
 
     # -- videos ----------------------------------------------------------------------------------
@@ -398,8 +401,7 @@ _MM_IMAGE_KWARGS = ("size", "max_tiles", "do_image_splitting")  # and for images
 _MAX_FPS = 1000.0  # rksmolvlm.processing.content.VideoPart's bound
 _DETAILS = ("auto", "low", "high")  # rksmolvlm.processing.content.DETAILS, without importing Pillow here
 # A media kind → its pre-queue check (runtime/server/media_checks.py).
-_CHECKS: dict[MediaKind, Callable[[bytes, str, ServerConfig, "JailedDecoder | None"], None]] = {
-    IMAGE: check_image, VIDEO: check_video}
+_CHECKS: dict[MediaKind, Callable[..., None]] = {IMAGE: check_image, VIDEO: check_video}
 
 
 @dataclass(frozen=True)
