@@ -14,7 +14,7 @@ from rksmolvlm.processing.video import VideoReader, probe_video, read_frames
 from rksmolvlm.processing.video_frames import resize_frames, sample_indices
 from rksmolvlm.runtime.engines import GenerationConfig
 from rksmolvlm.runtime.runner import ContextError, InputError
-from rksmolvlm.runtime.video import VideoOptions
+from rksmolvlm.runtime.video import ENCODE_BATCH, VideoOptions
 
 CLIPS = Path(__file__).resolve().parents[1] / "data" / "video"
 CLIP = CLIPS / "h264_29.97fps_96x64.mp4"
@@ -124,3 +124,27 @@ def test_a_missing_file_is_a_video_error(bundle, tmp_path):
     runner = fake_runner(bundle, [EOU])
     with pytest.raises(VideoError, match="nope.mp4"):
         runner.generate(_ask(VideoPart(tmp_path / "nope.mp4"))).consume()
+
+
+def test_frames_go_to_the_tower_in_batches_and_an_abort_is_heard_between_them(bundle):
+    from support.fakes import VisionWrapper
+
+    runner = fake_runner(bundle, [5, EOU], video=VideoOptions(max_frames=None))
+    wanted = bundle.video_settings.max_frames
+    assert wanted > ENCODE_BATCH  # the checkpoint's own limit (64 on SmolVLM2) spans several batches
+
+    class AbortingVision(VisionWrapper):
+        def encode_frames(self, frames):
+            runner.abort()  # the request is cancelled while the tower works on the first batch
+            return super().encode_frames(frames)
+
+    inner = runner.images.encoder
+    runner.videos.encoder = AbortingVision(inner)
+    got = runner.generate(_ask(VideoPart(LONG))).consume()
+    assert got.finish_reason == "abort" and runner.llm.prefills == []
+    assert inner.frame_calls == [ENCODE_BATCH]  # the rest of the frames never reached the tower
+    runner.videos.encoder = inner
+    whole = runner.generate(_ask(VideoPart(LONG))).consume()  # the first batch was cached, the rest encoded
+    assert whole.finish_reason == "stop" and inner.frame_calls[1:] == [
+        min(ENCODE_BATCH, wanted - k) for k in range(ENCODE_BATCH, wanted, ENCODE_BATCH)]
+    assert whole.stats.video_cached_frames == ENCODE_BATCH
