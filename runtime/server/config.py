@@ -444,6 +444,10 @@ def _cross_checks(config: ServerConfig) -> list[str]:
         problems.append(f"limits.max_body_bytes = {limits.max_body_bytes:,} cannot carry one image of "
                         f"limits.max_image_bytes = {limits.max_image_bytes:,} (base64 needs {one_image:,}): raise "
                         "max_body_bytes or lower max_image_bytes")
+    if limits.max_decode_bytes > config.decode.max_memory:
+        problems.append(f"limits.max_decode_bytes = {limits.max_decode_bytes:,} is above decode.max_memory = "
+                        f"{config.decode.max_memory:,}: an image within the decode budget could not be decoded in "
+                        "its child; lower max_decode_bytes or raise max_memory")
     for origin in config.server.cors_origins:
         if origin != "*" and not _ORIGIN.match(origin):
             problems.append(f"server.cors_origins holds {origin!r}: write an origin as the browser sends it, "

@@ -76,6 +76,9 @@ def test_sizes_take_units(tmp_path):
     ("[limits]\nmax_tokens = 100\ndefault_max_tokens = 200\n", "limits.default_max_tokens = 200 is above "
                                                                "limits.max_tokens = 100"),
     ("[limits]\nmax_body_bytes = 100000\n", "limits.max_body_bytes = 100,000 cannot carry one image"),
+    ("[decode]\nmax_memory = \"256 MiB\"\n", "limits.max_decode_bytes = 536,870,912 is above decode.max_memory = "
+                                             "268,435,456: an image within the decode budget could not be decoded"),
+    ("[decode]\nworkers = 1\n", "decode.workers = 1 is out of range: use a value from 2"),
     ("[images]\nlocal_dir = \"images\"\n", "images.local_dir = 'images' must be an absolute path"),
     ("[images]\nlocal_dir = \"/no/such/dir\"\n", "is not a directory: create it or remove the key"),
     ("[server\nport = 1\n", "is not valid TOML"),
