@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import select
 import socket
 import struct
 from collections.abc import Callable, Sequence
@@ -126,10 +127,12 @@ class Channel:
     def pending(self) -> bool | None:
         """True when unread bytes wait (a child that said more than its answer), None at EOF."""
         try:
+            if not select.select([self.sock], [], [], 0)[0]:  # a timeout socket's recv would wait first
+                return False
             data = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except (BlockingIOError, TimeoutError, InterruptedError):
             return False
-        except OSError:
+        except (OSError, ValueError):
             return None
         return True if data else None
 
