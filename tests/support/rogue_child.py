@@ -95,13 +95,13 @@ def _tiles(channel, task, mode: str) -> None:
     elif mode == "wrong_dtype":
         dtype = "float64"
     header = {"ok": True, "result": {"rows": 0, "cols": 0}, "arrays": [{"dtype": dtype, "shape": shape}]}
-    body = bytes(int(np.prod(shape[1:])) * (8 if dtype == "float64" else 1) * min(shape[0], 1))
+    if mode == "huge_shape":  # 30 GB declared, 64 KiB sent: the parent must refuse before reading
+        _send(channel, header, b"\0" * 65536)
+        time.sleep(3600)
+    body = bytes(int(np.prod(shape)) * (8 if dtype == "float64" else 1))
     if mode == "truncated":
         _send(channel, header, body[:len(body) // 2])
         os._exit(0)
-    if mode == "huge_shape":
-        _send(channel, header, b"\0" * 65536)
-        time.sleep(3600)
     _send(channel, header, body + (b"trailing" if mode == "extra" else b""))
 
 

@@ -1,0 +1,113 @@
+"""What a jail child applies to itself (runtime/jail/sandbox.py), checked in real processes: no
+network, no exec, no file writes, a bounded address space and CPU time; the seccomp program checked
+instruction by instruction for both architectures; where seccomp is unavailable the child says why."""
+
+from __future__ import annotations
+
+import errno
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from rksmolvlm.runtime.jail import sandbox
+
+PROBE = textwrap.dedent("""
+    import errno, json, os, socket
+    from rksmolvlm.runtime.jail import sandbox
+    state = sandbox.apply(64 << 20)
+    out = {"seccomp": state.seccomp, "as": state.as_limit, "idle": state.idle_vm_size}
+    def code(fn):
+        try:
+            fn()
+        except OSError as exc:
+            return exc.errno
+        except MemoryError:
+            return "MemoryError"
+        return 0
+    out["socket"] = code(lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    out["unix_socket"] = code(lambda: socket.socket(socket.AF_UNIX))
+    out["socketpair"] = code(socket.socketpair)
+    out["exec"] = code(lambda: os.execv("/bin/true", ["true"]))
+    out["spawn"] = code(lambda: os.posix_spawn("/bin/true", ["true"], {}))
+    out["kill_parent"] = code(lambda: os.kill(os.getppid(), 0))
+    out["write"] = code(lambda: os.write(os.open(os.environ["JAIL_FILE"], os.O_WRONLY | os.O_CREAT), b"x"))
+    out["alloc"] = code(lambda: bytearray(128 << 20))
+    out["small_alloc"] = code(lambda: bytearray(16 << 20))
+    print(json.dumps(out))
+""")
+
+
+def test_a_sandboxed_process_has_no_network_exec_writes_or_unbounded_memory(tmp_path):
+    import json
+
+    target = tmp_path / "written"
+    done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=60,
+                          env={**__import__("os").environ, "JAIL_FILE": str(target)})
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["write"] == errno.EFBIG and target.read_bytes() == b""
+    assert out["alloc"] == "MemoryError" and out["small_alloc"] == 0
+    assert out["as"] == out["idle"] + (64 << 20)
+    if out["seccomp"] != "on":
+        pytest.skip(f"seccomp here: {out['seccomp']}")
+    for key in ("socket", "unix_socket", "socketpair", "exec", "spawn", "kill_parent"):
+        assert out[key] == errno.EPERM, (key, out)
+
+
+def test_the_cpu_limit_of_a_task_ends_the_process_with_sigxcpu():
+    burn = "from rksmolvlm.runtime.jail import sandbox\nsandbox.set_task_cpu(1)\nwhile True: pass\n"
+    done = subprocess.run([sys.executable, "-c", burn], timeout=30)
+    assert done.returncode == -signal.SIGXCPU
+
+
+def test_the_cpu_limit_is_per_task_the_next_task_can_raise_it_again():
+    import resource
+
+    script = ("import resource; from rksmolvlm.runtime.jail import sandbox\n"
+              "a = sandbox.set_task_cpu(5); b = sandbox.set_task_cpu(50); c = sandbox.set_task_cpu(None)\n"
+              "print(a, b, c, resource.getrlimit(resource.RLIMIT_CPU)[1])")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    a, b, c, hard = map(int, done.stdout.split())
+    assert 5 <= a <= 7 and 50 <= b <= 52 and c == hard == resource.getrlimit(resource.RLIMIT_CPU)[1]
+
+
+# -- the BPF program, run by a small interpreter of the four instructions it uses --------------------
+
+
+def run_filter(program, arch: int, nr: int) -> int:
+    pc, acc = 0, 0
+    data = {0: nr, 4: arch}
+    while True:
+        code, jt, jf, k = program[pc]
+        if code == 0x20:
+            acc = data[k]
+        elif code == 0x15:
+            pc += jt if acc == k else jf
+        elif code == 0x35:
+            pc += jt if acc >= k else jf
+        elif code == 0x06:
+            return k
+        else:
+            raise AssertionError(f"unexpected opcode {code:#x}")
+        pc += 1
+
+
+@pytest.mark.parametrize("arch", sorted(sandbox.BLOCKED_SYSCALLS))
+def test_the_filter_refuses_exactly_the_blocked_syscalls(arch):
+    audit, blocked = sandbox.BLOCKED_SYSCALLS[arch]
+    program = sandbox._program(arch)
+    deny, allow = 0x00050000 | errno.EPERM, 0x7FFF0000
+    for nr in range(0, 460):
+        want = deny if nr in blocked.values() else allow
+        assert run_filter(program, audit, nr) == want, (arch, nr)
+    assert run_filter(program, 0x40000003, 41) == deny  # i386 syscalls on x86_64 (int 0x80)
+    if arch == "x86_64":
+        assert run_filter(program, audit, 0x40000000 + 41) == deny  # x32
+
+
+def test_where_seccomp_cannot_be_used_the_child_says_why(monkeypatch):
+    monkeypatch.setattr(sandbox.platform, "machine", lambda: "riscv64")
+    assert sandbox._install_filter().startswith("unavailable: no syscall table for the riscv64 architecture")
