@@ -43,7 +43,7 @@ class Booted:
 class Task:
     op: str
     params: dict
-    payload: bytearray
+    payload: bytes
     cpu_s: float | None
 
 
@@ -91,8 +91,9 @@ def read_task(channel: Channel) -> Task | None:
     if not isinstance(op, str) or not isinstance(params, dict) or not isinstance(size, int) \
             or not 0 <= size <= MAX_PAYLOAD or not (cpu_s is None or isinstance(cpu_s, (int, float))):
         raise WireError(f"a task header with the wrong fields: {sorted(header)}")
-    payload = bytearray(size)
-    channel.read_into(memoryview(payload))
+    received = bytearray(size)
+    channel.read_into(memoryview(received))
+    payload = bytes(received)  # the decoders take bytes; the bytearray is freed on return
     return Task(op, params, payload, cpu_s)
 
 
@@ -103,11 +104,11 @@ def reply(booted: Booted, task: Task, handler: Handler = ops.run) -> None:
     buffers: list = []
     try:
         result, arrays = handler(task.op, task.params, task.payload, context)
-        task.payload = bytearray()  # the media's memory back before the answer is built
+        task.payload = b""  # the media's memory back before the answer is built
         header, buffers = ok_answer(result, arrays)
         del arrays
     except Exception as exc:  # noqa: BLE001 - every failure of the media becomes a named answer
-        task.payload = bytearray()
+        task.payload = b""
         header = _error_header(task.op, exc, booted.args.max_memory)
     booted.channel.send(header, buffers)
 
@@ -119,13 +120,13 @@ def _error_header(op: str, exc: BaseException, max_memory: int) -> dict:
     image = op.startswith("image.")
     budget = f"{max_memory / 2**20:.0f} MiB"
     if _ran_out_of_memory(exc):
-        kind = ImageDecodeTooLargeError if image else VideoTooLargeError
+        too_large: type[ImageError] | type[VideoError] = ImageDecodeTooLargeError if image else VideoTooLargeError
         message = str(exc) if isinstance(exc, (ImageError, VideoError)) else "decoding ran out of memory"
-        return error_answer(kind.__name__, f"{message} (over the decoder's memory budget of {budget}): send smaller "
-                            "media, or raise decode.max_memory", "max_memory")
+        return error_answer(too_large.__name__, f"{message} (over the decoder's memory budget of {budget}): send "
+                            "smaller media, or raise decode.max_memory", "max_memory")
     if isinstance(exc, (ImageError, VideoError)) and type(exc).__name__ in ERROR_TYPES:
         return error_answer(type(exc).__name__, str(exc), getattr(exc, "limit", None))
-    kind = ImageError if image else VideoError
+    kind: type[ImageError] | type[VideoError] = ImageError if image else VideoError
     what = "image" if image else "video"
     return error_answer(kind.__name__, f"the {what} could not be decoded ({type(exc).__name__}: {str(exc)[:300]})",
                         None)

@@ -334,7 +334,7 @@ class DecodePool:
                                "as hostile", op=op)
         if code >= 0:
             return JailCrashed(f"{op}: the decoder exited with code {code} without answering{detail}", op=op,
-                               exit_code=code)
+                               returncode=code)
         name = _signal_name(-code)
         if -code == signal.SIGXCPU:
             why = f"it used up its {cpu:g} s of CPU time: the media is too complex (send smaller media)"

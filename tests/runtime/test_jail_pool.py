@@ -148,7 +148,7 @@ def test_allocating_past_max_memory_ends_in_the_child_not_the_parent():
 def test_a_child_that_dies_is_a_named_crash(pool, mode, signal, code):
     with pytest.raises(JailCrashed) as crashed:
         pool.run("image.probe", {"rogue": mode}, b"x", deadline_s=10)
-    assert (crashed.value.signal, crashed.value.exit_code) == (signal, code)
+    assert (crashed.value.signal, crashed.value.returncode) == (signal, code)
     assert pool.wait_ready(30)
 
 
