@@ -5,6 +5,7 @@ instruction by instruction for both architectures; where seccomp is unavailable 
 from __future__ import annotations
 
 import errno
+import os
 import signal
 import subprocess
 import sys
@@ -33,7 +34,16 @@ PROBE = textwrap.dedent("""
     out["exec"] = code(lambda: os.execv("/bin/true", ["true"]))
     out["spawn"] = code(lambda: os.posix_spawn("/bin/true", ["true"], {}))
     out["kill_parent"] = code(lambda: os.kill(os.getppid(), 0))
-    out["write"] = code(lambda: os.write(os.open(os.environ["JAIL_FILE"], os.O_WRONLY | os.O_CREAT), b"x"))
+    existing = os.environ["JAIL_EXISTING"]
+    out["create"] = code(lambda: os.open(os.environ["JAIL_FILE"], os.O_WRONLY | os.O_CREAT))
+    out["truncate_open"] = code(lambda: os.open(existing, os.O_RDONLY | os.O_TRUNC))
+    out["append"] = code(lambda: os.open(existing, os.O_RDWR | os.O_APPEND))
+    out["truncate"] = code(lambda: os.truncate(existing, 0))
+    out["unlink"] = code(lambda: os.unlink(existing))
+    out["rename"] = code(lambda: os.rename(existing, existing + ".moved"))
+    out["chmod"] = code(lambda: os.chmod(existing, 0o777))
+    out["mkdir"] = code(lambda: os.mkdir(existing + ".d"))
+    out["read"] = code(lambda: open(existing, "rb").read())
     out["alloc"] = code(lambda: bytearray(128 << 20))
     out["small_alloc"] = code(lambda: bytearray(16 << 20))
     print(json.dumps(out))
@@ -43,18 +53,20 @@ PROBE = textwrap.dedent("""
 def test_a_sandboxed_process_has_no_network_exec_writes_or_unbounded_memory(tmp_path):
     import json
 
-    target = tmp_path / "written"
+    target, existing = tmp_path / "written", tmp_path / "bundle.rkllm"
+    existing.write_bytes(b"weights")
     done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=60,
-                          env={**__import__("os").environ, "JAIL_FILE": str(target)})
+                          env={**os.environ, "JAIL_FILE": str(target), "JAIL_EXISTING": str(existing)})
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
-    assert out["write"] == errno.EFBIG and target.read_bytes() == b""
-    assert out["alloc"] == "MemoryError" and out["small_alloc"] == 0
+    assert out["alloc"] == "MemoryError" and out["small_alloc"] == 0 and out["read"] == 0
     assert out["as"] == out["idle"] + (64 << 20)
     if out["seccomp"] != "on":
         pytest.skip(f"seccomp here: {out['seccomp']}")
-    for key in ("socket", "unix_socket", "socketpair", "exec", "spawn", "kill_parent"):
+    for key in ("socket", "unix_socket", "socketpair", "exec", "spawn", "kill_parent", "create", "truncate_open",
+                "append", "truncate", "unlink", "rename", "chmod", "mkdir"):
         assert out[key] == errno.EPERM, (key, out)
+    assert not target.exists() and existing.read_bytes() == b"weights" and sorted(tmp_path.iterdir()) == [existing]
 
 
 def test_the_cpu_limit_of_a_task_ends_the_process_with_sigxcpu():
@@ -77,9 +89,9 @@ def test_the_cpu_limit_is_per_task_the_next_task_can_raise_it_again():
 # -- the BPF program, run by a small interpreter of the four instructions it uses --------------------
 
 
-def run_filter(program, arch: int, nr: int) -> int:
+def run_filter(program, arch: int, nr: int, args: tuple[int, ...] = (0,) * 6) -> int:
     pc, acc = 0, 0
-    data = {0: nr, 4: arch}
+    data = {0: nr, 4: arch, **{16 + 8 * i: value & 0xFFFFFFFF for i, value in enumerate(args)}}
     while True:
         code, jt, jf, k = program[pc]
         if code == 0x20:
@@ -88,6 +100,8 @@ def run_filter(program, arch: int, nr: int) -> int:
             pc += jt if acc == k else jf
         elif code == 0x35:
             pc += jt if acc >= k else jf
+        elif code == 0x45:
+            pc += jt if acc & k else jf
         elif code == 0x06:
             return k
         else:
@@ -100,9 +114,16 @@ def test_the_filter_refuses_exactly_the_blocked_syscalls(arch):
     audit, blocked = sandbox.BLOCKED_SYSCALLS[arch]
     program = sandbox._program(arch)
     deny, allow = 0x00050000 | errno.EPERM, 0x7FFF0000
+    opens = sandbox.OPEN_SYSCALLS[arch]
     for nr in range(0, 460):
         want = deny if nr in blocked.values() else allow
-        assert run_filter(program, audit, nr) == want, (arch, nr)
+        assert run_filter(program, audit, nr) == want, (arch, nr)  # flags 0: O_RDONLY
+    for nr, arg in opens.items():
+        for flags, want in [(os.O_RDONLY | os.O_CLOEXEC, allow), (os.O_WRONLY, deny), (os.O_RDWR, deny),
+                            (os.O_CREAT, deny), (os.O_TRUNC, deny), (os.O_RDONLY | os.O_DIRECTORY, allow)]:
+            args = [0] * 6
+            args[arg] = flags
+            assert run_filter(program, audit, nr, tuple(args)) == want, (arch, nr, flags)
     assert run_filter(program, 0x40000003, 41) == deny  # i386 syscalls on x86_64 (int 0x80)
     if arch == "x86_64":
         assert run_filter(program, audit, 0x40000000 + 41) == deny  # x32
