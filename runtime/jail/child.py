@@ -118,16 +118,15 @@ def reply(booted: Booted, task: Task, handler: Handler = ops.run) -> None:
 # ==============================================================================================
 def _error_header(op: str, exc: BaseException, max_memory: int) -> dict:
     image = op.startswith("image.")
-    budget = f"{max_memory / 2**20:.0f} MiB"
-    if _ran_out_of_memory(exc):
+    what = "image" if image else "video"
+    if _ran_out_of_memory(exc):  # Python's, or FFmpeg's ENOMEM (av.error.MemoryError is one too)
         too_large: type[ImageError] | type[VideoError] = ImageDecodeTooLargeError if image else VideoTooLargeError
-        message = str(exc) if isinstance(exc, (ImageError, VideoError)) else "decoding ran out of memory"
-        return error_answer(too_large.__name__, f"{message} (over the decoder's memory budget of {budget}): send "
-                            "smaller media, or raise decode.max_memory", "max_memory")
+        return error_answer(too_large.__name__, f"decoding the {what} needed more than the decoder's memory budget "
+                            f"of {max_memory / 2**20:.0f} MiB: send a smaller {what}, or raise decode.max_memory",
+                            "max_memory")
     if isinstance(exc, (ImageError, VideoError)) and type(exc).__name__ in ERROR_TYPES:
         return error_answer(type(exc).__name__, str(exc), getattr(exc, "limit", None))
     kind: type[ImageError] | type[VideoError] = ImageError if image else VideoError
-    what = "image" if image else "video"
     return error_answer(kind.__name__, f"the {what} could not be decoded ({type(exc).__name__}: {str(exc)[:300]})",
                         None)
 

@@ -33,17 +33,18 @@ def encoded(image, fmt: str, **options) -> bytes:
     return out.getvalue()
 
 
-def tiny_mp4(frames: int = 12, width: int = 96, height: int = 64) -> bytes:
-    """An H.264 MP4 made in memory: moving gradients, one keyframe every 4 frames."""
+def tiny_mp4(frames: int = 12, width: int = 96, height: int = 64, flat: bool = False, **options: str) -> bytes:
+    """An H.264 MP4 made in memory: moving gradients (or flat grey levels), one keyframe every 4 frames."""
     av = pytest.importorskip("av")
     out = io.BytesIO()
     with av.open(out, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=12)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"g": "4", "bf": "1"}
-        y, x = np.mgrid[0:height, 0:width]
+        stream.options = {"g": "4", "bf": "1", **options}
+        y, x = np.mgrid[0:height, 0:width] if not flat else (0, 0)
         for i in range(frames):
-            rgb = np.stack([(x * 3 + i * 20) % 256, (y * 4 + i * 10) % 256, (x + y + i * 30) % 256], -1)
+            rgb = np.full((height, width, 3), i * 40) if flat else \
+                np.stack([(x * 3 + i * 20) % 256, (y * 4 + i * 10) % 256, (x + y + i * 30) % 256], -1)
             frame = av.VideoFrame.from_ndarray(rgb.astype(np.uint8), format="rgb24")
             for packet in stream.encode(frame):
                 container.mux(packet)
@@ -175,3 +176,20 @@ def test_a_decode_over_the_memory_budget_is_an_error_in_the_child_not_parent_gro
         small = encoded(rng_image(100, 60), "PNG")
         assert np.array_equal(pool.run("image.tile", {"settings": SETTINGS.to_dict()}, small, deadline_s=30).arrays[0],
                               tile_image(load_image(small), SETTINGS).tiles)
+
+
+def test_a_video_decode_over_the_memory_budget_ends_in_the_child():
+    from rksmolvlm.errors import VideoTooLargeError
+    from rksmolvlm.processing.video_frames import VideoSettings
+
+    # 4K: 25 MB a frame as RGB, a few KB sent
+    data = tiny_mp4(frames=2, width=3840, height=2160, flat=True, preset="ultrafast")
+    settings = VideoSettings(fps=1.0, max_frames=4, longest_edge=384, frame_size=384).to_dict()
+    with DecodePool(workers=1, reserved=0, max_memory=64 * MIB) as pool:
+        assert pool.wait_ready(60)
+        before = vm_rss()
+        with pytest.raises(VideoTooLargeError) as refused:
+            pool.run("video.frames", {"indices": [0, 1], "settings": settings}, data, deadline_s=30)
+        grown = vm_rss() - before
+    assert refused.value.limit == "max_memory" and "64 MiB" in str(refused.value)
+    assert grown < 8 * MIB, f"the parent grew by {grown / MIB:.1f} MiB"
