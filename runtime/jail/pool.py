@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from rksmolvlm.errors import ImageError, VideoError
+
 from . import ops
 from .errors import JailAborted, JailBusy, JailClosed, JailCrashed, JailError, JailProtocolError, JailTimeout
 from .wire import ERROR_TYPES, Channel, WireEOF, WireError, check_answer, encode_header
@@ -197,6 +199,10 @@ class DecodePool:
                         if stop and waiter.child is None:
                             raise JailAborted(f"{op}: the request ended while waiting for a decoder", op=op)
                 return waiter.child
+            except BaseException:
+                if waiter.child is not None:  # handed a child as we gave up (or aborted() raised): pass it on
+                    self._release(waiter.child)
+                raise
             finally:
                 if waiter in self._waiting:
                     self._waiting.remove(waiter)
@@ -301,6 +307,11 @@ class DecodePool:
             error = self._failure(child, exc, op, cpu, answered)  # reaps a dead child first: its status tells
             self._retire(child, "crash" if isinstance(error, JailCrashed) else "protocol")
             raise error from None
+        except (ImageError, VideoError):
+            raise  # the media's own refusal: the child was released (or retired) above
+        except BaseException:  # aborted() raised, or KeyboardInterrupt: the child's state is unknown
+            self._retire(child, "aborted")
+            raise
         self._release(child)
         return Answer(answer.result, arrays)
 
@@ -354,6 +365,7 @@ class DecodePool:
         except OSError as exc:
             with self._cond:
                 self._last_spawn_error = f"cannot start the decoder: {exc}"
+                self._failures += 1
             self._later(self._relaunch_after_failure, lane)
             return
         with self._cond:

@@ -270,3 +270,14 @@ def test_diagnose_reports_the_sandbox(pool):
         assert pool.snapshot()["no_network"] is True
     else:
         assert result["seccomp"].startswith("unavailable: ")
+
+
+def test_an_aborted_callback_that_raises_does_not_leak_a_busy_child(pool):
+    def broken() -> bool:
+        raise RuntimeError("the request object is gone")
+
+    with pytest.raises(RuntimeError):
+        pool.run("diagnose", {"sleep": 0.2}, deadline_s=5, aborted=broken)
+    assert pool.wait_ready(30)
+    snap = pool.snapshot()
+    assert snap["busy"] == 0 and snap["alive"] == 3
