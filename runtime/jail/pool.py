@@ -186,7 +186,8 @@ class DecodePool:
                         raise JailClosed("the decode pool is closed (the server is stopping)", op=op)
                     left = deadline - time.monotonic()
                     if left <= 0:
-                        raise JailBusy(f"{op}: no decoder was free within the {deadline_s:g} s deadline (all "
+                        busy = sum(c.state == "busy" for c in self._children)
+                        raise JailBusy(f"{op}: no decoder was free within the {deadline_s:g} s deadline ({busy} of "
                                        f"{self.workers} busy{self._spawn_note()}): retry later, or raise "
                                        "decode.workers", op=op)
                     self._cond.wait(min(POLL_S, left))
@@ -390,10 +391,16 @@ class DecodePool:
         except (_Stop, WireError, OSError, ValueError) as exc:
             if self._stop.is_set():
                 return
-            reason = f"did not become ready within {SPAWN_TIMEOUT_S:g} s" if isinstance(exc, _Stop) else str(exc)
+            if isinstance(exc, _Stop):
+                reason = f"the decoder did not become ready within {SPAWN_TIMEOUT_S:g} s"
+            elif isinstance(exc, WireEOF) and exc.got == 0:
+                reason = "the decoder exited before it was ready"
+            else:
+                reason = f"the decoder's ready message was wrong ({exc})"
             status = child.reap(0.2)
             with self._cond:
-                self._last_spawn_error = reason + (f" (exit status {status})" if status is not None else "")
+                self._last_spawn_error = reason + (f" (exit status {status})" if status is not None else "") + \
+                    " (RKSMOLVLM_JAIL_DEBUG=1 shows its stderr)"
                 self._failures += 1
             self._retire(child, "start", respawn=False)
             self._relaunch_after_failure(child.lane)

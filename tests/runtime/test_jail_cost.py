@@ -31,14 +31,16 @@ def median_time(fn, runs: int) -> float:
     return statistics.median(times)
 
 
-def test_idle_child_memory_and_spawn_to_ready():
+@pytest.mark.parametrize("workers", [1, 3])
+def test_idle_child_memory_and_spawn_to_ready(workers):
     start = time.monotonic()
-    with DecodePool(workers=1, reserved=0) as pool:
+    with DecodePool(workers=workers, reserved=1 if workers > 1 else 0) as pool:
         assert pool.wait_ready(60)
         ready = time.monotonic() - start
         pid = pool.run("diagnose", {}, deadline_s=5).result["pid"]
         rss, size = vm_rss(pid), vm_size(pid)
-    print(f"\nidle child: RSS {rss / MIB:.1f} MiB, VmSize {size / MIB:.1f} MiB; spawn-to-ready {ready * 1000:.0f} ms")
+    print(f"\n{workers} children: spawn-to-ready {ready * 1000:.0f} ms; idle child RSS {rss / MIB:.1f} MiB, VmSize "
+          f"{size / MIB:.1f} MiB")
     assert rss < 150 * MIB and ready < 20
 
 

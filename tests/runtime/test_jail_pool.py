@@ -281,3 +281,20 @@ def test_an_aborted_callback_that_raises_does_not_leak_a_busy_child(pool):
     assert pool.wait_ready(30)
     snap = pool.snapshot()
     assert snap["busy"] == 0 and snap["alive"] == 3
+
+
+def test_a_child_that_cannot_start_gives_a_named_busy_error_and_backs_off():
+    failing = [sys.executable, "-c", "import sys; sys.exit(7)"]
+    pool = DecodePool(workers=1, reserved=0, child_args=failing)
+    try:
+        pool.start()
+        assert not pool.wait_ready(1.0)
+        start = time.monotonic()
+        with pytest.raises(JailBusy, match="last start failed.*exit status 7"):
+            pool.run("diagnose", {}, deadline_s=1.0)
+        assert time.monotonic() - start < 1.3
+        snap = pool.snapshot()
+        assert snap["alive"] == 0 and 2 <= snap["spawned"] <= 8, snap  # retried with a growing delay, not in a loop
+        assert snap["killed"].get("start", 0) >= 2
+    finally:
+        pool.close()
