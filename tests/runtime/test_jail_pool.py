@@ -125,7 +125,7 @@ def test_cpu_burn_is_ended_by_sigxcpu(pool):
     took = time.monotonic() - start
     assert crashed.value.signal == "SIGXCPU" and "SIGXCPU" in str(crashed.value)
     assert "1 s of CPU time" in str(crashed.value)
-    assert 0.9 < took < 5, took
+    assert 0.9 < took < 10, took  # 1 s past the CPU used so far, rounded up; wall time on a loaded machine
     assert pool.wait_ready(30)
 
 
@@ -189,7 +189,7 @@ def test_fairness_one_clients_burst_delays_another_by_at_most_one_task():
         for box in burst:
             box["thread"].join(10)
         assert done.index("B") <= 1, done
-        assert waited <= 2 * task + 0.25, waited  # the task running when B arrived, then B's own
+        assert waited <= 2 * task + 0.5, waited  # the task running when B arrived, then B's own (FIFO: ≥ 1.8 s)
         assert sorted(done) == ["A0", "A1", "A2", "A3", "A4", "A5", "B"]
     finally:
         pool.close()
