@@ -193,3 +193,44 @@ def test_a_video_decode_over_the_memory_budget_ends_in_the_child():
         grown = vm_rss() - before
     assert refused.value.limit == "max_memory" and "64 MiB" in str(refused.value)
     assert grown < 8 * MIB, f"the parent grew by {grown / MIB:.1f} MiB"
+
+
+def test_concurrent_calls_from_many_threads_each_get_their_own_answer(pool):
+    images = [encoded(rng_image(60 + 17 * k, 40 + 11 * k, seed=k), "PNG") for k in range(12)]
+    want = [tile_image(load_image(data), SETTINGS).tiles for data in images]
+    got: dict[int, np.ndarray] = {}
+
+    def one(k: int) -> None:
+        lane = "worker" if k % 4 == 0 else "check"
+        got[k] = pool.run("image.tile", {"settings": SETTINGS.to_dict()}, images[k], deadline_s=60, lane=lane,
+                          client=f"client{k % 3}").arrays[0]
+
+    import threading
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(got) == list(range(12))
+    assert all(np.array_equal(got[k], want[k]) for k in range(12))
+    snap = pool.snapshot()
+    assert set(snap) == {"workers", "alive", "busy", "waiting", "spawned", "killed", "max_memory", "no_network"}
+    assert snap["busy"] == snap["waiting"] == 0 and snap["alive"] == 2
+
+
+def test_video_frames_equal_what_the_runner_decodes_in_process_today(pool):
+    from types import SimpleNamespace
+
+    from rksmolvlm.processing.video_frames import VideoSettings
+    from rksmolvlm.runtime.video import VideoEncoder
+
+    if not hasattr(VideoEncoder, "_frames"):
+        pytest.skip("VideoEncoder no longer decodes in process (runtime/video.py decodes through a MediaDecoder)")
+    data = tiny_mp4(frames=20)
+    settings = VideoSettings(fps=2.0, max_frames=16, longest_edge=80, frame_size=48)
+    indices = [0, 2, 4, 7, 9, 11, 13, 15, 17, 19]
+    plan = SimpleNamespace(part=SimpleNamespace(source=data), indices=np.asarray(indices))
+    want = VideoEncoder(None, settings)._frames(plan, list(range(len(indices))), lambda: False)
+    answer = pool.run("video.frames", {"indices": indices, "settings": settings.to_dict()}, data, deadline_s=20)
+    assert np.array_equal(answer.arrays[0], want)
