@@ -44,6 +44,12 @@ PROBE = textwrap.dedent("""
     out["chmod"] = code(lambda: os.chmod(existing, 0o777))
     out["mkdir"] = code(lambda: os.mkdir(existing + ".d"))
     out["read"] = code(lambda: open(existing, "rb").read())
+    out["fork"] = code(os.fork)
+    import threading
+    box = []
+    worker = threading.Thread(target=lambda: box.append(1))
+    worker.start(); worker.join()
+    out["thread"] = box == [1]
     out["alloc"] = code(lambda: bytearray(128 << 20))
     out["small_alloc"] = code(lambda: bytearray(16 << 20))
     print(json.dumps(out))
@@ -59,12 +65,12 @@ def test_a_sandboxed_process_has_no_network_exec_writes_or_unbounded_memory(tmp_
                           env={**os.environ, "JAIL_FILE": str(target), "JAIL_EXISTING": str(existing)})
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
-    assert out["alloc"] == "MemoryError" and out["small_alloc"] == 0 and out["read"] == 0
+    assert out["alloc"] == "MemoryError" and out["small_alloc"] == 0 and out["read"] == 0 and out["thread"] is True
     assert out["as"] == out["idle"] + (64 << 20)
     if out["seccomp"] != "on":
         pytest.skip(f"seccomp here: {out['seccomp']}")
     for key in ("socket", "unix_socket", "socketpair", "exec", "spawn", "kill_parent", "create", "truncate_open",
-                "append", "truncate", "unlink", "rename", "chmod", "mkdir"):
+                "append", "truncate", "unlink", "rename", "chmod", "mkdir", "fork"):
         assert out[key] == errno.EPERM, (key, out)
     assert not target.exists() and existing.read_bytes() == b"weights" and sorted(tmp_path.iterdir()) == [existing]
 
@@ -115,7 +121,7 @@ def test_the_filter_refuses_exactly_the_blocked_syscalls(arch):
     program = sandbox._program(arch)
     deny, allow = 0x00050000 | errno.EPERM, 0x7FFF0000
     opens = sandbox.OPEN_SYSCALLS[arch]
-    for nr in range(0, 460):
+    for nr in set(range(0, 460)) - {sandbox.CLONE_SYSCALLS[arch], sandbox.CLONE3}:  # those two: below
         want = deny if nr in blocked.values() else allow
         assert run_filter(program, audit, nr) == want, (arch, nr)  # flags 0: O_RDONLY
     for nr, arg in opens.items():
@@ -127,6 +133,10 @@ def test_the_filter_refuses_exactly_the_blocked_syscalls(arch):
     assert run_filter(program, 0x40000003, 41) == deny  # i386 syscalls on x86_64 (int 0x80)
     if arch == "x86_64":
         assert run_filter(program, audit, 0x40000000 + 41) == deny  # x32
+    clone = sandbox.CLONE_SYSCALLS[arch]
+    assert run_filter(program, audit, clone, (0x3D0F00,)) == allow  # glibc's pthread_create flags
+    assert run_filter(program, audit, clone, (0x01200011,)) == deny  # fork(): CLONE_CHILD_SETTID|… and SIGCHLD
+    assert run_filter(program, audit, sandbox.CLONE3) == 0x00050000 | errno.ENOSYS
 
 
 def test_where_seccomp_cannot_be_used_the_child_says_why(monkeypatch):
