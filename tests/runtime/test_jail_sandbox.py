@@ -46,6 +46,11 @@ PROBE = textwrap.dedent("""
     out["read"] = code(lambda: open(existing, "rb").read())
     out["fork"] = code(os.fork)
     import threading
+    import ctypes, platform, signal
+    libc = ctypes.CDLL(None, use_errno=True)
+    tgkill = sandbox.TGKILL[platform.machine()]
+    out["tgkill_parent"] = libc.syscall(tgkill, os.getppid(), os.getppid(), 0) and ctypes.get_errno()
+    out["tgkill_self"] = libc.syscall(tgkill, os.getpid(), threading.get_native_id(), 0)
     box = []
     worker = threading.Thread(target=lambda: box.append(1))
     worker.start(); worker.join()
@@ -70,8 +75,9 @@ def test_a_sandboxed_process_has_no_network_exec_writes_or_unbounded_memory(tmp_
     if out["seccomp"] != "on":
         pytest.skip(f"seccomp here: {out['seccomp']}")
     for key in ("socket", "unix_socket", "socketpair", "exec", "spawn", "kill_parent", "create", "truncate_open",
-                "append", "truncate", "unlink", "rename", "chmod", "mkdir", "fork"):
+                "append", "truncate", "unlink", "rename", "chmod", "mkdir", "fork", "tgkill_parent"):
         assert out[key] == errno.EPERM, (key, out)
+    assert out["tgkill_self"] == 0
     assert not target.exists() and existing.read_bytes() == b"weights" and sorted(tmp_path.iterdir()) == [existing]
 
 
@@ -118,10 +124,10 @@ def run_filter(program, arch: int, nr: int, args: tuple[int, ...] = (0,) * 6) ->
 @pytest.mark.parametrize("arch", sorted(sandbox.BLOCKED_SYSCALLS))
 def test_the_filter_refuses_exactly_the_blocked_syscalls(arch):
     audit, blocked = sandbox.BLOCKED_SYSCALLS[arch]
-    program = sandbox._program(arch)
+    program = sandbox._program(arch, 4321)
     deny, allow = 0x00050000 | errno.EPERM, 0x7FFF0000
     opens = sandbox.OPEN_SYSCALLS[arch]
-    for nr in set(range(0, 460)) - {sandbox.CLONE_SYSCALLS[arch], sandbox.CLONE3}:  # those two: below
+    for nr in set(range(0, 460)) - {sandbox.CLONE_SYSCALLS[arch], sandbox.CLONE3, sandbox.TGKILL[arch]}:  # below
         want = deny if nr in blocked.values() else allow
         assert run_filter(program, audit, nr) == want, (arch, nr)  # flags 0: O_RDONLY
     for nr, arg in opens.items():
@@ -137,6 +143,8 @@ def test_the_filter_refuses_exactly_the_blocked_syscalls(arch):
     assert run_filter(program, audit, clone, (0x3D0F00,)) == allow  # glibc's pthread_create flags
     assert run_filter(program, audit, clone, (0x01200011,)) == deny  # fork(): CLONE_CHILD_SETTID|… and SIGCHLD
     assert run_filter(program, audit, sandbox.CLONE3) == 0x00050000 | errno.ENOSYS
+    assert run_filter(program, audit, sandbox.TGKILL[arch], (4321, 4322, 6)) == allow  # raise() in its own thread
+    assert run_filter(program, audit, sandbox.TGKILL[arch], (1, 1, 9)) == deny
 
 
 def test_where_seccomp_cannot_be_used_the_child_says_why(monkeypatch):
