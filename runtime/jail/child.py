@@ -5,7 +5,8 @@ them on a tiny image, THEN applies the sandbox (limits and the seccomp filter, `
 is ready, and serves one task at a time over its socket until the parent closes it. The media's own
 refusals are answered as their rksmolvlm.errors class; running out of the address-space limit as the
 op's too-large error with limit "max_memory"; anything else as the op's base error. The parent starts
-it with stdin/stdout (and stderr, unless RKSMOLVLM_JAIL_DEBUG=1) on /dev/null, cwd "/", no other fd.
+it with stdin/stdout (and stderr, unless RKSMOLVLM_JAIL_DEBUG=1) on /dev/null, cwd "/", no other fd; it
+lowers its own priority (nice +5) so decodes never starve the server's threads.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .wire import ERROR_TYPES, Channel, WireEOF, WireError, error_answer, ok_ans
 __all__ = ["Booted", "Task", "main", "boot", "serve", "read_task", "reply"]
 
 MAX_PAYLOAD = 1 << 31  # bytes of media in one task (the parent's own limits are far below)
+NICE = 5  # decodes yield the CPU to the server's own threads (/health, the model worker's sampling)
 
 Handler = Callable[[str, Mapping[str, Any], bytes, Mapping[str, Any]], tuple[dict, list]]
 
@@ -61,6 +63,7 @@ def boot(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | No
     parser.add_argument("--no-seccomp", action="store_true", help="skip the seccomp filter (tests, diagnosis)")
     args = parser.parse_args(argv)
     sock = socket.socket(fileno=args.fd)
+    os.nice(NICE)
     _warm_up()
     state = sandbox.apply(args.max_memory, seccomp=not args.no_seccomp)
     channel = Channel(sock)
