@@ -5,7 +5,8 @@ them on a tiny image, THEN applies the sandbox (limits and the seccomp filter, `
 is ready, and serves one task at a time over its socket until the parent closes it. The media's own
 refusals are answered as their rksmolvlm.errors class; running out of the address-space limit as the
 op's too-large error with limit "max_memory"; anything else as the op's base error. The parent starts
-it with stdin/stdout (and stderr, unless RKSMOLVLM_JAIL_DEBUG=1) on /dev/null, cwd "/", no other fd.
+it with stdin/stdout (and stderr, unless RKSMOLVLM_JAIL_DEBUG=1) on /dev/null, cwd "/", no other fd; it
+lowers its own priority (nice +5) so decodes never starve the server's threads.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .wire import ERROR_TYPES, Channel, WireEOF, WireError, error_answer, ok_ans
 __all__ = ["Booted", "Task", "main", "boot", "serve", "read_task", "reply"]
 
 MAX_PAYLOAD = 1 << 31  # bytes of media in one task (the parent's own limits are far below)
+NICE = 5  # decodes yield the CPU to the server's own threads (/health, the model worker's sampling)
 
 Handler = Callable[[str, Mapping[str, Any], bytes, Mapping[str, Any]], tuple[dict, list]]
 
@@ -43,7 +45,7 @@ class Booted:
 class Task:
     op: str
     params: dict
-    payload: bytearray
+    payload: bytes
     cpu_s: float | None
 
 
@@ -61,6 +63,7 @@ def boot(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | No
     parser.add_argument("--no-seccomp", action="store_true", help="skip the seccomp filter (tests, diagnosis)")
     args = parser.parse_args(argv)
     sock = socket.socket(fileno=args.fd)
+    os.nice(NICE)
     _warm_up()
     state = sandbox.apply(args.max_memory, seccomp=not args.no_seccomp)
     channel = Channel(sock)
@@ -91,8 +94,9 @@ def read_task(channel: Channel) -> Task | None:
     if not isinstance(op, str) or not isinstance(params, dict) or not isinstance(size, int) \
             or not 0 <= size <= MAX_PAYLOAD or not (cpu_s is None or isinstance(cpu_s, (int, float))):
         raise WireError(f"a task header with the wrong fields: {sorted(header)}")
-    payload = bytearray(size)
-    channel.read_into(memoryview(payload))
+    received = bytearray(size)
+    channel.read_into(memoryview(received))
+    payload = bytes(received)  # the decoders take bytes; the bytearray is freed on return
     return Task(op, params, payload, cpu_s)
 
 
@@ -103,11 +107,11 @@ def reply(booted: Booted, task: Task, handler: Handler = ops.run) -> None:
     buffers: list = []
     try:
         result, arrays = handler(task.op, task.params, task.payload, context)
-        task.payload = bytearray()  # the media's memory back before the answer is built
+        task.payload = b""  # the media's memory back before the answer is built
         header, buffers = ok_answer(result, arrays)
         del arrays
     except Exception as exc:  # noqa: BLE001 - every failure of the media becomes a named answer
-        task.payload = bytearray()
+        task.payload = b""
         header = _error_header(task.op, exc, booted.args.max_memory)
     booted.channel.send(header, buffers)
 
@@ -117,16 +121,15 @@ def reply(booted: Booted, task: Task, handler: Handler = ops.run) -> None:
 # ==============================================================================================
 def _error_header(op: str, exc: BaseException, max_memory: int) -> dict:
     image = op.startswith("image.")
-    budget = f"{max_memory / 2**20:.0f} MiB"
-    if _ran_out_of_memory(exc):
-        kind = ImageDecodeTooLargeError if image else VideoTooLargeError
-        message = str(exc) if isinstance(exc, (ImageError, VideoError)) else "decoding ran out of memory"
-        return error_answer(kind.__name__, f"{message} (over the decoder's memory budget of {budget}): send smaller "
-                            "media, or raise decode.max_memory", "max_memory")
+    what = "image" if image else "video"
+    if _ran_out_of_memory(exc):  # Python's, or FFmpeg's ENOMEM (av.error.MemoryError is one too)
+        too_large: type[ImageError] | type[VideoError] = ImageDecodeTooLargeError if image else VideoTooLargeError
+        return error_answer(too_large.__name__, f"decoding the {what} needed more than the decoder's memory budget "
+                            f"of {max_memory / 2**20:.0f} MiB: send a smaller {what}, or raise decode.max_memory",
+                            "max_memory")
     if isinstance(exc, (ImageError, VideoError)) and type(exc).__name__ in ERROR_TYPES:
         return error_answer(type(exc).__name__, str(exc), getattr(exc, "limit", None))
-    kind = ImageError if image else VideoError
-    what = "image" if image else "video"
+    kind: type[ImageError] | type[VideoError] = ImageError if image else VideoError
     return error_answer(kind.__name__, f"the {what} could not be decoded ({type(exc).__name__}: {str(exc)[:300]})",
                         None)
 

@@ -31,12 +31,13 @@ class JailAborted(JailError):
 
 class JailCrashed(JailError):
     """The child died while decoding: a signal (``signal``: "SIGXCPU" over its CPU time, "SIGKILL" from
-    the OOM killer, "SIGSEGV" …) or an exit (``exit_code``)."""
+    the OOM killer, "SIGSEGV" …) or an exit (``returncode``, the child's exit code; ``exit_code`` stays the
+    CLI's)."""
 
-    def __init__(self, message: str, *, op: str, signal: str | None = None, exit_code: int | None = None):
+    def __init__(self, message: str, *, op: str, signal: str | None = None, returncode: int | None = None):
         super().__init__(message, op=op)
         self.signal = signal
-        self.exit_code = exit_code
+        self.returncode = returncode
 
 
 class JailBusy(JailError):

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from rksmolvlm.errors import ImageError, VideoError
+
 from . import ops
 from .errors import JailAborted, JailBusy, JailClosed, JailCrashed, JailError, JailProtocolError, JailTimeout
 from .wire import ERROR_TYPES, Channel, WireEOF, WireError, check_answer, encode_header
@@ -184,7 +186,8 @@ class DecodePool:
                         raise JailClosed("the decode pool is closed (the server is stopping)", op=op)
                     left = deadline - time.monotonic()
                     if left <= 0:
-                        raise JailBusy(f"{op}: no decoder was free within the {deadline_s:g} s deadline (all "
+                        busy = sum(c.state == "busy" for c in self._children)
+                        raise JailBusy(f"{op}: no decoder was free within the {deadline_s:g} s deadline ({busy} of "
                                        f"{self.workers} busy{self._spawn_note()}): retry later, or raise "
                                        "decode.workers", op=op)
                     self._cond.wait(min(POLL_S, left))
@@ -197,6 +200,10 @@ class DecodePool:
                         if stop and waiter.child is None:
                             raise JailAborted(f"{op}: the request ended while waiting for a decoder", op=op)
                 return waiter.child
+            except BaseException:
+                if waiter.child is not None:  # handed a child as we gave up (or aborted() raised): pass it on
+                    self._release(waiter.child)
+                raise
             finally:
                 if waiter in self._waiting:
                     self._waiting.remove(waiter)
@@ -301,6 +308,11 @@ class DecodePool:
             error = self._failure(child, exc, op, cpu, answered)  # reaps a dead child first: its status tells
             self._retire(child, "crash" if isinstance(error, JailCrashed) else "protocol")
             raise error from None
+        except (ImageError, VideoError):
+            raise  # the media's own refusal: the child was released (or retired) above
+        except BaseException:  # aborted() raised, or KeyboardInterrupt: the child's state is unknown
+            self._retire(child, "aborted")
+            raise
         self._release(child)
         return Answer(answer.result, arrays)
 
@@ -334,7 +346,7 @@ class DecodePool:
                                "as hostile", op=op)
         if code >= 0:
             return JailCrashed(f"{op}: the decoder exited with code {code} without answering{detail}", op=op,
-                               exit_code=code)
+                               returncode=code)
         name = _signal_name(-code)
         if -code == signal.SIGXCPU:
             why = f"it used up its {cpu:g} s of CPU time: the media is too complex (send smaller media)"
@@ -354,6 +366,7 @@ class DecodePool:
         except OSError as exc:
             with self._cond:
                 self._last_spawn_error = f"cannot start the decoder: {exc}"
+                self._failures += 1
             self._later(self._relaunch_after_failure, lane)
             return
         with self._cond:
@@ -378,10 +391,16 @@ class DecodePool:
         except (_Stop, WireError, OSError, ValueError) as exc:
             if self._stop.is_set():
                 return
-            reason = f"did not become ready within {SPAWN_TIMEOUT_S:g} s" if isinstance(exc, _Stop) else str(exc)
+            if isinstance(exc, _Stop):
+                reason = f"the decoder did not become ready within {SPAWN_TIMEOUT_S:g} s"
+            elif isinstance(exc, WireEOF) and exc.got == 0:
+                reason = "the decoder exited before it was ready"
+            else:
+                reason = f"the decoder's ready message was wrong ({exc})"
             status = child.reap(0.2)
             with self._cond:
-                self._last_spawn_error = reason + (f" (exit status {status})" if status is not None else "")
+                self._last_spawn_error = reason + (f" (exit status {status})" if status is not None else "") + \
+                    " (RKSMOLVLM_JAIL_DEBUG=1 shows its stderr)"
                 self._failures += 1
             self._retire(child, "start", respawn=False)
             self._relaunch_after_failure(child.lane)

@@ -8,9 +8,15 @@
   is so the next task can raise soft again; SIGXCPU's default action ends the child.
 - seccomp-BPF (``prctl(PR_SET_NO_NEW_PRIVS)`` then ``seccomp(SET_MODE_FILTER, TSYNC)``; ``prctl(
   PR_SET_SECCOMP)`` where the seccomp syscall is missing): socket, socketpair, execve, execveat,
-  io_uring (which can open sockets itself), ptrace, process_vm_readv/writev and kill fail with EPERM;
-  syscalls of another ABI (x32, i386 on x86_64) too. x86_64 and aarch64 only; elsewhere, and where the
-  kernel or an emulator (qemu-user) refuses filters, the child carries on without it and says why.
+  io_uring (which can open sockets itself), ptrace, process_vm_readv/writev and kill fail with EPERM,
+  and so does everything that changes a file (RLIMIT_FSIZE alone still lets O_TRUNC empty one): open/
+  openat with a write, create or truncate flag, creat, openat2, unlink, rename, mkdir, rmdir, link,
+  symlink, mknod, chmod, chown, truncate, ftruncate; fork, vfork and a clone without CLONE_THREAD (a
+  forked copy would escape the pool's memory count; clone3 answers ENOSYS so glibc's pthread_create
+  falls back to clone); signals to anything but itself (tkill, tgkill at another process, sigqueue,
+  pidfd_*); syscalls of another ABI (x32, i386 on x86_64) too.
+  x86_64 and aarch64 only; elsewhere, and where the kernel or an emulator (qemu-user) refuses filters,
+  the child carries on without it and says why.
 """
 
 from __future__ import annotations
@@ -25,17 +31,43 @@ import socket
 import struct
 from dataclasses import dataclass
 
-__all__ = ["SandboxState", "apply", "set_task_cpu", "vm_size", "vm_rss", "socket_errno", "BLOCKED_SYSCALLS"]
+__all__ = ["SandboxState", "apply", "set_task_cpu", "vm_size", "vm_rss", "socket_errno", "BLOCKED_SYSCALLS",
+           "OPEN_SYSCALLS", "WRITE_FLAGS", "CLONE_SYSCALLS", "CLONE3", "CLONE_THREAD",
+           "TGKILL"]
 
 # The syscalls refused, by architecture: (audit arch, {name: number}).
 BLOCKED_SYSCALLS: dict[str, tuple[int, dict[str, int]]] = {
     "x86_64": (0xC000003E, {"socket": 41, "socketpair": 53, "execve": 59, "execveat": 322, "ptrace": 101,
                             "kill": 62, "process_vm_readv": 310, "process_vm_writev": 311,
-                            "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427}),
+                            "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
+                            "creat": 85, "openat2": 437, "unlink": 87, "unlinkat": 263, "rename": 82,
+                            "renameat": 264, "renameat2": 316, "mkdir": 83, "mkdirat": 258, "rmdir": 84,
+                            "link": 86, "linkat": 265, "symlink": 88, "symlinkat": 266, "mknod": 133,
+                            "mknodat": 259, "chmod": 90, "fchmod": 91, "fchmodat": 268, "fchmodat2": 452,
+                            "chown": 92, "fchown": 93, "lchown": 94, "fchownat": 260, "truncate": 76,
+                            "ftruncate": 77, "fork": 57, "vfork": 58, "tkill": 200, "rt_sigqueueinfo": 129,
+                            "rt_tgsigqueueinfo": 297, "pidfd_send_signal": 424, "pidfd_open": 434,
+                            "pidfd_getfd": 438, "process_madvise": 440}),
     "aarch64": (0xC00000B7, {"socket": 198, "socketpair": 199, "execve": 221, "execveat": 281, "ptrace": 117,
                              "kill": 129, "process_vm_readv": 270, "process_vm_writev": 271,
-                             "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427}),
+                             "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
+                             "openat2": 437, "unlinkat": 35, "renameat": 38, "renameat2": 276, "mkdirat": 34,
+                             "linkat": 37, "symlinkat": 36, "mknodat": 33, "fchmod": 52, "fchmodat": 53,
+                             "fchmodat2": 452, "fchown": 55, "fchownat": 54, "truncate": 45, "ftruncate": 46,
+                             "tkill": 130, "rt_sigqueueinfo": 138, "rt_tgsigqueueinfo": 240,
+                             "pidfd_send_signal": 424, "pidfd_open": 434, "pidfd_getfd": 438,
+                             "process_madvise": 440}),
 }
+# clone is allowed for threads only (CLONE_THREAD): a forked copy would escape the pool's memory count.
+# clone3 takes its flags in memory the filter cannot read: ENOSYS makes glibc fall back to clone.
+CLONE_SYSCALLS = {"x86_64": 56, "aarch64": 220}
+# tgkill is allowed only at this process's own threads (raise(), pthread_kill): no signal leaves the child.
+TGKILL = {"x86_64": 234, "aarch64": 131}
+CLONE3 = 435
+CLONE_THREAD = 0x00010000
+# Syscalls allowed only without a write flag: {arch: {number: index of the flags argument}} (open, openat).
+OPEN_SYSCALLS: dict[str, dict[int, int]] = {"x86_64": {2: 1, 257: 2}, "aarch64": {56: 2}}
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC  # O_TMPFILE needs O_WRONLY/O_RDWR
 _SECCOMP_SYSCALL = {"x86_64": 317, "aarch64": 277}
 
 
@@ -113,8 +145,9 @@ _X32_SYSCALL_BIT = 0x40000000
 _LD_W_ABS = 0x20  # BPF_LD | BPF_W | BPF_ABS
 _JEQ_K = 0x15  # BPF_JMP | BPF_JEQ | BPF_K
 _JGE_K = 0x35  # BPF_JMP | BPF_JGE | BPF_K
+_JSET_K = 0x45  # BPF_JMP | BPF_JSET | BPF_K
 _RET_K = 0x06  # BPF_RET | BPF_K
-_OFFSET_NR, _OFFSET_ARCH = 0, 4  # struct seccomp_data
+_OFFSET_NR, _OFFSET_ARCH, _OFFSET_ARGS = 0, 4, 16  # struct seccomp_data
 
 
 class _SockFilter(ctypes.Structure):
@@ -140,22 +173,41 @@ def _status_kib(pid: int | str, key: str) -> int:
     return 0
 
 
-def _program(arch: str) -> list[tuple[int, int, int, int]]:
-    """The filter: a foreign ABI or a blocked syscall → EPERM; anything else allowed."""
+def _program(arch: str, pid: int) -> list[tuple[int, int, int, int]]:
+    """The filter for process ``pid``: a foreign ABI, a blocked syscall, an open with a write flag, a clone
+    that is not a thread or a tgkill at another process → EPERM; clone3 → ENOSYS; anything else allowed."""
     audit_arch, numbers = BLOCKED_SYSCALLS[arch]
-    deny = _SECCOMP_RET_ERRNO | errno.EPERM
-    blocked = sorted(numbers.values())
-    prog = [(_LD_W_ABS, 0, 0, _OFFSET_ARCH),
-            (_JEQ_K, 1, 0, audit_arch),
-            (_RET_K, 0, 0, deny),
-            (_LD_W_ABS, 0, 0, _OFFSET_NR)]
+    # (code, jump-if-true label, jump-if-false label, k); labels resolve to forward offsets below
+    steps: list[tuple[int, str | int, str | int, int]] = [
+        (_LD_W_ABS, 0, 0, _OFFSET_ARCH), (_JEQ_K, 0, "deny", audit_arch), (_LD_W_ABS, 0, 0, _OFFSET_NR)]
     if arch == "x86_64":  # x32 syscalls share the arch value and set this bit
-        prog += [(_JGE_K, 0, 1, _X32_SYSCALL_BIT), (_RET_K, 0, 0, deny)]
-    for k, number in enumerate(blocked):
-        to_deny = len(blocked) - k  # jump over the remaining comparisons and the allow
-        prog.append((_JEQ_K, to_deny, 0, number))
-    prog += [(_RET_K, 0, 0, _SECCOMP_RET_ALLOW), (_RET_K, 0, 0, deny)]
-    return prog
+        steps.append((_JGE_K, "deny", 0, _X32_SYSCALL_BIT))
+    steps += [(_JEQ_K, "deny", 0, number) for number in sorted(set(numbers.values()))]
+    opens = sorted(OPEN_SYSCALLS[arch].items())
+    steps += [(_JEQ_K, f"open{number}", 0, number) for number, _ in opens]
+    steps += [(_JEQ_K, "nosys", 0, CLONE3), (_JEQ_K, "clone", 0, CLONE_SYSCALLS[arch]),
+              (_JEQ_K, "tgkill", 0, TGKILL[arch])]
+    steps.append((_RET_K, 0, 0, _SECCOMP_RET_ALLOW))
+    labels = {"nosys": len(steps)}
+    steps.append((_RET_K, 0, 0, _SECCOMP_RET_ERRNO | errno.ENOSYS))
+    labels["clone"] = len(steps)
+    steps += [(_LD_W_ABS, 0, 0, _OFFSET_ARGS), (_JSET_K, 0, "deny", CLONE_THREAD), (_RET_K, 0, 0, _SECCOMP_RET_ALLOW)]
+    labels["tgkill"] = len(steps)
+    steps += [(_LD_W_ABS, 0, 0, _OFFSET_ARGS), (_JEQ_K, 0, "deny", pid), (_RET_K, 0, 0, _SECCOMP_RET_ALLOW)]
+    for number, arg in opens:
+        labels[f"open{number}"] = len(steps)
+        steps += [(_LD_W_ABS, 0, 0, _OFFSET_ARGS + 8 * arg),  # the low 32 bits (both archs are little-endian)
+                  (_JSET_K, "deny", 0, WRITE_FLAGS), (_RET_K, 0, 0, _SECCOMP_RET_ALLOW)]
+    labels["deny"] = len(steps)
+    steps.append((_RET_K, 0, 0, _SECCOMP_RET_ERRNO | errno.EPERM))
+
+    def offset(at: int, target: str | int) -> int:
+        jump = labels[target] - at - 1 if isinstance(target, str) else target
+        if not 0 <= jump <= 255:
+            raise ValueError(f"a seccomp jump of {jump} instructions")
+        return jump
+
+    return [(code, offset(at, jt), offset(at, jf), k) for at, (code, jt, jf, k) in enumerate(steps)]
 
 
 def _install_filter() -> str:
@@ -168,7 +220,7 @@ def _install_filter() -> str:
         libc = ctypes.CDLL(None, use_errno=True)
     except OSError as exc:
         return f"unavailable: libc cannot be loaded ({exc})"
-    program = _program(arch)
+    program = _program(arch, os.getpid())
     filters = (_SockFilter * len(program))(*[_SockFilter(*step) for step in program])
     fprog = _SockFprog(len(program), filters)
     if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import select
 import socket
 import struct
 from collections.abc import Callable, Sequence
@@ -29,7 +30,7 @@ MAX_HEADER = 64 * 1024  # a header is a few hundred bytes; 1,024 frame indices f
 MAX_MESSAGE = 2000  # characters of an error message
 ARRAY_DTYPES = ("uint8",)  # tiles and frames; nothing else ever crosses
 # The only errors a child may name: the media's own refusals (rksmolvlm.errors' image and video errors).
-ERROR_TYPES: dict[str, type[errors.RkSmolVLMError]] = {
+ERROR_TYPES: dict[str, type[errors.ImageError] | type[errors.VideoError]] = {
     name: cls for name, cls in vars(errors).items()
     if inspect.isclass(cls) and issubclass(cls, (errors.ImageError, errors.VideoError))}
 
@@ -119,17 +120,19 @@ class Channel:
         for shape in shapes:
             array = np.empty(shape, np.uint8)
             if array.size:
-                self.read_into(memoryview(array.reshape(-1)), check)
+                self.read_into(array.reshape(-1).data, check)
             out.append(array)
         return out
 
     def pending(self) -> bool | None:
         """True when unread bytes wait (a child that said more than its answer), None at EOF."""
         try:
+            if not select.select([self.sock], [], [], 0)[0]:  # a timeout socket's recv would wait first
+                return False
             data = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except (BlockingIOError, TimeoutError, InterruptedError):
             return False
-        except OSError:
+        except (OSError, ValueError):
             return None
         return True if data else None
 
@@ -198,7 +201,7 @@ def ok_answer(result: dict, arrays: Sequence[np.ndarray] = ()) -> tuple[dict, li
     contiguous = [np.ascontiguousarray(a, dtype=np.uint8) for a in arrays]
     header = {"ok": True, "result": result,
               "arrays": [{"dtype": "uint8", "shape": [int(d) for d in a.shape]} for a in contiguous]}
-    return header, [memoryview(a.reshape(-1)) for a in contiguous if a.size]
+    return header, [a.reshape(-1).data for a in contiguous if a.size]
 
 
 def error_answer(kind: str, message: str, limit: str | None) -> dict:
