@@ -35,7 +35,7 @@ from rksmolvlm.runtime.server.cors import CorsPolicy
 from rksmolvlm.runtime.server.config import ServerConfig
 from rksmolvlm.runtime.server.errors import ApiError
 
-__all__ = ["RequestGuard", "HostPolicy", "is_loopback"]
+__all__ = ["RequestGuard", "HostPolicy", "host_check_summary", "is_loopback"]
 
 _STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
@@ -47,6 +47,21 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return host.lower().rstrip(".") == "localhost"
+
+
+def host_check_summary(host: str, allowed: Sequence[str], has_key: bool) -> str:
+    """What the Host check does for a server listening on ``host`` (``serve --check``'s line): always
+    saying whether an API key is set."""
+    if "*" in allowed:
+        return "off (server.allowed_hosts = [\"*\"])" + ("" if has_key else "; no API key is set")
+    names = ", ".join(allowed)
+    if has_key:
+        return (f"on for requests without the API key: IP addresses, {names} and this machine's names "
+                f"({', '.join(_own_names())}); with the key, any name")
+    if is_loopback(host):
+        return f"{names} (no API key is set; the server listens on loopback)"
+    return (f"off: no API key is set and the server listens on {host}, beyond loopback, so anyone who can "
+            "connect may use the model (set server.api_key_file)")
 
 
 def _split_host(value: str) -> tuple[str, str | None] | None:
