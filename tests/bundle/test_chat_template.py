@@ -9,6 +9,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -103,3 +105,13 @@ def test_an_older_bundle_with_an_inline_template_is_read_with_a_warning(preview_
         caplog.text
     back = bundle.manifest.to_dict()
     assert back["chat_template"] == text and "chat_template_file" not in back  # it round-trips as it was
+
+
+def test_serve_refuses_a_changed_template_at_start_up(preview_bundles, tmp_path):
+    root = _copy(preview_bundles["idefics3-256m"], tmp_path / "bundle")
+    _rewrite(root / CHAT_TEMPLATE_FILE, b"Assistant:", b"Assistanx:")
+    result = subprocess.run([sys.executable, "-m", "rksmolvlm", "serve", str(root), "--no-config", "--engine", "host",
+                             "--check"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert f"{CHAT_TEMPLATE_FILE} sha256 differs from the manifest" in result.stderr
+    assert "Traceback" not in result.stderr
