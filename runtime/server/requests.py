@@ -1,9 +1,9 @@
 """Requests: the OpenAI chat completion schema → a checked, typed ChatRequest. Every field and limit
-(body JSON, parameters, message and text sizes, image and video counts) is checked here — the body's
-JSON values counted on its raw bytes before it is parsed (``json_values``: millions of tiny values in
-a 21 MB body would take gigabytes as Python objects) —, and every
+(body JSON, parameters, message and text sizes, image and video counts) is checked here, and every
 media part is read (``runtime/server/media.py``) and checked (``runtime/server/media_checks.py``)
-before the request may queue; a refusal is an ApiError (``runtime/server/errors.py``).
+before the request may queue; a refusal is an ApiError (``runtime/server/errors.py``). The body's
+JSON values are counted on its raw bytes before it is parsed (``json_values``): millions of tiny
+values in a 21 MB body would take gigabytes as Python objects.
 
 Videos (SmolVLM2 bundles) come as vLLM's ``{"type": "video_url", "video_url": {"url": …}}`` parts,
 from the same sources as images (data: URIs, files under images.local_dir, remote URLs when allowed);
