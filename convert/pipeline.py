@@ -15,7 +15,8 @@ import numpy as np
 from rksmolvlm import __version__
 from rksmolvlm.boards import BoardProfile, load_profile
 from rksmolvlm.bundle import staged_bundle
-from rksmolvlm.bundle.manifest import (PARTS, SCHEMA_VERSION, GoldensInfo, LlmPart, Manifest, ModelInfo, ProcessorInfo,
+from rksmolvlm.bundle.manifest import (CHAT_TEMPLATE_FILE, PARTS, SCHEMA_VERSION, VIDEO_CHAT_TEMPLATE_FILE,
+                                       GoldensInfo, LlmPart, Manifest, ModelInfo, ProcessorInfo,
                                        SourceInfo, TargetInfo, TextDecoderInfo, TokenInfo, VideoPartInfo,
                                        VisionAccuracy, VisionInput, VisionOutput, VisionPart, VisionQuantization,
                                        VisionTowerInfo)
@@ -188,6 +189,7 @@ def convert(options: ConvertOptions, progress: Progress | None = None) -> Conver
         towers.clear()
         with progress.step("writing the bundle manifest"):
             shutil.copy2(checkpoint.path / TOKENIZER_FILE, stage.path / TOKENIZER_FILE)
+            _write_templates(checkpoint, stage.path)  # files of the bundle: its sha256s cover them
             stage.manifest = _manifest(checkpoint, profile, options, versions, vision_section, llm_section,
                                        goldens_section, stage.path)
             if goldens_section is not None:
@@ -420,7 +422,16 @@ def _manifest(checkpoint: Checkpoint, profile: BoardProfile, options: ConvertOpt
                          tuple(k.eos_ids), k.bos_id, k.pad_id, k.fake_image_id, k.global_image_id,
                          k.end_of_utterance_id, k.bos, k.eos, k.eos_id, k.pad, k.row_col_are_tokens),
         chat_template=checkpoint.chat_template,
+        chat_template_file=CHAT_TEMPLATE_FILE,
         tokenizer=TOKENIZER_FILE,
-        video=VideoPartInfo(checkpoint.video, video_chat_template()) if checkpoint.video is not None else None,
+        video=VideoPartInfo(checkpoint.video, video_chat_template(), VIDEO_CHAT_TEMPLATE_FILE)
+        if checkpoint.video is not None else None,
         goldens=goldens,
     )
+
+
+def _write_templates(checkpoint: Checkpoint, root: Path) -> None:
+    """The chat templates _manifest names, as files of the bundle (UTF-8, exactly the checkpoint's text)."""
+    (root / CHAT_TEMPLATE_FILE).write_bytes(checkpoint.chat_template.encode("utf-8"))
+    if checkpoint.video is not None:
+        (root / VIDEO_CHAT_TEMPLATE_FILE).write_bytes(video_chat_template().encode("utf-8"))

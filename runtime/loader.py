@@ -3,6 +3,7 @@ contract, and the processing parts (tokenizer, chat template, assembler) are bui
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -18,6 +19,8 @@ if TYPE_CHECKING:  # the video settings' module is imported where a bundle has v
     from rksmolvlm.processing.video_frames import VideoSettings
 
 __all__ = ["RuntimeBundle"]
+
+log = logging.getLogger("rksmolvlm.bundle")
 
 
 @dataclass
@@ -40,18 +43,22 @@ class RuntimeBundle:
         except Exception as exc:  # tokenizers raises its own Exception type
             raise BundleError(f"{manifest.path(manifest.tokenizer)} cannot be read as a tokenizer ({exc}): "
                               "convert the bundle again") from exc
+        if manifest.chat_template_file is None:  # read as before: refusing would mean converting again
+            log.warning("%s: the chat template is inline in manifest.json, where no sha256 covers it (a bundle "
+                        "written before chat_template.jinja): convert the bundle again to have it checked",
+                        manifest.root)
         try:
             template = ChatTemplate(manifest.chat_template)
         except Exception as exc:  # jinja2.TemplateSyntaxError
-            raise BundleError(f"manifest.json: 'chat_template' is not a valid Jinja template ({exc}): convert the "
-                              "bundle again") from exc
+            where = manifest.chat_template_file or "manifest.json: 'chat_template'"
+            raise BundleError(f"{where} is not a valid Jinja template ({exc}): convert the bundle again") from exc
         video_template = None
         if manifest.video is not None:
             try:
                 video_template = ChatTemplate(manifest.video.chat_template)
             except Exception as exc:  # jinja2.TemplateSyntaxError
-                raise BundleError(f"manifest.json: 'video.chat_template' is not a valid Jinja template ({exc}): "
-                                  "convert the bundle again") from exc
+                where = manifest.video.chat_template_file or "manifest.json: 'video.chat_template'"
+                raise BundleError(f"{where} is not a valid Jinja template ({exc}): convert the bundle again") from exc
         tokens = manifest.tokens.prompt
         for name, content, want in (("image", tokens.image, tokens.image_id),
                                     ("fake_image", tokens.fake_image, None),

@@ -27,13 +27,17 @@ if TYPE_CHECKING:  # the video settings' module is imported where a bundle has v
 __all__ = ["SCHEMA_VERSION", "MANIFEST", "FAMILIES", "VISION_DTYPES", "PARTS", "Manifest", "FileRecord", "SourceInfo",
            "ModelInfo", "VisionTowerInfo", "TextDecoderInfo", "TargetInfo", "VisionPart", "VisionInput",
            "VisionOutput", "VisionQuantization", "VisionAccuracy", "LlmPart", "LlmRecipe", "ProcessorInfo",
-           "TokenInfo", "VideoPartInfo", "GoldensInfo", "confined_path"]
+           "TokenInfo", "VideoPartInfo", "GoldensInfo", "confined_path", "CHAT_TEMPLATE_FILE",
+           "VIDEO_CHAT_TEMPLATE_FILE"]
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 FAMILIES = ("idefics3", "smolvlm")
 VISION_DTYPES = ("fp16", "int8")
 PARTS = ("vision", "llm")
+# the converter writes the chat templates as files of the bundle, so that its sha256s cover them
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+VIDEO_CHAT_TEMPLATE_FILE = "video_chat_template.jinja"
 
 
 class _Part:
@@ -441,7 +445,8 @@ class VideoPartInfo(_Part):
 
     _KEY = "video"
     settings: "VideoSettings"
-    chat_template: str
+    chat_template: str  # the template's text (read from chat_template_file when the bundle has one)
+    chat_template_file: str | None = None  # None: inline in manifest.json (bundles before the file)
 
     def to_dict(self) -> dict:
         v = self.settings
@@ -450,7 +455,7 @@ class VideoPartInfo(_Part):
                              "image_mean": [float(x) for x in v.image_mean],
                              "image_std": [float(x) for x in v.image_std],
                              "rescale_factor": float(v.rescale_factor)},
-                "chat_template": self.chat_template}
+                **_template_dict(self.chat_template, self.chat_template_file)}
 
     @classmethod
     def _read(cls, s: "_Section") -> "VideoPartInfo":
@@ -469,7 +474,7 @@ class VideoPartInfo(_Part):
                                      rescale_factor=v.number("rescale_factor"))
         except ValueError as exc:  # the settings' own checks (a zero std, a rescale of 0, …)
             raise BundleError(f"{MANIFEST}: '{v.where}' is not usable ({exc})") from None
-        return cls(settings, s.string("chat_template"))
+        return cls(settings, *s.template())
 
 
 @dataclass(frozen=True)
@@ -513,6 +518,9 @@ class Manifest:
     goldens: GoldensInfo | None = None
     created_at: str | None = None  # the bundle writer stamps it at commit
     parts: tuple[str, ...] | None = None  # the parts asked for at conversion
+    # the file chat_template is read from (listed in files: its sha256 is checked); None: inline in
+    # manifest.json, as bundles written before the file have it, which no hash covers
+    chat_template_file: str | None = None
 
     @classmethod
     def read(cls, root: str | os.PathLike) -> "Manifest":
@@ -535,7 +543,7 @@ class Manifest:
                "parts": None if self.parts is None else list(self.parts),
                "vision": _dict_or_none(self.vision), "llm": _dict_or_none(self.llm),
                "processor": self.processor.to_dict(), "tokens": self.tokens.to_dict(),
-               "chat_template": self.chat_template, "tokenizer": self.tokenizer}
+               **_template_dict(self.chat_template, self.chat_template_file), "tokenizer": self.tokenizer}
         if self.video is not None:
             out["video"] = self.video.to_dict()
         if self.goldens is not None:
@@ -556,6 +564,7 @@ class Manifest:
         top = _Section(data, MANIFEST, _Bundle(root, records))
         processor = ProcessorInfo._read(top.obj("processor"))
         parts = top.optional_str_list("parts", PARTS)
+        template, template_file = top.template()
         manifest = cls(
             root=root,
             schema_version=SCHEMA_VERSION,
@@ -569,7 +578,8 @@ class Manifest:
             llm=_optional(top, "llm", LlmPart),
             processor=processor,
             tokens=TokenInfo._read(top.obj("tokens"), processor.image_seq_len),
-            chat_template=top.string("chat_template"),
+            chat_template=template,
+            chat_template_file=template_file,
             tokenizer=top.file("tokenizer"),
             files=records,
             video=_optional(top, "video", VideoPartInfo),
@@ -676,6 +686,14 @@ def _optional(s: "_Section", key: str, record: Any) -> Any:
     """The record of an optional (missing or null) section."""
     section = s.optional_obj(key)
     return None if section is None else record._read(section)
+
+
+CHAT_TEMPLATE_MAX_BYTES = 1 << 20  # a chat template is a few KB: a bigger file is not one
+
+
+def _template_dict(text: str, file: str | None) -> dict:
+    """A chat template as manifest.json holds it: the name of its file (covered by ``files``), or inline."""
+    return {"chat_template_file": file} if file is not None else {"chat_template": text}
 
 
 def _dict_or_none(record: Any) -> dict | None:
@@ -805,6 +823,33 @@ class _Section:
 
     def optional_file(self, key: str) -> str | None:
         return None if self._absent(key) else self.file(key)
+
+    def template(self) -> tuple[str, str | None]:
+        """(text, file) of the chat template here: read from ``chat_template_file`` (one of the bundle's files,
+        so verify_files checks its sha256), else ``chat_template`` inline (bundles written before the file)."""
+        if self._absent("chat_template_file"):
+            return self.string("chat_template"), None
+        if "chat_template" in self.data:
+            raise BundleError(f"{MANIFEST}: '{self.where}' has both 'chat_template' and 'chat_template_file': a "
+                              "bundle has one of them; convert it again")
+        name = self.file("chat_template_file")
+        path = confined_path(self.bundle.root, name, self.key("chat_template_file"))
+        try:
+            if not path.is_file():  # missing, or a FIFO or device that a read would block on
+                raise FileNotFoundError(2, "not a regular file")
+            with open(path, "rb") as f:
+                data = f.read(CHAT_TEMPLATE_MAX_BYTES + 1)
+            if len(data) > CHAT_TEMPLATE_MAX_BYTES:
+                raise BundleError(f"{path} is over {CHAT_TEMPLATE_MAX_BYTES:,} bytes: it is not a chat template; "
+                                  "copy the bundle again or convert it again")
+            return data.decode("utf-8"), name
+        except OSError as exc:
+            raise BundleError(f"{path} (the chat template named by '{self.key('chat_template_file')}') cannot be "
+                              f"read ({exc.strerror or exc}): copy the bundle again (e.g. rsync -a) or convert it "
+                              "again") from None
+        except UnicodeDecodeError:
+            raise BundleError(f"{path} (the chat template) is not UTF-8 text: copy the bundle again or convert it "
+                              "again") from None
 
 
 def _is_int(value: Any) -> bool:

@@ -117,6 +117,10 @@ class Limits:
                                max=1 << 30)
     max_messages: int = _key(1024, "messages in one request", min=1, max=1_000_000)
     max_parts: int = _key(256, "content parts (text and images) in one message", min=1, max=1_000_000)
+    max_json_values: int = _key(100_000, "JSON values (strings, keys, numbers, arrays and objects) in one request "
+                                "body, counted on its raw bytes before it is parsed: 4 million two-letter images "
+                                "fit in 21 MB and would take gigabytes as Python objects", min=1000,
+                                max=100_000_000)
     max_decode_bytes: int = _key(512 * MIB, "memory one image may take to decode, computed from its mode and size "
                                  "before decoding (1 byte a pixel for gray, 2 for 16-bit, 4 for RGB, RGBA and float, "
                                  "plus the RGB copy)", min=MIB, max=64 * 1024 * MIB, kind="size")

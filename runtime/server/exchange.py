@@ -68,7 +68,10 @@ async def read_body(request: Request, limit: int, configured: int | None = None)
             size += len(chunk)
             if size > limit:
                 if size > 4 * limit + 65536:
-                    break  # stop reading: the connection is dropped after the answer
+                    # stop reading, and close after the answer: else the server would go on discarding
+                    # whatever an endless chunked sender sends, on a connection kept alive
+                    too_big.headers["Connection"] = "close"
+                    break
                 continue
             chunks.append(chunk)
     except ClientDisconnect:

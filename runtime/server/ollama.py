@@ -325,7 +325,10 @@ class OllamaApi:
               translate: Callable[[dict, str], Translation]) -> tuple[Translation, ChatRequest | None]:
         """The body → (translation, checked request), or no request for a "load the model" call; runs
         in a worker thread (base64 and image headers are read here)."""
-        payload = parse_json(body)
+        limits = self.config.limits
+        payload = parse_json(body, limits.max_json_values)
+        # counted on the parsed lists, before any becomes a part
+        _check_image_count(payload, limits.max_images, chat=translate is translate_chat)
         translation = translate(payload, self.model_name(payload))
         if translation.load:
             return translation, None
@@ -342,7 +345,7 @@ class OllamaApi:
             body = await read_body(request, self.config.limits.max_body_bytes)
         except ClientGone:
             raise ApiError(400, "the client closed the connection", "client_gone") from None
-        return parse_json(body)
+        return parse_json(body, self.config.limits.max_json_values)
 
 
 # ==============================================================================================
@@ -467,6 +470,21 @@ def _images(value, param: str) -> list[dict]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ApiError(400, f"{param} must be an array of base64-encoded image files", "invalid_type", param)
     return [{"type": "image_url", "image_url": {"url": v if v.startswith("data:") else _DATA_URI + v}} for v in value]
+
+
+def _check_image_count(payload: dict, limit: int, chat: bool) -> None:
+    """Ollama's ``images`` (every message's for /api/chat, the top-level ones for /api/generate) counted
+    before any becomes a part: the 400 naming limits.max_images the reader would give after translating."""
+    messages = payload.get("messages") if chat else None
+    lists = [] if chat else [("images", payload.get("images"))]
+    if isinstance(messages, list):
+        lists = [(f"messages[{i}].images", m.get("images")) for i, m in enumerate(messages) if isinstance(m, dict)]
+    counted = [(param, len(value)) for param, value in lists if isinstance(value, list)]
+    total = sum(n for _, n in counted)
+    if total > limit:
+        where = max(counted, key=lambda item: item[1])[0]
+        raise ApiError(400, f"the request has {total:,} images, over limits.max_images = {limit}: send at most "
+                       f"{limit} per request", "too_many_images", where)
 
 
 def _tool_calls(calls, param: str, index: int) -> list[dict]:

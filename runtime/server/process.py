@@ -25,7 +25,7 @@ from rksmolvlm.errors import RkSmolVLMError
 from rksmolvlm.runtime.server.config import (CONFIG_ENV, DEFAULT_CONFIG_PATH, ConfigError, ServerConfig, load_config,
                                              read_api_key, with_overrides)
 from rksmolvlm.runtime.server.connections import ConnectionBook, ConnectionLimits, protocol_class
-from rksmolvlm.runtime.server.guards import is_loopback
+from rksmolvlm.runtime.server.guards import host_check_summary, is_loopback
 from rksmolvlm.runtime.server.http import create_app
 from rksmolvlm.runtime.server.metrics import Metrics
 from rksmolvlm.runtime.server.model import ServedModel
@@ -194,12 +194,6 @@ class BackgroundServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def _host_check(server, api_key: str | None) -> str:
-    if api_key is not None or not is_loopback(server.host):
-        return "off (an API key is set, or the server listens beyond loopback)"
-    return "off (allowed_hosts = [\"*\"])" if "*" in server.allowed_hosts else ", ".join(server.allowed_hosts)
 
 
 def _drain_hook(app, config: ServerConfig) -> Callable[[], None] | None:
@@ -427,7 +421,7 @@ def serve_command(args: argparse.Namespace, runners: "RunnerFactory") -> int:
               f"{server.body_timeout_s:g} s + 1 s per {server.body_min_rate:,} bytes, idle "
               f"{server.keepalive_timeout_s:g} s, send {server.send_timeout_s:g} s; stop grace "
               f"{server.shutdown_grace_s:g} s\n"
-              f"host check: {_host_check(server, api_key)}\n"
+              f"host check: {host_check_summary(server.host, server.allowed_hosts, api_key is not None)}\n"
               f"limits: {json.dumps(config.to_dict()['limits'])}\n"
               f"video: {_video_line(config, bundle)}\nok")
         return 0

@@ -1,7 +1,9 @@
 """Requests: the OpenAI chat completion schema → a checked, typed ChatRequest. Every field and limit
 (body JSON, parameters, message and text sizes, image and video counts) is checked here, and every
 media part is read (``runtime/server/media.py``) and checked (``runtime/server/media_checks.py``)
-before the request may queue; a refusal is an ApiError (``runtime/server/errors.py``).
+before the request may queue; a refusal is an ApiError (``runtime/server/errors.py``). The body's
+JSON values are counted on its raw bytes before it is parsed (``json_values``): millions of tiny
+values in a 21 MB body would take gigabytes as Python objects.
 
 Videos (SmolVLM2 bundles) come as vLLM's ``{"type": "video_url", "video_url": {"url": …}}`` parts,
 from the same sources as images (data: URIs, files under images.local_dir, remote URLs when allowed);
@@ -44,7 +46,7 @@ if TYPE_CHECKING:  # the module is imported for `rksmolvlm --help`: numpy and fr
     from rksmolvlm.runtime.jail.decoder import JailedDecoder
     from rksmolvlm.runtime.structured import GrammarCompiler, ResponseFormat
 
-__all__ = ["ChatRequest", "RequestReader", "parse_json"]
+__all__ = ["ChatRequest", "RequestReader", "json_values", "parse_json"]
 
 
 # ==============================================================================================
@@ -86,7 +88,7 @@ class RequestReader:
         self.decoder = decoder  # the server's jail: media are opened in its children (None: in this process)
 
     def read(self, body: bytes) -> ChatRequest:
-        return self.read_payload(parse_json(body))
+        return self.read_payload(parse_json(body, self.limits.max_json_values))
 
     def read_payload(self, payload: dict, fmt: ResponseFormat | None = None) -> ChatRequest:
         """A chat completion body already parsed from JSON (the Ollama endpoints translate theirs into one
@@ -366,8 +368,16 @@ def _response_format(payload: dict) -> ResponseFormat:
     return call if call.constrained else fmt
 
 
-def parse_json(body: bytes) -> dict:
-    """A request body as a JSON object, or the 400 naming what is wrong with it."""
+def parse_json(body: bytes, max_values: int) -> dict:
+    """A request body as a JSON object, or the error naming what is wrong with it: a 413 when it holds
+    more than ``max_values`` JSON values (limits.max_json_values), counted on the raw bytes before
+    any Python object is built (``json_values``), else the 400 of invalid JSON."""
+    values = json_values(body, max_values)
+    if values > max_values:
+        raise ApiError(413, f"the request body holds at least {values:,} JSON values (strings, keys, numbers, arrays "
+                       f"and objects), over limits.max_json_values = {max_values:,}: send fewer messages, parts or "
+                       "images (each image is one base64 string), or raise limits.max_json_values in the server "
+                       "config", "too_many_json_values")
     try:
         payload = json.loads(body)
     except UnicodeDecodeError:
@@ -386,6 +396,24 @@ def parse_json(body: bytes) -> dict:
     return payload
 
 
+def json_values(body: bytes, limit: int) -> int:
+    """How many JSON values ``body`` holds (strings, keys too, and every value after a ``[``, ``{`` or
+    ``,`` outside strings), counted at C speed without parsing: at most ``limit`` means within it (an
+    upper bound), above it a lower bound. Each pass runs only when the one before cannot decide: the
+    ``"``, ``,``, ``[`` and ``{`` anywhere (an upper bound; a legitimate body stops here: base64 has none
+    of them), the strings alone (a lower bound; a bomb of millions of tiny strings stops here), then the
+    structure between the strings (a split into at most 2 × ``limit`` + 1 pieces)."""
+    upper = len(body.translate(None, _NOT_STRUCTURAL))
+    if upper <= limit:
+        return upper
+    # escaped backslashes, then escaped quotes, out: every '"' left opens or closes a string
+    plain = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    strings = plain.count(b'"') // 2
+    if strings > limit:
+        return strings
+    outside = b"".join(plain.split(b'"')[0::2])  # the even pieces lie between strings
+    return strings + len(outside.translate(None, _NOT_STRUCTURAL))
+
 
 # ==============================================================================================
 # Private helpers
@@ -396,6 +424,7 @@ _MAX_STOPS = 4
 _MAX_STOP_CHARS = 64  # the text stream holds back any prefix of a stop string: keep them short
 _MAX_SEED = 2**63 - 1  # OpenAI's seed is an int64
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_NOT_STRUCTURAL = bytes(b for b in range(256) if b not in b'",[{')  # deleted: what is left is counted
 _MM_KWARGS = ("fps", "num_frames", "max_frames")  # what mm_processor_kwargs may hold (vLLM's names and ours)
 _MM_IMAGE_KWARGS = ("size", "max_tiles", "do_image_splitting")  # and for images: see the module docstring
 _MAX_FPS = 1000.0  # rksmolvlm.processing.content.VideoPart's bound

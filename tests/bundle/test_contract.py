@@ -44,13 +44,13 @@ def _parts(record, found=None):
     return found
 
 
-def _read_part(part, data, files):
-    """``part``'s own reader on ``data``."""
+def _read_part(part, data, files, root=ROOT):
+    """``part``'s own reader on ``data`` (``root``: the bundle whose files it may read, a chat template's)."""
     if isinstance(part, TokenInfo):
-        return TokenInfo.from_dict(data, ROOT, files, image_seq_len=part.prompt.image_seq_len)
+        return TokenInfo.from_dict(data, root, files, image_seq_len=part.prompt.image_seq_len)
     if isinstance(part, FileRecord):
-        return FileRecord.from_dict(data, part.path, ROOT)
-    return type(part).from_dict(data, ROOT, files)
+        return FileRecord.from_dict(data, part.path, root)
+    return type(part).from_dict(data, root, files)
 
 
 PARTS = [(family, i) for family in FAMILIES for i in range(len(_parts(family_record(family))))]
@@ -317,4 +317,4 @@ def test_every_converted_manifest_is_what_its_records_write(preview_bundles, nam
     assert Manifest.from_dict(m.to_dict(), root) == m
     assert m.to_dict() == on_disk and list(m.to_dict()) == list(on_disk)
     for part in _parts(m):
-        assert _read_part(part, _json(part.to_dict()), m.files) == part
+        assert _read_part(part, _json(part.to_dict()), m.files, root) == part

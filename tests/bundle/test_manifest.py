@@ -67,7 +67,13 @@ DAMAGE = {  # what is done to the manifest → what the error must name
                                                                       "disagrees with"),
     "vision output shape of two": (_edit("vision.output.shape", [4, 64]), "'vision.output.shape' must be a list of 3"),
     "family": (_edit("model.family", "llava"), "'model.family' must be one of idefics3, smolvlm"),
-    "chat template": (_edit("chat_template", ["x"]), "'chat_template' must be a string"),
+    "chat template file": (_edit("chat_template_file", ["x"]), "'chat_template_file' must be a relative file path"),
+    "chat template file not listed": (_edit("chat_template_file", "notes.txt"), "'chat_template_file' names "
+                                                                                "'notes.txt', which is not among"),
+    "chat template inline too": (_edit("chat_template", "{{ 'x' }}"), "has both 'chat_template' and "
+                                                                        "'chat_template_file'"),
+    "chat template inline": (lambda m, root: m.update(chat_template=["x"]) or m.pop("chat_template_file"),
+                             "'chat_template' must be a string"),
     "image mean": (_edit("processor.image_mean", [0.5, 0.5]), "'processor.image_mean' must be a list of 3 numbers"),
     "splitting flag": (_edit("processor.do_image_splitting", 1),
                        "'processor.do_image_splitting' must be true or false"),

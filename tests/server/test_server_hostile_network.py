@@ -442,8 +442,10 @@ def test_a_foreign_origin_may_not_post_without_a_key(served, client):
 
 
 def test_guard_rules():
-    """The checks' rules, without a server: a key turns Host and Origin checks off, a non-loopback
-    listener the Host check, ``*`` allows any host, a configured name matches any port or its own."""
+    """The checks' rules, without a server: a key turns the Origin check off and lets a request with the key
+    through the Host check (one without it must name an IP address, an allowed name or the machine's own), a
+    non-loopback listener without a key has no Host check, ``*`` allows any host, a configured name matches
+    any port or its own."""
     def scope(method="POST", **headers):
         return {"type": "http", "method": method,
                 "headers": [(k.replace("_", "-").encode(), v.encode()) for k, v in headers.items()]}
@@ -457,10 +459,15 @@ def test_guard_rules():
     keyed = RequestGuard(None, ServerConfig(), api_key="k" * 20)
     lan = RequestGuard(None, with_overrides(ServerConfig(), {"server.host": "0.0.0.0"}), api_key=None)
     assert code(loopback, host="evil.example", **json_type) == "host_not_allowed"
-    assert code(keyed, host="evil.example", **json_type) is None
+    assert code(keyed, host="evil.example", **json_type) == "host_not_allowed"
+    assert code(keyed, method="GET", host="evil.example:8080") == "host_not_allowed"
+    assert code(keyed, host="evil.example", authorization="Bearer " + "k" * 20, **json_type) is None
+    assert code(keyed, host="evil.example", authorization="Bearer " + "j" * 20, **json_type) == "host_not_allowed"
+    for fine in ("192.168.1.5:8080", "[fe80::1]", "127.0.0.1", "localhost:8080"):
+        assert code(keyed, method="GET", host=fine) is None, fine
     assert code(lan, host="evil.example", **json_type) is None
-    assert code(keyed, host="x", origin="http://evil.example", **json_type) is None
-    assert code(keyed, host="x") == "unsupported_media_type"
+    assert code(keyed, host="10.0.0.2", origin="http://evil.example", **json_type) is None
+    assert code(keyed, host="10.0.0.2") == "unsupported_media_type"
     assert code(lan, host="board:8080", origin="http://evil.example", **json_type) == "origin_not_allowed"
     assert code(lan, host="board:8080", origin="http://board:8080", **json_type) is None
     assert code(lan, method="GET", host="board", origin="http://evil.example") is None

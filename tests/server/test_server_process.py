@@ -121,8 +121,33 @@ def test_check_prints_the_settings(preview_bundles, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "listen: 127.0.0.1:9999" in result.stdout and "api key: none" in result.stdout
     assert "connections: at most 256; head 10 s" in result.stdout and "stop grace 10 s" in result.stdout
-    assert "host check: localhost, 127.0.0.1, [::1]" in result.stdout
+    assert "host check: localhost, 127.0.0.1, [::1] (no API key is set" in result.stdout
     assert result.stdout.rstrip().endswith("ok")
+
+
+@pytest.mark.parametrize("host, keyed, words", [
+    # it said "off (an API key is set, or the server listens beyond loopback)" with no key on 0.0.0.0
+    ("0.0.0.0", False, ["api key: none", "host check: off: no API key is set and the server listens on 0.0.0.0",
+                        "set server.api_key_file"]),
+    ("0.0.0.0", True, ["api key: required", "host check: on for requests without the API key: IP addresses, "
+                       "localhost, 127.0.0.1, [::1]"]),
+])
+def test_check_says_truthfully_whether_a_key_is_set(preview_bundles, tmp_path, host, keyed, words):
+    config = tmp_path / "config.toml"
+    lines = [f'bundle = "{preview_bundles[MODEL]}"', 'engine = "host"', "[server]", f'host = "{host}"']
+    if keyed:
+        key = tmp_path / "api_key"
+        key.write_text("k" * 32 + "\n")
+        key.chmod(0o600)
+        lines.append(f'api_key_file = "{key}"')
+    config.write_text("\n".join(lines) + "\n")
+    result = subprocess.run([*RKSMOLVLM, "serve", "--config", str(config), "--check"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for expected in words:
+        assert expected in result.stdout, (expected, result.stdout)
+    if not keyed:
+        assert "an API key is set" not in result.stdout
 
 
 def test_a_busy_port_is_a_clear_error(preview_bundles):
