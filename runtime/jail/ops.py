@@ -28,11 +28,10 @@ import numpy as np
 from rksmolvlm.errors import ImageError, ImageTooManyPixelsError, VideoError
 from rksmolvlm.processing.image import MAX_IMAGE_SIZE
 
-__all__ = ["OPS", "MAX_FRAME_INDICES", "DECODE_BATCH", "prepare", "expected_shapes", "error_family", "run"]
+__all__ = ["OPS", "MAX_FRAME_INDICES", "prepare", "expected_shapes", "error_family", "run"]
 
 OPS = ("image.probe", "image.tile", "video.probe", "video.frames", "diagnose")
 MAX_FRAME_INDICES = 1024
-DECODE_BATCH = 8  # frames decoded and resized at a time, as runtime/video.py's VideoEncoder does
 
 
 def prepare(op: str, params: Mapping[str, Any]) -> dict:
@@ -269,18 +268,14 @@ def _image_tile(data: bytes, params: Mapping[str, Any]) -> tuple[dict, list[np.n
 
 
 def _video_frames(data: bytes, params: Mapping[str, Any]) -> np.ndarray:
-    from rksmolvlm.processing.video import VideoLimits, VideoReader
-    from rksmolvlm.processing.video_frames import VideoSettings, resize_frames
+    from rksmolvlm.processing.video import VideoLimits
+    from rksmolvlm.processing.video_frames import VideoSettings
+    from rksmolvlm.runtime.decoding import decode_frames
 
-    settings = VideoSettings.from_dict(params["settings"])
-    indices = params["indices"]
-    size = settings.frame_size
-    out = np.empty((len(indices), size, size, 3), np.uint8)
-    with VideoReader(data, VideoLimits(**params["limits"])) as reader:
-        for start in range(0, len(indices), DECODE_BATCH):
-            batch = indices[start:start + DECODE_BATCH]
-            out[start:start + len(batch)] = resize_frames(reader.read_frames(batch), settings)
-    return out
+    frames = decode_frames(data, params["indices"], VideoSettings.from_dict(params["settings"]),
+                           VideoLimits(**params["limits"]))
+    assert frames is not None  # nothing aborts inside the child: the parent kills it instead
+    return frames
 
 
 def _diagnose(context: Mapping[str, Any]) -> dict:
