@@ -17,6 +17,7 @@ import time
 import httpx
 import pytest
 
+from support.fakes import UnusedRunner
 from rksmolvlm.runtime.server import BackgroundServer, Metrics, ModelService, ServedModel, create_app
 from rksmolvlm.runtime.server.config import ServerConfig, with_overrides
 from rksmolvlm.runtime.server.errors import ApiError
@@ -26,23 +27,11 @@ MIB = 1024 * 1024
 LIMIT = ServerConfig().limits.max_json_values
 
 
-class _Unused:
-    """A runner for a server whose requests are all refused before they queue."""
-
-    def generate(self, messages, config):
-        raise AssertionError("this request should have been refused before the queue")
-
-    def abort(self):
-        pass
-
-    def close(self):
-        pass
-
 
 @pytest.fixture(scope="module")
 def server():
     config = ServerConfig()
-    service = ModelService(_Unused, ServedModel("m", (), 2048, 0, "host"), 2, Metrics())
+    service = ModelService(UnusedRunner, ServedModel("m", (), 2048, 0, "host"), 2, Metrics())
     with BackgroundServer(create_app(service, config), config) as served:
         yield served
 
@@ -213,7 +202,7 @@ def _chunked_post(server, path: str, total: int, chunk: int = 64 * 1024) -> tupl
 def test_a_chunked_body_over_the_limit_is_counted_as_read_and_413(path):
     limit = 1 * MIB
     config = with_overrides(ServerConfig(), {"limits.max_body_bytes": limit, "limits.max_image_bytes": 512 * 1024})
-    service = ModelService(_Unused, ServedModel("m", (), 2048, 0, "host"), 2, Metrics())
+    service = ModelService(UnusedRunner, ServedModel("m", (), 2048, 0, "host"), 2, Metrics())
     with BackgroundServer(create_app(service, config), config) as served:
         data, _ = _chunked_post(served, path, limit + 256 * 1024)  # no Content-Length: counted as read
         head, _, rest = data.partition(b"\r\n\r\n")

@@ -12,6 +12,7 @@ import socket
 import httpx
 import pytest
 
+from support.fakes import UnusedRunner
 from rksmolvlm.runtime.server import BackgroundServer, Metrics, ModelService, ServedModel, create_app
 from rksmolvlm.runtime.server.config import ServerConfig, with_overrides
 
@@ -23,20 +24,10 @@ KEYED = ["/v1/models", "/props", "/api/tags", "/api/ps", "/no/such/path"]
 POSTS = ["/v1/chat/completions", "/api/chat", "/api/generate", "/api/show"]
 
 
-class _Unused:
-    def generate(self, messages, config):
-        raise AssertionError("this request should have been refused before the queue")
-
-    def abort(self):
-        pass
-
-    def close(self):
-        pass
-
 
 def _served(**settings):
     config = with_overrides(ServerConfig(), settings)
-    service = ModelService(_Unused, ServedModel("m", (), 2048, 0, "host"), 2, Metrics())
+    service = ModelService(UnusedRunner, ServedModel("m", (), 2048, 0, "host"), 2, Metrics())
     return BackgroundServer(create_app(service, config, api_key=KEY), config)
 
 

@@ -26,6 +26,7 @@ from support.images import rng_image
 
 from support.net import LoopbackHandler, health_within_limit, loopback_http
 from support.hostile_images import float_tiff, jpeg_tiff, scan_bomb, zero_png
+from support.fakes import UnusedRunner
 from rksmolvlm.runners import RUNNERS
 from rksmolvlm.runtime.server import BackgroundServer, Metrics, ModelService, ServedModel, build_app, create_app
 from rksmolvlm.runtime.server.remote import FetchError, fetch, is_public_address
@@ -134,24 +135,12 @@ def served(preview_bundles, images_dir):
         yield server
 
 
-class _Unused:
-    """A runner for a server whose requests are all refused before they queue."""
-
-    def generate(self, messages, config):
-        raise AssertionError("this request should have been refused before the queue")
-
-    def abort(self):
-        pass
-
-    def close(self):
-        pass
-
 
 @pytest.fixture(scope="module")
 def public_only():
     """images.allow_remote with the default images.allow_private_networks = false."""
     config = with_overrides(ServerConfig(), {"images.allow_remote": True})
-    service = ModelService(_Unused, ServedModel(MODEL, (), 2048, 0, "host"), 2, Metrics())
+    service = ModelService(UnusedRunner, ServedModel(MODEL, (), 2048, 0, "host"), 2, Metrics())
     with BackgroundServer(create_app(service, config), config) as server:
         yield server
 
@@ -475,7 +464,7 @@ def test_a_refusal_in_the_worker_keeps_its_code():
     with its own code, not a generic invalid_image."""
     from rksmolvlm.errors import ImageDecodeTooLargeError
 
-    class Refusing(_Unused):
+    class Refusing(UnusedRunner):
         def generate(self, messages, config):
             raise ImageDecodeTooLargeError("image is 9000×9000 in mode F: decoding it takes about 618 MiB")
 

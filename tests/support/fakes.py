@@ -208,3 +208,16 @@ class RecordingLlm(LlmWrapper):
             if self.delay:
                 time.sleep(self.delay)
             yield token
+
+
+class UnusedRunner:
+    """A runner for a server whose requests are all refused before they queue."""
+
+    def generate(self, messages, config):
+        raise AssertionError("this request should have been refused before the queue")
+
+    def abort(self):
+        pass
+
+    def close(self):
+        pass
