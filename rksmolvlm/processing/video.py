@@ -87,6 +87,9 @@ DEFAULT_MAX_FRAME_PIXELS = 3840 * 2160
 DEFAULT_MAX_SIDE = 4096
 DEFAULT_MAX_DECODE_SECONDS = 60.0
 DEFAULT_MAX_OUTPUT_BYTES = 1024 * 1024 * 1024
+# Pixels one read_frames call may decode (frames from each wanted frame's keyframe, times the frame
+# size): ~3,900 4K frames, about max_decode_seconds of software decoding on the board's A76 cores.
+DEFAULT_MAX_DECODED_PIXELS = 32_000_000_000
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,10 @@ class VideoLimits:
     decoder's pixel cap). ``max_duration_seconds``/``max_stream_frames``: the header's claims before
     the packet scan, then the scan itself (it stops at ``max_stream_frames`` packets). ``max_decode_seconds``:
     wall time of everything one ``VideoReader`` does (open, scan, decode), checked between packets.
-    ``max_output_bytes``: the RGB frames one ``read_frames`` call returns (read fewer frames per call)."""
+    ``max_output_bytes``: the RGB frames one ``read_frames`` call returns (read fewer frames per call).
+    ``max_decoded_pixels``: the frames one ``read_frames`` call must decode to reach the wanted ones
+    (from the keyframe index, before decoding: a 4K clip with one keyframe makes the last frame cost
+    every frame before it), times the frame size."""
 
     max_bytes: int = DEFAULT_MAX_BYTES
     max_duration_seconds: float = DEFAULT_MAX_DURATION_SECONDS
@@ -107,6 +113,7 @@ class VideoLimits:
     max_side: int = DEFAULT_MAX_SIDE
     max_decode_seconds: float = DEFAULT_MAX_DECODE_SECONDS
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+    max_decoded_pixels: int = DEFAULT_MAX_DECODED_PIXELS
 
 
 @dataclass(frozen=True)
@@ -175,6 +182,13 @@ class VideoReader:
                 f"{unique.size * frame_bytes / 2**20:.0f} MiB, over the {self._limits.max_output_bytes / 2**20:.0f} "
                 "MiB limit: read fewer frames per call or send a lower-resolution video",
                 limit="max_output_bytes")
+        decodes = self._planned_decodes(unique.tolist())
+        if decodes * self.info.width * self.info.height > self._limits.max_decoded_pixels:
+            raise VideoTooComplexError(
+                f"reaching {unique.size} frames of the {self.info.width}x{self.info.height} video means decoding "
+                f"{decodes} frames ({decodes * self.info.width * self.info.height / 1e9:.1f} Gpixels, keyframes are "
+                f"that far apart), over the {self._limits.max_decoded_pixels / 1e9:g} Gpixel limit: re-encode it "
+                "with a keyframe every few seconds (ffmpeg -g 60) or send a shorter clip", limit="max_decoded_pixels")
         out = np.empty((unique.size, self.info.height, self.info.width, 3), np.uint8)
         for slot, index in enumerate(unique.tolist()):
             self._decode_into(index, out[slot])
@@ -403,6 +417,19 @@ class VideoReader:
                              "send an intact file")
         self._last_index = index
         self._convert(frame, out)
+
+    def _planned_decodes(self, indices: list[int]) -> int:
+        """The frames ``_decode_into`` decodes for the sorted ``indices`` (its seek rule, from the
+        keyframe index): from the decoder's position, or from a keyframe when that skips frames."""
+        position, total = self._last_index, 0
+        for index in indices:
+            key = self._keyframe_position(int(self._pts[index]))
+            start = key if key is not None and (index <= position or key > position + _SEEK_MIN_GAIN) else position + 1
+            if index <= position and key is None:
+                start = 0
+            total += index - start + 1
+            position = index
+        return total
 
     def _keyframe_position(self, target: int) -> int | None:
         """Where, in presentation order, the last keyframe at or before ``target`` is."""
