@@ -284,7 +284,7 @@ class VideoReader:
         try:
             container = av.open(self._file, mode="r", options=options, stream_options=stream_options,
                                  metadata_errors="ignore")
-        except av.error.FFmpegError as exc:
+        except (av.error.FFmpegError, ValueError) as exc:  # ValueError: streams unknown before the probe
             self._file.check()
             raise VideoError(
                 f"the video could not be opened ({_reason(exc)}): send an MP4/MOV, MKV/WebM or AVI file "
