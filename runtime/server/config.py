@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from rksmolvlm.errors import RkSmolVLMError
 
 if TYPE_CHECKING:  # the config is read for `serve --help`: PyAV and numpy load on use
+    from rksmolvlm.processing.image_safety import DecodeLimits
     from rksmolvlm.processing.video import VideoLimits
 
 __all__ = [
@@ -127,6 +128,16 @@ class Limits:
     max_jpeg_scans: int = _key(100, "scans in one progressive JPEG, counted before decoding (encoders write about 10; "
                                "each is a pass over the whole image); above 10 megapixels proportionally fewer",
                                min=1, max=1_000_000)
+    max_tiff_strips: int = _key(65_536, "strips or tiles in one TIFF image, counted from its directory before decoding "
+                                "(a writer makes one a row at most; 1.3 million strips take minutes to decode)",
+                                min=1, max=100_000_000)
+
+    def decode_limits(self) -> "DecodeLimits":
+        """The limits every image is held to before and while it is decoded (rksmolvlm.processing.image_safety)."""
+        from rksmolvlm.processing.image_safety import DecodeLimits
+
+        return DecodeLimits(max_pixels=self.max_image_pixels, max_decode_bytes=self.max_decode_bytes,
+                            max_jpeg_scans=self.max_jpeg_scans, max_tiff_strips=self.max_tiff_strips)
 
 
 @dataclass(frozen=True)
@@ -192,6 +203,10 @@ class VideoSection:
     max_decode_seconds: float = _key(60.0, "seconds one reading of a video may take (opening, the packet scan, "
                                      "decoding the sampled frames); then it stops with 400 video_too_complex",
                                      min=0.1, max=3600)
+    max_decoded_pixels: int = _key(32_000_000_000, "pixels one reading of a video may decode to reach its sampled "
+                                   "frames (each from its keyframe: frames × width × height), computed from the "
+                                   "keyframe index before decoding; 32 G = 16 samples of a 4K clip with x264's "
+                                   "250-frame GOP", min=1_000_000, max=10**13)
     max_output_bytes: int = _key(512 * MIB, "memory the decoded frames of one video take (RGB: frames × width × "
                                  "height × 3); 16 frames of 3840×2160 take 380 MiB", min=MIB, max=64 * 1024 * MIB,
                                  kind="size")
@@ -228,7 +243,7 @@ class DecodeSection:
 
 # The [video] keys that are VideoLimits fields (the same names: a VideoError's ``limit`` is video.<name>).
 VIDEO_LIMIT_KEYS = ("max_bytes", "max_duration_seconds", "max_stream_frames", "max_frame_pixels", "max_side",
-                    "max_decode_seconds", "max_output_bytes")
+                    "max_decode_seconds", "max_decoded_pixels", "max_output_bytes")
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ def check_image(data: bytes, param: str, config: ServerConfig, decoder: "JailedD
     from PIL import Image, UnidentifiedImageError
 
     from rksmolvlm.errors import ImageError
-    from rksmolvlm.processing.image_safety import DecodeLimits, check_decodable, check_jpeg
+    from rksmolvlm.processing.image_safety import check_decodable, check_jpeg
 
     limits = config.limits
     limit = limits.max_image_pixels
@@ -48,8 +48,7 @@ def check_image(data: bytes, param: str, config: ServerConfig, decoder: "JailedD
                        "invalid_image", param)
     if len(data) > IMAGE.limit(config):
         raise IMAGE.too_large(config, len(data), param)
-    decode = DecodeLimits(max_pixels=limit, max_decode_bytes=limits.max_decode_bytes,
-                          max_jpeg_scans=limits.max_jpeg_scans)
+    decode = limits.decode_limits()
     try:
         jpeg = check_jpeg(data, decode)  # before Pillow walks the markers itself: milliseconds, in front of the jail
         if decoder is not None:
@@ -153,7 +152,8 @@ _PIL_FORMATS = tuple(sorted(set(IMAGE_TYPES.values())))
 # The DecodeLimits field an image is over → the config key that sets it (in refusal messages).
 _DECODE_LIMIT_KEYS: dict[str | None, str] = {"max_decode_bytes": "limits.max_decode_bytes",
                                              "max_jpeg_scans": "limits.max_jpeg_scans",
-                                             "max_pixels": "limits.max_image_pixels"}
+                                             "max_pixels": "limits.max_image_pixels",
+                                             "max_tiff_strips": "limits.max_tiff_strips"}
 # Leading bytes of video containers (ISO BMFF's ftyp box is checked apart): Matroska/WebM, AVI, FLV, MPEG-PS.
 _VIDEO_MAGIC = (b"\x1a\x45\xdf\xa3", b"FLV\x01", b"\x00\x00\x01\xba")
 _IMAGE_BRANDS = (b"avif", b"avis", b"heic", b"heix", b"mif1", b"msf1", b"heim", b"heis", b"hevc", b"hevx")

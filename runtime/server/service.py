@@ -332,15 +332,13 @@ def open_runner(bundle: "RuntimeBundle", config: ServerConfig, engine: str, runn
     configured cores and library, room for the largest max_tokens a request may ask for, the configured
     image cache and pixel limit, the ``[video]`` defaults and limits (SmolVLM2 bundles), and the media
     decoder (the server's jail; None: in this process)."""
-    from rksmolvlm.processing.image_safety import DecodeLimits
     from rksmolvlm.runtime.engines import EngineOptions
 
     cores = tuple(config.npu_cores) if config.npu_cores is not None else None
     options = EngineOptions(threads=config.threads, library=config.rkllm_library, cores=cores,
                             max_new_tokens=config.limits.max_tokens)
     limits = config.limits
-    decode = DecodeLimits(max_pixels=limits.max_image_pixels, max_decode_bytes=limits.max_decode_bytes,
-                          max_jpeg_scans=limits.max_jpeg_scans)
+    decode = limits.decode_limits()
     resolution = config.images.resolution(bundle.settings.tile_size)  # a ConfigError before any engine starts
     return runners.open(bundle, engine, options, image_cache_size=config.image_cache_size,
                         max_pixels=limits.max_image_pixels, default_detail=config.images.default_detail,
