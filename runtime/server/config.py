@@ -243,7 +243,7 @@ class DecodeSection:
 
 # The [video] keys that are VideoLimits fields (the same names: a VideoError's ``limit`` is video.<name>).
 VIDEO_LIMIT_KEYS = ("max_bytes", "max_duration_seconds", "max_stream_frames", "max_frame_pixels", "max_side",
-                    "max_decode_seconds", "max_decoded_pixels", "max_output_bytes")
+                    "max_decode_seconds", "max_output_bytes", "max_decoded_pixels")
 
 
 @dataclass(frozen=True)
