@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rksmolvlm import __version__
+from rksmolvlm.runtime.server.bulk import bulk
 from rksmolvlm.runtime.server.config import ServerConfig
 from rksmolvlm.runtime.server.errors import ApiError
 
@@ -150,7 +151,8 @@ class MediaSource:
                            f"invalid_{kind.name}_url", param)
         if len(payload) // 4 * 3 > kind.limit(self.config) + 3:
             raise kind.too_large(self.config, f"about {len(payload) // 4 * 3:,}", param)
-        return _base64(payload, param, kind.name)
+        with bulk(len(payload)):  # one multi-megabyte decode at a time (runtime/server/bulk.py)
+            return _base64(payload, param, kind.name)
 
     def _from_local(self, ref: MediaRef) -> bytes:
         """A file under images.local_dir (images and videos alike), read up to the kind's byte limit."""

@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable
 
+from rksmolvlm.runtime.server.bulk import bulk
 from rksmolvlm.runtime.server.config import ServerConfig
 from rksmolvlm.runtime.server.errors import ApiError
 from rksmolvlm.runtime.server.media import IMAGE, VIDEO, MediaKind, MediaRef, MediaSource
@@ -372,14 +373,23 @@ def parse_json(body: bytes, max_values: int) -> dict:
     """A request body as a JSON object, or the error naming what is wrong with it: a 413 when it holds
     more than ``max_values`` JSON values (limits.max_json_values), counted on the raw bytes before
     any Python object is built (``json_values``), else the 400 of invalid JSON."""
-    values = json_values(body, max_values)
+    with bulk(len(body)):  # one multi-megabyte parse at a time (runtime/server/bulk.py)
+        values = json_values(body, max_values)
+        payload = None if values > max_values else _loads(body)
     if values > max_values:
         raise ApiError(413, f"the request body holds at least {values:,} JSON values (strings, keys, numbers, arrays "
                        f"and objects), over limits.max_json_values = {max_values:,}: send fewer messages, parts or "
                        "images (each image is one base64 string), or raise limits.max_json_values in the server "
                        "config", "too_many_json_values")
+    if not isinstance(payload, dict):
+        raise ApiError(400, "the request body must be a JSON object with model and messages", "invalid_json")
+    return payload
+
+
+def _loads(body: bytes):
+    """``json.loads``, its failures as the 400 invalid_json naming what is wrong."""
     try:
-        payload = json.loads(body)
+        return json.loads(body)
     except UnicodeDecodeError:
         raise ApiError(400, "the request body is not UTF-8 JSON: send a JSON object", "invalid_json") from None
     except json.JSONDecodeError as exc:
@@ -391,9 +401,6 @@ def parse_json(body: bytes, max_values: int) -> dict:
     except ValueError:  # an integer of more than 4,300 digits (Python's int conversion limit)
         raise ApiError(400, "the request body holds a number too long to read: send numbers of ordinary size",
                        "invalid_json") from None
-    if not isinstance(payload, dict):
-        raise ApiError(400, "the request body must be a JSON object with model and messages", "invalid_json")
-    return payload
 
 
 def json_values(body: bytes, limit: int) -> int:
