@@ -18,7 +18,7 @@ from rksmolvlm.runtime.npu_engines import LIBRARY_DIRS
 if TYPE_CHECKING:
     from rksmolvlm.bundle.manifest import Manifest
 
-__all__ = ["Finding", "run_doctor", "parse_version"]
+__all__ = ["Finding", "run_doctor", "parse_version", "jail_finding"]
 
 _DRIVER_FILES = ("sys/kernel/debug/rknpu/version", "sys/module/rknpu/version", "proc/debug/rknpu/version")
 _NPU_NODES = ("dev/dri/renderD129", "dev/rknpu")
@@ -65,6 +65,32 @@ def _find(root: Path, name: str) -> Path | None:
     return None
 
 
+def jail_finding(timeout_s: float = 60.0) -> Finding:
+    """Start one decoding child as the server does (runtime/jail/) and report its sandbox: the address-space
+    and file-size limits, and whether the seccomp filter that takes away the network and exec is on."""
+    try:
+        from rksmolvlm.runtime.jail import DecodePool, JailError
+    except ImportError as exc:
+        return Finding("fail", "decode jail", f"the decoding children cannot be imported ({exc})",
+                       "pip install 'rksmolvlm[board,serve]'")
+    debug = "run with RKSMOLVLM_JAIL_DEBUG=1 to see the child's error; check that numpy, Pillow and av import"
+    try:
+        with DecodePool(2, reserved=1) as pool:
+            if not pool.wait_ready(timeout_s):
+                return Finding("fail", "decode jail", f"a decoding child did not start within {timeout_s:g} s", debug)
+            facts = pool.run("diagnose", {}, deadline_s=timeout_s).result
+    except (OSError, JailError) as exc:
+        return Finding("fail", "decode jail", f"a decoding child cannot run here ({exc})", debug)
+    limits = f"address space {facts['as_limit'] / 2**20:,.0f} MiB, file writes {facts['fsize_limit']}"
+    if facts.get("no_network"):
+        return Finding("ok", "decode jail", f"children sandboxed: {limits}, seccomp {facts['seccomp']} (no network, "
+                       "no exec)")
+    return Finding("warn", "decode jail", f"children run with {limits} but without the seccomp filter "
+                   f"({facts['seccomp']}): a decoder could open sockets",
+                   "use a kernel with seccomp filters (CONFIG_SECCOMP_FILTER; every board image has it — qemu-user "
+                   "emulation does not)")
+
+
 def run_doctor(manifest: "Manifest | None" = None, root: str | os.PathLike = "/") -> list[Finding]:
     """Findings about the board below ``root`` and, given a bundle's manifest, about that bundle on it
     (target SoC, runtime versions, memory for its size)."""
@@ -78,6 +104,8 @@ def run_doctor(manifest: "Manifest | None" = None, root: str | os.PathLike = "/"
                            "run 'rksmolvlm doctor' on the RK3588/RK3576/RK3562 board"))
         if manifest is not None:
             out.append(Finding("ok", "bundle", f"bundle for {manifest.target.platform} reads and verifies"))
+        if root == Path("/"):  # the host preview's server decodes in the same jail
+            out.append(jail_finding())
         return out
     if soc == "rockchip-unknown":
         out.append(Finding("fail", "soc", "a Rockchip SoC rksmolvlm has no profile for",
@@ -169,6 +197,9 @@ def run_doctor(manifest: "Manifest | None" = None, root: str | os.PathLike = "/"
                                "which will be refused", "pip install 'av>=17.1,<19' (or 'rksmolvlm[board]')"))
         else:
             out.append(Finding("ok", "pyav", "av importable (video decoding)"))
+
+    if root == Path("/"):  # the jail is a property of this machine's kernel, not of a tree of files
+        out.append(jail_finding())
 
     # Memory
     try:

@@ -107,3 +107,26 @@ def test_a_video_bundle_needs_pyav(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "av" else real(n, *a))
     finding = _by_check(run_doctor(video, board))["pyav"]
     assert finding.status == "warn" and "refused" in finding.message and "pip install" in finding.fix
+
+
+def test_the_decode_jail_is_reported_as_this_machine_runs_it():
+    from rksmolvlm.runtime.jail import DecodePool
+    from rksmolvlm.tools.doctor import jail_finding
+
+    finding = jail_finding()
+    with DecodePool(2, reserved=1) as pool:
+        assert pool.wait_ready(60)
+        facts = pool.run("diagnose", {}, deadline_s=30).result
+    assert finding.status == ("ok" if facts["no_network"] else "warn")
+    assert f"address space {facts['as_limit'] / 2**20:,.0f} MiB" in finding.message
+
+
+def test_a_decode_jail_that_cannot_start_fails_naming_how_to_see_why(monkeypatch):
+    import sys
+
+    from rksmolvlm.runtime.jail import pool
+    from rksmolvlm.tools.doctor import jail_finding
+
+    monkeypatch.setattr(pool, "_default_child_args", lambda: [sys.executable, "-c", "import sys; sys.exit(3)"])
+    finding = jail_finding(timeout_s=3)
+    assert finding.status == "fail" and "RKSMOLVLM_JAIL_DEBUG=1" in finding.fix
