@@ -119,8 +119,8 @@ class ConnectionBook:
                 if connection.phase == "idle":
                     return connection
         flooding = heaviest[0] if heaviest and len(heaviest[0]) > self.limits.max_connections // 2 else {}
-        for connection in flooding:
-            if connection.phase == "head" and not connection.served:
+        for connection in flooding:  # a head that has begun and not ended (unread input may be a whole request)
+            if connection.phase == "head" and not connection.served and connection.received:
                 return connection
         return None
 
