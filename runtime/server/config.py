@@ -62,6 +62,13 @@ class ServerSection:
     api_key_file: str | None = _key(None, "file holding the API key clients send as 'Authorization: Bearer KEY' "
                                     "(unset: no key needed)", kind="path")
     queue_size: int = _key(4, "requests that may wait while one runs; more get 429 with Retry-After", min=0, max=1024)
+    max_requests_per_client: int | None = _key(None, "requests one client (its address; with an API key, the key and "
+                                               "the address) may have under way, from reading the body to the "
+                                               "answer; more get 429 client_queue_full with Retry-After, and the "
+                                               "model's queue takes clients in turn (unset: (queue_size + 1) // 2, "
+                                               "at least 1: room is left for others)", min=1, max=1025)
+    trust_forwarded_for: bool = _key(False, "take a client's address from the last X-Forwarded-For entry (only "
+                                     "behind a reverse proxy that sets it: else any client could pose as many)")
     request_timeout_s: float = _key(300.0, "seconds a request may take, queue wait included; then it is aborted",
                                     min=0.1, max=86400)
     max_connections: int = _key(256, "open HTTP connections; a new one beyond this closes the oldest that has not "
@@ -97,6 +104,12 @@ class ServerSection:
     web_ui: bool | str = _key("auto", "the web page at GET / for browsers (other clients still get the JSON index): "
                               "true, false, or \"auto\" = on when host is loopback or api_key_file is set",
                               kind="switch")
+
+    def requests_per_client(self) -> int:
+        """The requests one client may have under way (max_requests_per_client, or its default)."""
+        if self.max_requests_per_client is not None:
+            return self.max_requests_per_client
+        return max(1, (self.queue_size + 1) // 2)
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,16 @@ sweep per server a few times a second:
 - ``busy``: the application has the request (``server.request_timeout_s`` bounds it there); a
   client that accepts no byte of the answer for ``send_timeout_s`` is disconnected.
 
-The cap: beyond ``max_connections`` open connections, a new one makes room by closing the oldest
-connection that has never delivered a request (an idle or slow socket), else the oldest kept-alive
-one between requests, else the oldest still sending a body; only when every connection is busy
-with a request is a new one refused (after a small reserve, so a health probe still gets in). Idle
-and slow sockets therefore never lock out a client that sends its request promptly.
+The cap: beyond ``max_connections`` open connections, a new one makes room by closing a connection
+that holds no request: first one that has never sent a byte (a silent socket; one whose request is
+already waiting in the kernel is not silent), else a kept-alive one idle between requests, else —
+only from a peer holding more than half the cap — one that is still trickling its first head. In
+each class the peer (address) holding the most connections loses first, so one address's flood
+closes its own sockets, not other clients'; a peer's silent and slow sockets go oldest first, its
+idle ones newest first (an established client is not pushed out by newer ones). A request in
+progress (head under way on a served connection, body, or busy) is never closed for a newcomer:
+when nothing else can go, the newcomer is refused (after a small reserve, so a health probe still
+gets in). Idle and slow sockets therefore never lock out a client that sends its request promptly.
 
 A client that half-closes (``shutdown(SHUT_WR)`` after its request) is answered: end of input
 after a complete request means "no more requests", not "gone". Whether such a peer is really still
@@ -73,6 +78,7 @@ class ConnectionBook:
         self.limits = limits
         self.on_close = on_close or (lambda reason: None)
         self.open: dict = {}  # protocol → None, oldest first
+        self.peers: dict[str, dict] = {}  # peer address → its open connections (protocol → None), oldest first
         self.closed: dict[str, int] = {}
         self._sweeping = None
 
@@ -86,26 +92,37 @@ class ConnectionBook:
                 self._count("refused")
                 return False
         self.open[connection] = None
+        self.peers.setdefault(connection.peer, {})[connection] = None
         if self._sweeping is None:
             self._sweeping = connection.loop.call_later(SWEEP_S, self._sweep, connection.loop)
         return True
 
     def release(self, connection) -> None:
-        self.open.pop(connection, None)
+        if connection in self.open:
+            del self.open[connection]
+            held = self.peers[connection.peer]
+            del held[connection]
+            if not held:
+                del self.peers[connection.peer]
 
     def _evictable(self):
-        """The connection to close for a new one: the oldest that has never completed a request and is
-        still on its head (an idle or slow socket), else the oldest kept-alive one between requests
-        (a client that has been served just reconnects), else the oldest still sending a body."""
-        kept = body = None
-        for connection in self.open:  # oldest first
-            if connection.phase == "head" and not connection.served:
+        """The connection to close for a new one (see the module's note), or None: every open
+        connection holds a request, or is a slow head from a peer that is not flooding."""
+        heaviest = sorted(self.peers.values(), key=len, reverse=True)  # stable: first-come peers first among equals
+        for held in heaviest:
+            for connection in held:  # oldest first
+                if connection.phase == "head" and not connection.served and not connection.received \
+                        and not _input_waiting(connection):
+                    return connection
+        for held in heaviest:
+            for connection in reversed(held):  # newest first
+                if connection.phase == "idle":
+                    return connection
+        flooding = heaviest[0] if heaviest and len(heaviest[0]) > self.limits.max_connections // 2 else {}
+        for connection in flooding:  # a head that has begun and not ended (unread input may be a whole request)
+            if connection.phase == "head" and not connection.served and connection.received:
                 return connection
-            if connection.phase in ("idle", "head") and kept is None:
-                kept = connection
-            elif connection.phase == "body" and body is None:
-                body = connection
-        return kept or body
+        return None
 
     def _sweep(self, loop) -> None:
         now = time.monotonic()
@@ -116,19 +133,6 @@ class ConnectionBook:
     def _count(self, reason: str) -> None:
         self.closed[reason] = self.closed.get(reason, 0) + 1
         self.on_close(reason)
-
-
-def _no_delay(transport) -> None:
-    """Small writes (an answer's head, then its body; each stream chunk) go out at once. asyncio sets
-    TCP_NODELAY only on sockets whose ``proto`` says TCP, which a listener made with proto 0 (ours,
-    systemd's) passes on to none: Nagle then holds every second write for the client's delayed ACK,
-    40 ms per request on a kept-alive connection."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
 
 
 def protocol_class(book: ConnectionBook) -> type:
@@ -149,10 +153,13 @@ def protocol_class(book: ConnectionBook) -> type:
             self.half_closed = False
             self.probed = False
             self.served = 0  # responses completed on this connection
+            self.received = 0  # bytes received on this connection
+            self.peer = ""
 
         # -- uvicorn's protocol, watched -------------------------------------------------------
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
+            self.peer = _peer(transport)
             _no_delay(transport)
             if not book.admit(self):
                 self.connections.discard(self)
@@ -163,6 +170,7 @@ def protocol_class(book: ConnectionBook) -> type:
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
+            self.received += len(data)
             if self.phase == "body":
                 self.body_bytes += len(data)
             elif self.phase == "idle":
@@ -298,3 +306,36 @@ def protocol_class(book: ConnectionBook) -> type:
             self.transport.close()
 
     return GuardedH11Protocol
+
+
+# ==============================================================================================
+# Private helpers
+# ==============================================================================================
+def _input_waiting(connection) -> bool:
+    """True when the kernel holds bytes (or the end) the event loop has not read yet: under a flood of
+    new connections a prompt client's request may sit there while the loop accepts the flood."""
+    sock = connection.transport.get_extra_info("socket") if connection.transport is not None else None
+    if sock is None:
+        return False
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _peer(transport) -> str:
+    """The address a connection comes from ("" for a Unix socket or an unknown peer)."""
+    peer = transport.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) and peer else ""
+
+
+def _no_delay(transport) -> None:
+    """Small writes (an answer's head, then its body; each stream chunk) go out at once. asyncio sets
+    TCP_NODELAY only on sockets whose ``proto`` says TCP, which a listener made with proto 0 (ours,
+    systemd's) passes on to none: Nagle then holds every second write for the client's delayed ACK,
+    40 ms per request on a kept-alive connection."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass

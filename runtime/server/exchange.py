@@ -240,7 +240,8 @@ class Gateway:
             note(request.scope, videos=chat.videos, video_bytes=chat.video_bytes)
         if chat.format is not None:  # structured output: json_schema, json_object or tool_call
             note(request.scope, format=chat.format.kind)
-        job = self.service.submit(chat, asyncio.get_running_loop(), request.scope["state"]["request_id"])
+        state = request.scope["state"]
+        job = self.service.submit(chat, asyncio.get_running_loop(), state["request_id"], state.get("client", ""))
         return Exchange(job, self.service, request.receive, self.config.server.request_timeout_s)
 
     def note_answer(self, request: Request, answer: Answer) -> None:

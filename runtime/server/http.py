@@ -1,6 +1,13 @@
 """HTTP: the application, assembled from the API adapters over one Gateway, and the server's own
 endpoints.
 
+Fairness between clients starts here: a client is its address (``server.trust_forwarded_for``: the
+proxy's X-Forwarded-For) and, when the server has an API key, the key it sends (hashed); each may have
+``server.max_requests_per_client`` POSTs under way, from the first byte of the body read (and the
+media checks off the event loop) to the last byte of the answer, so one client cannot hold every
+place in the queue nor every thread of the pre-queue checks. The model's queue then takes clients in
+turn (``service.FairQueue``).
+
 The adapters (``runtime/server/openai.py``: ``/v1/chat/completions``, ``/v1/models``, ``/props``;
 ``runtime/server/ollama.py``: the Ollama API under ``/api``) share the Gateway and its exchange
 (``runtime/server/exchange.py``); this module imports both and neither imports it. Here: the lifespan
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -38,7 +46,7 @@ if TYPE_CHECKING:
     from rksmolvlm.runtime.jail.decoder import JailedDecoder
     from rksmolvlm.runtime.structured import GrammarCompiler
 
-__all__ = ["create_app"]
+__all__ = ["client_identity", "create_app"]
 
 log = logging.getLogger("rksmolvlm.server")
 
@@ -72,6 +80,8 @@ def create_app(service: ModelService, config: ServerConfig, *, api_key: str | No
                     # starlette hands each handler only its own class, which its handler type cannot say
                     exception_handlers={ApiError: server.on_api_error,  # type: ignore[dict-item]
                                         HTTPException: server.on_http_error})
+    # the per-client cap innermost: a cross-site or malformed request is refused before it takes a place
+    app.add_middleware(_ClientShare, server=server)
     # Host, Origin and Content-Type checks (runtime/server/guards.py), inside CORS: its refusals carry CORS headers
     app.add_middleware(RequestGuard, config=config, api_key=api_key, on_refuse=server.note_refused)
     if config.server.cors_origins:  # inside the request log: preflights are logged and counted too
@@ -79,6 +89,23 @@ def create_app(service: ModelService, config: ServerConfig, *, api_key: str | No
     app.add_middleware(_RequestLog, server=server)
     app.state.api = server
     return app
+
+
+def client_identity(scope, trust_forwarded_for: bool = False, keyed: bool = False) -> str:
+    """Who sent a request, for the per-client cap and the fair queue: the peer address (the last
+    X-Forwarded-For entry when the proxy in front is trusted to set it), and with ``keyed`` (the
+    server has API keys) a hash of the bearer token sent, so clients behind one proxy stay apart."""
+    headers = scope.get("headers", [])
+    address = (scope.get("client") or ("", 0))[0] or "-"
+    if trust_forwarded_for:
+        forwarded = [value for name, value in headers if name.lower() == b"x-forwarded-for"]
+        entries = [entry.strip() for entry in b",".join(forwarded).decode("latin-1").split(",") if entry.strip()]
+        address = entries[-1][:64] if entries else address
+    if not keyed:
+        return address
+    authorization = next((value for name, value in headers if name.lower() == b"authorization"), b"")
+    token = authorization.partition(b" ")[2].strip()
+    return f"{address} key:{hashlib.sha256(token).hexdigest()[:16]}" if token else address
 
 
 class _Server:
@@ -232,6 +259,47 @@ class _Server:
                             headers={"Vary": "Accept"})
 
 
+class _ClientShare:
+    """ASGI middleware: who sent each request (``scope["state"]["client"]``, for the fair queue), and
+    each client's POSTs under way capped at ``server.max_requests_per_client`` (429
+    client_queue_full). A request holds its place until its answer has been sent (or its client
+    left), so the cap covers the body read and the pre-queue checks as well as the queue."""
+
+    def __init__(self, app, server: _Server):
+        self.app = app
+        self.server = server
+        self.limit = server.config.server.requests_per_client()
+        self.trusted_proxy = server.config.server.trust_forwarded_for
+        self.keyed = server.api_key is not None
+        self.under_way: dict[str, int] = {}  # client → its POSTs under way (clients with none are dropped)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        client = client_identity(scope, self.trusted_proxy, self.keyed)
+        scope.setdefault("state", {})["client"] = client
+        if scope["method"] != "POST":  # the probes and lists are cheap; POSTs are the work
+            return await self.app(scope, receive, send)
+        held = self.under_way.get(client, 0)
+        if held >= self.limit:
+            wait = self.server.service.retry_after()
+            error = ApiError(429, f"this client already has {held} requests under way (server.max_requests_per_client"
+                             f" = {self.limit}): wait for an answer before sending another, or raise the key in the "
+                             f"server config; retry after {wait} s", "client_queue_full",
+                             headers={"Retry-After": str(wait)})
+            self.server.note_refused(scope, error)
+            return await _send_error(send, error, ollama=scope["path"].startswith("/api/"))
+        self.under_way[client] = held + 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            left = self.under_way[client] - 1
+            if left:
+                self.under_way[client] = left
+            else:
+                del self.under_way[client]
+
+
 class _RequestLog:
     """ASGI middleware: request ids, one access-log line per request (sizes and counts, never
     content), request counters, and a JSON 500 without a stack trace for anything unexpected."""
@@ -294,3 +362,15 @@ class _RequestLog:
                 client = scope.get("client") or ("-", 0)
                 log.info("%s %s %s %.3fs client=%s id=%s %s", scope["method"], label, code,
                          time.perf_counter() - start, client[0], request_id, facts)
+
+
+# ==============================================================================================
+# Private helpers
+# ==============================================================================================
+async def _send_error(send, error: ApiError, ollama: bool) -> None:
+    """Answer ``error`` from a middleware: the OpenAI error body, or Ollama's under /api/."""
+    body = json.dumps({"error": error.message} if ollama else error.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in error.headers.items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -1,14 +1,15 @@
 """The worker: one thread owns the runner (and so the NPU) and runs one request at a time from a
-bounded queue (full: 429 with Retry-After), streaming the runner's text deltas to the request."""
+bounded queue (full: 429 with Retry-After), streaming the runner's text deltas to the request. The
+queue is fair: it takes clients in turn, not requests in arrival order (``FairQueue``)."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -26,7 +27,7 @@ if TYPE_CHECKING:  # imported for `rksmolvlm --help`: numpy, torch and friends l
     from rksmolvlm.runtime.server.metrics import Metrics
     from rksmolvlm.runtime.video import VideoOptions
 
-__all__ = ["Answer", "Job", "ModelService", "open_runner", "video_options"]
+__all__ = ["Answer", "FairQueue", "Job", "ModelService", "open_runner", "video_options"]
 
 log = logging.getLogger("rksmolvlm.server")
 
@@ -54,11 +55,14 @@ class Answer:
 
 class Job:
     """One accepted request on its way through the queue; the worker posts its events
-    (``delta`` text, ``done`` Answer, ``error`` ApiError) to the request's event loop."""
+    (``delta`` text, ``done`` Answer, ``error`` ApiError) to the request's event loop. ``client``
+    names who sent it (the fair queue's turns)."""
 
-    def __init__(self, request: ChatRequest, loop: asyncio.AbstractEventLoop, request_id: str):
+    def __init__(self, request: ChatRequest, loop: asyncio.AbstractEventLoop, request_id: str, client: str = ""):
         self.request = request
         self.id = request_id
+        self.client = client
+        self.turn = (0, 0)  # the fair queue's order: (the client's turn, arrival)
         self.loop = loop
         self.events: asyncio.Queue = asyncio.Queue()
         self.received = time.monotonic()
@@ -72,6 +76,50 @@ class Job:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
         except RuntimeError:  # the loop is closed: nobody is listening any more
             pass
+
+
+class FairQueue:
+    """The jobs waiting for the worker, taken clients in turn (start-time fair queueing): a job's turn
+    is its client's next one, but never earlier than the turn of the job last taken; the smallest
+    turn goes first, arrival breaking ties. A client's burst of N requests therefore waits behind
+    each other client's next request, and a client that has waited gets no credit for the past."""
+
+    def __init__(self):
+        self._jobs: list[Job] = []
+        self._next: dict[str, int] = {}  # client → its next turn (only clients ahead of the current turn)
+        self._now = 0  # the turn of the job last taken
+        self._arrivals = itertools.count()
+
+    def append(self, job: Job) -> None:
+        turn = max(self._now, self._next.get(job.client, 0))
+        self._next[job.client] = turn + 1
+        job.turn = (turn, next(self._arrivals))
+        self._jobs.append(job)
+
+    def popleft(self) -> Job:
+        job = min(self._jobs, key=lambda waiting: waiting.turn)
+        self._jobs.remove(job)
+        self._now = job.turn[0]
+        self._next = {client: turn for client, turn in self._next.items() if turn > self._now}
+        return job
+
+    def remove(self, job: Job) -> None:
+        self._jobs.remove(job)
+
+    def clear(self) -> None:
+        self._jobs.clear()
+
+    def __contains__(self, job: Job) -> bool:
+        return job in self._jobs
+
+    def __iter__(self):
+        return iter(sorted(self._jobs, key=lambda waiting: waiting.turn))
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def __bool__(self) -> bool:
+        return bool(self._jobs)
 
 
 class ModelService:
@@ -91,7 +139,7 @@ class ModelService:
         self.exit_code = 0
         self.runner: Runner | None = None
         self._cond = threading.Condition()
-        self._waiting: deque[Job] = deque()
+        self._waiting = FairQueue()
         self._current: Job | None = None
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -183,7 +231,8 @@ class ModelService:
                 log.exception("closing the engines failed")
 
     # -- jobs ------------------------------------------------------------------------------------
-    def submit(self, request: ChatRequest, loop: asyncio.AbstractEventLoop, request_id: str) -> Job:
+    def submit(self, request: ChatRequest, loop: asyncio.AbstractEventLoop, request_id: str, client: str = "") -> Job:
+        """Queue ``request`` as ``client``'s (its turn in the fair queue); 429 queue_full when the queue is full."""
         with self._cond:
             if self.state != "ready" or self._closing:
                 raise self.unavailable()
@@ -193,7 +242,7 @@ class ModelService:
                 raise ApiError(429, f"the server is busy: {len(self._waiting)} requests are waiting for the model "
                                f"(server.queue_size = {self.queue_size}); retry after {wait} s", "queue_full",
                                headers={"Retry-After": str(wait)})
-            job = Job(request, loop, request_id)
+            job = Job(request, loop, request_id, client)
             self._waiting.append(job)
             self._cond.notify()
             return job

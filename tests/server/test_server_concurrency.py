@@ -52,7 +52,8 @@ def start(bundle, delay: float, **settings) -> tuple[BackgroundServer, SlowLlm]:
 
 @pytest.fixture(scope="module")
 def busy(preview_bundles):
-    server, llm = start(preview_bundles[MODEL], 0.03, **{"server.queue_size": 2})
+    # one client (loopback) may hold the whole queue: these cases are the queue's, not the per-client cap's
+    server, llm = start(preview_bundles[MODEL], 0.03, **{"server.queue_size": 2, "server.max_requests_per_client": 16})
     yield server, llm
     server.stop()
 

@@ -100,7 +100,8 @@ class SlowServer:
     SETTINGS = {"server.header_timeout_s": HEADER_TIMEOUT_S, "server.body_timeout_s": BODY_TIMEOUT_S,
                 "server.body_min_rate": 16 * 1024, "server.keepalive_timeout_s": 2.0,
                 "server.request_timeout_s": REQUEST_TIMEOUT_S, "server.max_connections": 280,
-                "server.queue_size": 2, "server.cors_origins": ["http://allowed.example:3000"]}
+                "server.queue_size": 2, "server.max_requests_per_client": 16,
+                "server.cors_origins": ["http://allowed.example:3000"]}
 
     def __init__(self, bundle):
         self.process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "support" / "slow_serve.py"), str(bundle),

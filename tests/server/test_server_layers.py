@@ -388,10 +388,10 @@ class _FakeService:
         self.state = "ready"
         self.jobs, self.cancels = [], []
 
-    def submit(self, chat, loop, request_id):
+    def submit(self, chat, loop, request_id, client=""):
         from rksmolvlm.runtime.server.service import Job
 
-        self.jobs.append(Job(chat, loop, request_id))
+        self.jobs.append(Job(chat, loop, request_id, client))
         return self.jobs[-1]
 
     def cancel(self, job, reason, answer=None):
