@@ -64,9 +64,10 @@ class ServerSection:
     queue_size: int = _key(4, "requests that may wait while one runs; more get 429 with Retry-After", min=0, max=1024)
     max_requests_per_client: int | None = _key(None, "requests one client (its address; with an API key, the key and "
                                                "the address) may have under way, from reading the body to the "
-                                               "answer; more get 429 client_queue_full with Retry-After, and the "
-                                               "model's queue takes clients in turn (unset: (queue_size + 1) // 2, "
-                                               "at least 1: room is left for others)", min=1, max=1025)
+                                               "answer; more get 429 client_queue_full with Retry-After. The "
+                                               "model's queue takes clients in turn, and a client may fill it alone "
+                                               "until another arrives: then its newest waiting request gives way "
+                                               "(429 client_queue_full). Unset: queue_size + 1", min=1, max=1025)
     trust_forwarded_for: bool = _key(False, "take a client's address from the last X-Forwarded-For entry (only "
                                      "behind a reverse proxy that sets it: else any client could pose as many)")
     request_timeout_s: float = _key(300.0, "seconds a request may take, queue wait included; then it is aborted",
@@ -109,7 +110,7 @@ class ServerSection:
         """The requests one client may have under way (max_requests_per_client, or its default)."""
         if self.max_requests_per_client is not None:
             return self.max_requests_per_client
-        return max(1, (self.queue_size + 1) // 2)
+        return self.queue_size + 1
 
 
 @dataclass(frozen=True)

@@ -237,7 +237,7 @@ class ModelService:
             if self.state != "ready" or self._closing:
                 raise self.unavailable()
             held = len(self._waiting) + (self._current is not None)
-            if held >= self.queue_size + 1:
+            if held >= self.queue_size + 1 and not self._make_room(client):
                 wait = self.retry_after()
                 raise ApiError(429, f"the server is busy: {len(self._waiting)} requests are waiting for the model "
                                f"(server.queue_size = {self.queue_size}); retry after {wait} s", "queue_full",
@@ -246,6 +246,34 @@ class ModelService:
             self._waiting.append(job)
             self._cond.notify()
             return job
+
+    def _make_room(self, client: str) -> bool:
+        """The queue is full: a client may fill it alone, but not against others — the newest waiting job of
+        the client holding the most jobs gives way when that client holds at least two more than ``client``
+        (it is answered 429 client_queue_full). True when a place was freed. Called under the lock."""
+        waiting: dict[str, list[Job]] = {}
+        for job in self._waiting:
+            waiting.setdefault(job.client, []).append(job)
+        count = {c: len(jobs) for c, jobs in waiting.items()}
+        if self._current is not None:
+            count[self._current.client] = count.get(self._current.client, 0) + 1
+        others = [c for c in waiting if c != client]
+        if not others:
+            return False
+        heaviest = max(others, key=lambda c: count[c])
+        if count[heaviest] < count.get(client, 0) + 2:
+            return False
+        newest = max(waiting[heaviest], key=lambda job: job.received)
+        self._waiting.remove(newest)
+        newest.cancel_reason = "displaced"
+        newest.finished = True
+        wait = self.retry_after()
+        newest.post("error", ApiError(429, f"the model's queue is shared and full (server.queue_size = "
+                                      f"{self.queue_size}): this client holds the most places, so its newest waiting "
+                                      f"request gave its place to another client's; retry after {wait} s",
+                                      "client_queue_full", headers={"Retry-After": str(wait)}))
+        self.metrics.inc("rksmolvlm_dropped_queued_total", reason="displaced")
+        return True
 
     def cancel(self, job: Job, reason: str, answer: ApiError | None = None) -> bool:
         """Stop ``job``: drop it from the queue, or abort its generation (client gone, timeout, shutdown);

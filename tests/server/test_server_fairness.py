@@ -74,10 +74,10 @@ def test_a_client_is_its_address_its_trusted_proxys_entry_and_its_key():
     assert client_identity(scope(("Authorization", "Bearer alice-key-0123456789")), keyed=False) == "192.0.2.7"
 
 
-@pytest.mark.parametrize("settings, expected", [({}, 2), ({"server.queue_size": 0}, 1), ({"server.queue_size": 2}, 1),
-                                                ({"server.queue_size": 9}, 5),
+@pytest.mark.parametrize("settings, expected", [({}, 5), ({"server.queue_size": 0}, 1), ({"server.queue_size": 2}, 3),
+                                                ({"server.queue_size": 9}, 10),
                                                 ({"server.queue_size": 0, "server.max_requests_per_client": 3}, 3)])
-def test_the_per_client_cap_leaves_room_for_others_unless_set(settings, expected):
+def test_the_per_client_cap_is_the_whole_queue_unless_set(settings, expected):
     assert with_overrides(ServerConfig(), settings).server.requests_per_client() == expected
 
 
@@ -249,6 +249,43 @@ def test_the_worker_takes_clients_in_turn(preview_bundles):
     assert runner.order == ["A1", "B1", "C1", "A2", "B2", "A3", "A4"]
 
 
+@pytest.mark.slow
+def test_a_lone_client_fills_the_queue_until_another_arrives(preview_bundles):
+    """Default cap (queue_size + 1): A alone gets all 3 places of queue_size 2 (its 4th: 429, its cap);
+    when B arrives, A's newest waiting request gives its place to B's (429 client_queue_full naming
+    why), and the worker then takes B before A's remaining one."""
+    runner = GatedRunner()
+    runner.gate.clear()
+    with gated_server(preview_bundles[MODEL], runner, **{"server.queue_size": 2}) as server, \
+            http_from("127.0.0.2") as a, http_from("127.0.0.3") as b:
+        url = f"{server.url}/v1/chat/completions"
+        answers: dict = {}
+
+        def send(client, name: str) -> None:
+            answers[name] = client.post(url, json=chat(name))
+
+        threads = []
+        for k, name in enumerate(("A1", "A2", "A3")):
+            threads.append(threading.Thread(target=send, args=(a, name)))
+            threads[-1].start()
+            wait_for(lambda: queue_of(server)["waiting"] + queue_of(server)["running"] == k + 1)  # noqa: B023
+        full = a.post(url, json=chat("A4"))  # A holds all the places there are: its cap
+        assert full.status_code == 429 and full.json()["error"]["code"] == "client_queue_full"
+        assert "server.max_requests_per_client = 3" in full.json()["error"]["message"]
+        threads.append(threading.Thread(target=send, args=(b, "B1")))
+        threads[-1].start()
+        wait_for(lambda: "A3" in answers)  # displaced at once, before the worker moved
+        displaced = answers["A3"]
+        assert displaced.status_code == 429 and int(displaced.headers["retry-after"]) >= 1
+        error = displaced.json()["error"]
+        assert error["code"] == "client_queue_full" and "gave its place to another client" in error["message"]
+        runner.gate.set()
+        for thread in threads:
+            thread.join(30)
+    assert {name: answers[name].status_code for name in ("A1", "A2", "B1")} == dict.fromkeys(("A1", "A2", "B1"), 200)
+    assert runner.order == ["A1", "B1", "A2"]
+
+
 def send_partial_body(server, address: str, body: bytes, sent: int) -> socket.socket:
     """A connection from ``address`` that has sent its request head and ``sent`` bytes of ``body``."""
     sock = socket.create_connection((server.host, server.port), timeout=10, source_address=(address, 0))
@@ -270,12 +307,13 @@ def response_of(sock: socket.socket) -> tuple[int, dict]:
 
 @pytest.mark.slow
 def test_over_its_cap_a_client_gets_429_client_queue_full_and_others_still_get_in(preview_bundles):
-    """Default cap with queue_size 4: two requests under way per client. The third of one client is
+    """A cap of 2 with queue_size 4: two requests under way per client. The third of one client is
     refused at once (both APIs), whether its first two run, wait or are still sending their bodies;
     another address still gets through."""
     runner = GatedRunner()
     runner.gate.clear()
-    with gated_server(preview_bundles[MODEL], runner, **{"server.queue_size": 4}) as server, \
+    with gated_server(preview_bundles[MODEL], runner, **{"server.queue_size": 4,
+                                                         "server.max_requests_per_client": 2}) as server, \
             http_from("127.0.0.2") as first, http_from("127.0.0.3") as second, ExitStack() as stack:
         url = f"{server.url}/v1/chat/completions"
         pool = [threading.Thread(target=first.post, args=(url,), kwargs={"json": chat(f"A{i}")}) for i in range(2)]
