@@ -20,13 +20,14 @@ Events are ``("delta", text)``, ``("done", Answer)`` and ``("error", ApiError)``
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hmac
 import time
 from typing import TYPE_CHECKING, Any, AsyncGenerator, Callable, Iterable, MutableMapping, Protocol
 
 from rksmolvlm.runtime.server.config import ServerConfig
 from rksmolvlm.runtime.server.errors import ApiError
-from rksmolvlm.runtime.server.media_checks import video_decoder_available
+from rksmolvlm.runtime.server.media_checks import MEDIA_CLIENT, video_decoder_available
 from rksmolvlm.runtime.server.requests import ChatRequest, RequestReader
 
 if TYPE_CHECKING:
@@ -230,7 +231,10 @@ class Gateway:
             body = await read_body(request, limit or self.body_limit, self.config.limits.max_body_bytes)
         except ClientGone:
             return None
-        return await asyncio.get_running_loop().run_in_executor(None, read, body)
+        # the media checks in the thread pool wait for a jail child as this client (its turn among clients)
+        MEDIA_CLIENT.set(request.scope.get("state", {}).get("client") or None)
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(None, context.run, read, body)
 
     def enqueue(self, request: Request, chat: ChatRequest) -> Exchange:
         """Note what the request holds, queue its job, and watch its client and deadline."""

@@ -11,6 +11,7 @@ or blow up in the worker is refused before it may take a queue slot.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import io
 from typing import TYPE_CHECKING, Callable
@@ -23,9 +24,12 @@ if TYPE_CHECKING:
     from rksmolvlm.errors import VideoError
     from rksmolvlm.runtime.jail.decoder import JailedDecoder
 
-__all__ = ["VIDEO_STATUS", "check_image", "check_video", "looks_like_video", "video_api_error",
+__all__ = ["MEDIA_CLIENT", "VIDEO_STATUS", "check_image", "check_video", "looks_like_video", "video_api_error",
            "video_decoder_available"]
 
+# Who the checks run for (the server's client identity, set per request): jail children are shared among
+# clients in turn, so one client's burst of bombs cannot hold every child while others wait.
+MEDIA_CLIENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("rksmolvlm_media_client", default=None)
 # A VideoError whose limit is the byte size is a 413, as an image over its byte limit; every other one a 400.
 VIDEO_STATUS: dict[str | None, int] = {"max_bytes": 413}
 
@@ -52,7 +56,7 @@ def check_image(data: bytes, param: str, config: ServerConfig, decoder: "JailedD
     try:
         jpeg = check_jpeg(data, decode)  # before Pillow walks the markers itself: milliseconds, in front of the jail
         if decoder is not None:
-            _jailed(lambda: decoder.inspect_image(data, decode, client, deadline))
+            _jailed(lambda: decoder.inspect_image(data, decode, client or MEDIA_CLIENT.get(), deadline))
             return
         with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as image:
             width, height = image.size
@@ -96,7 +100,7 @@ def check_video(data: bytes, param: str, config: ServerConfig, decoder: "JailedD
         raise VIDEO.too_large(config, len(data), param)
     try:
         if decoder is not None:
-            _jailed(lambda: decoder.inspect_video(data, config.video.limits(), client, deadline))
+            _jailed(lambda: decoder.inspect_video(data, config.video.limits(), client or MEDIA_CLIENT.get(), deadline))
         else:
             probe_video(data, config.video.limits())
     except VideoError as exc:

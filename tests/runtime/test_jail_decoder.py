@@ -31,9 +31,11 @@ class CountingPool(DecodePool):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.ops: list[str] = []
+        self.clients: list = []
 
     def run(self, op, *args, **kwargs):
         self.ops.append(op)
+        self.clients.append(kwargs.get("client"))
         return super().run(op, *args, **kwargs)
 
 
@@ -145,3 +147,17 @@ def test_a_childs_video_facts_outside_the_limits_are_refused(field, value):
     assert _video_info(facts, VideoLimits()).total_num_frames == 30
     with pytest.raises(VideoTooComplexError, match="outside its limits"):
         _video_info({**facts, field: value}, VideoLimits())
+
+
+def test_the_servers_check_waits_for_a_child_as_the_requests_client(pool):
+    from rksmolvlm.runtime.server.config import ServerConfig
+    from rksmolvlm.runtime.server.media_checks import MEDIA_CLIENT, check_image
+
+    decoder = JailedDecoder(pool)
+    pool.clients.clear()
+    token = MEDIA_CLIENT.set("192.0.2.7")
+    try:
+        check_image(_jpeg(50, 40, seed=11), "messages[0].content[0].image_url", ServerConfig(), decoder)
+    finally:
+        MEDIA_CLIENT.reset(token)
+    assert pool.clients == ["192.0.2.7"]
