@@ -102,13 +102,14 @@ class Exchange:
     """One job as its HTTP request sees it: the worker's events, the client going away and the
     request's deadline, merged into one stream of events."""
 
-    def __init__(self, job: Job, service: ModelService, receive, timeout_s: float):
+    def __init__(self, job: Job, service: ModelService, receive, timeout_s: float, since: float | None = None):
         self.job = job
         self.service = service
         self.timeout_s = timeout_s
         loop = asyncio.get_running_loop()
         self._watcher = loop.create_task(self._watch(receive))
-        remaining = max(0.0, job.received + timeout_s - time.monotonic())
+        # the deadline counts from the request's arrival (``since``): reading and checking its media count too
+        remaining = max(0.0, (since if since is not None else job.received) + timeout_s - time.monotonic())
         self._timer = loop.call_later(remaining, self._expire)
 
     async def next(self) -> tuple[str, Any]:
@@ -224,6 +225,7 @@ class Gateway:
         """The common entry of the generating endpoints: the key, a ready model, the body within
         its limit (``body_limit`` unless given), then ``read(body)`` off the event loop. None when
         the client left meanwhile."""
+        request.scope.setdefault("state", {})["arrived"] = time.monotonic()  # the request's deadline starts here
         self.authorize(request)
         if self.service.state != "ready":
             raise self.service.unavailable()
@@ -246,7 +248,7 @@ class Gateway:
             note(request.scope, format=chat.format.kind)
         state = request.scope["state"]
         job = self.service.submit(chat, asyncio.get_running_loop(), state["request_id"], state.get("client", ""))
-        return Exchange(job, self.service, request.receive, self.config.server.request_timeout_s)
+        return Exchange(job, self.service, request.receive, self.config.server.request_timeout_s, state.get("arrived"))
 
     def note_answer(self, request: Request, answer: Answer) -> None:
         note(request.scope, prompt_tokens=answer.prompt_tokens, completion_tokens=len(answer.token_ids),
