@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import re
+import struct
 import time
 from dataclasses import dataclass
 
@@ -23,7 +24,8 @@ from rksmolvlm.errors import ImageDecodeTooLargeError, ImageError, ImageTooCompl
 
 __all__ = ["DecodeLimits", "JpegStructure", "DeadlineReader", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_DECODE_BYTES",
            "DEFAULT_MAX_JPEG_SCANS", "DEFAULT_MAX_DECODE_SECONDS", "MAX_IMAGE_SIDE", "MAX_JPEG_SEGMENTS",
-           "inspect_jpeg", "jpeg_scan_limit", "decode_bytes", "check_decodable", "check_jpeg", "check_tiff_jpeg"]
+           "DEFAULT_MAX_TIFF_STRIPS", "inspect_jpeg", "jpeg_scan_limit", "decode_bytes", "check_decodable",
+           "check_jpeg", "check_tiff_jpeg", "tiff_strips"]
 
 DEFAULT_MAX_PIXELS = 100_000_000
 DEFAULT_MAX_DECODE_BYTES = 512 * 1024 * 1024
@@ -36,6 +38,9 @@ DEFAULT_MAX_JPEG_SCANS = 100
 SCAN_REFERENCE_PIXELS = 10_000_000
 MIN_JPEG_SCANS = 16
 DEFAULT_MAX_DECODE_SECONDS = 30.0
+# Strips (or tiles) of a TIFF's first image: one a row of a 65,535-row image is the most a writer makes
+# (tiles: 100 Mpixels in 256² tiles is 1,526). Each is a libtiff read and, JPEG-compressed, a check here.
+DEFAULT_MAX_TIFF_STRIPS = 65_536
 # The largest side JPEG and GIF can hold. A longer side buys nothing (the processor resizes to ≤ 4096)
 # and costs the Lanczos resizer 48 bytes of coefficients per source pixel along it.
 MAX_IMAGE_SIDE = 65_535
@@ -45,6 +50,15 @@ MAX_JPEG_SEGMENTS = 4096
 
 _HIGH_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 _RESIZE_BYTES_PER_SIDE_PIXEL = 48  # Pillow's Lanczos: 6 taps × 8-byte doubles per source pixel, per axis
+# Pillow decodes every WebP through libwebp's animation decoder, which keeps two RGBA canvases (the frame
+# and the previous one) while the image is open; the frame is then copied into a bytes object and into
+# Pillow's image (4 bytes a pixel, RGB or RGBA). Measured peak of Image.load: 16.0 bytes a pixel for
+# lossless, lossy, RGB, RGBA and animated files alike; 12 stay resident until the image is closed.
+_WEBP_BYTES_PER_PIXEL = 16
+# JPEG frame types libjpeg decodes that we take: baseline, extended and progressive Huffman (SOF0-2).
+# Arithmetic (SOF9-11), lossless (SOF3, 11) and hierarchical (SOF5-7, 13-15) frames are refused: no
+# camera or browser writes them and they are the decoder's least-used code.
+_SUPPORTED_SOF = frozenset((0xC0, 0xC1, 0xC2))
 
 
 @dataclass(frozen=True)
@@ -55,13 +69,15 @@ class DecodeLimits:
     max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
     max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS
     max_decode_seconds: float = DEFAULT_MAX_DECODE_SECONDS
+    max_tiff_strips: int = DEFAULT_MAX_TIFF_STRIPS
 
 
 @dataclass(frozen=True)
 class JpegStructure:
     """What the marker segments of a JPEG's first image say: scans (SOS markers), segments (markers
-    other than RSTn), the frame (SOF) size, components and whether it is progressive. ``complete``
-    is false when the walk stopped early (past ``stop_after`` scans or ``MAX_JPEG_SEGMENTS``)."""
+    other than RSTn), the frame (SOF) size, components and whether it is progressive; the frame's
+    marker (0xC0 baseline … 0xCF) and sample precision in bits. ``complete`` is false when the walk
+    stopped early (past ``stop_after`` scans or ``MAX_JPEG_SEGMENTS``)."""
 
     scans: int
     segments: int
@@ -70,6 +86,8 @@ class JpegStructure:
     width: int = 0
     height: int = 0
     complete: bool = True
+    sof: int = 0
+    precision: int = 0
 
 
 # A marker: 0xFF then a code that is neither a stuffed zero, a fill byte (0xFF) nor RSTn (0xD0–0xD7,
@@ -88,7 +106,7 @@ def inspect_jpeg(data: bytes, stop_after: int | None = None) -> JpegStructure:
     hostile file costs at most that many steps. Data that does not start with SOI gives 0 scans."""
     if not data.startswith(b"\xff\xd8"):
         return JpegStructure(0, 0)
-    scans = segments = components = width = height = 0
+    scans = segments = components = width = height = sof = precision = 0
     progressive = False
     pos, size = 2, len(data)
     while True:
@@ -100,7 +118,7 @@ def inspect_jpeg(data: bytes, stop_after: int | None = None) -> JpegStructure:
             break
         segments += 1
         if segments > MAX_JPEG_SEGMENTS or (stop_after is not None and scans > stop_after):
-            return JpegStructure(scans, segments, progressive, components, width, height, False)
+            return JpegStructure(scans, segments, progressive, components, width, height, False, sof, precision)
         if code in _PARAMETERLESS:
             continue
         if pos + 2 > size:
@@ -111,12 +129,12 @@ def inspect_jpeg(data: bytes, stop_after: int | None = None) -> JpegStructure:
         if code == 0xDA:
             scans += 1
         elif code in _SOF and pos + 8 <= size and not components:  # the first frame header counts
-            progressive = code in _PROGRESSIVE_SOF
+            progressive, sof, precision = code in _PROGRESSIVE_SOF, code, data[pos + 2]
             height, width = int.from_bytes(data[pos + 3:pos + 5], "big"), int.from_bytes(data[pos + 5:pos + 7], "big")
             components = data[pos + 7]
         pos += length
     complete = stop_after is None or scans <= stop_after
-    return JpegStructure(scans, segments, progressive, components, width, height, complete)
+    return JpegStructure(scans, segments, progressive, components, width, height, complete, sof, precision)
 
 
 def jpeg_scan_limit(max_scans: int, pixels: int) -> int:
@@ -128,7 +146,7 @@ def jpeg_scan_limit(max_scans: int, pixels: int) -> int:
 
 
 def decode_bytes(mode: str, size: tuple[int, int], *, transparency: bool = False,
-                 progressive_components: int = 0) -> int:
+                 progressive_components: int = 0, image_format: str | None = None, animated: bool = False) -> int:
     """Peak memory of decoding an image of this mode and size and turning it into the RGB image the
     processor tiles, in bytes (``load_image``'s path; every term is a buffer that exists at once):
 
@@ -140,15 +158,21 @@ def decode_bytes(mode: str, size: tuple[int, int], *, transparency: bool = False
     - the Lanczos resize to the processor's size: coefficient tables of 48 bytes a source pixel along
       each side (a 50,000,000-pixel side alone needs 2.4 GB).
 
-    The tiles and resized copies are not counted: their size follows the processor's longest edge
-    (at most 4096), not the input."""
+    Per format (``image_format``, Pillow's name), measured: a WebP takes 16 bytes a pixel whatever its
+    mode (libwebp's two canvases beside Pillow's image and a transient copy; the RGB conversion fits in
+    the transient's place); an animated PNG or GIF (``animated``) keeps one more copy of the canvas
+    (the previous frame, for disposal). The tiles and resized copies are not counted: their size follows
+    the processor's longest edge (at most 4096), not the input."""
     width, height = size
     pixels = width * height
+    resize = _RESIZE_BYTES_PER_SIDE_PIXEL * (width + height)
+    if image_format == "WEBP":
+        return pixels * _WEBP_BYTES_PER_PIXEL + resize
     stored = pixels * (1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4)
     converted = 0 if mode == "RGB" and not transparency else pixels * 4
     coefficients = pixels * 2 * progressive_components
-    resize = _RESIZE_BYTES_PER_SIDE_PIXEL * (width + height)
-    return stored + max(coefficients, stored, converted) + resize
+    previous = stored if animated else 0
+    return stored + previous + max(coefficients, stored, converted) + resize
 
 
 def check_jpeg(data: bytes, limits: DecodeLimits) -> JpegStructure | None:
@@ -157,6 +181,14 @@ def check_jpeg(data: bytes, limits: DecodeLimits) -> JpegStructure | None:
     if not data.startswith(b"\xff\xd8"):
         return None
     jpeg = inspect_jpeg(data, stop_after=limits.max_jpeg_scans)
+    if jpeg.sof and jpeg.sof not in _SUPPORTED_SOF:
+        kind = {0xC3: "lossless", 0xC9: "arithmetic-coded", 0xCA: "arithmetic-coded progressive",
+                0xCB: "arithmetic-coded lossless"}.get(jpeg.sof, "hierarchical")
+        raise ImageError(f"the JPEG is {kind} (frame marker 0xFF{jpeg.sof:02X}), which cameras and browsers do not "
+                         "write: re-encode it as a baseline or progressive JPEG, or send a PNG")
+    if jpeg.sof and jpeg.precision != 8:
+        raise ImageError(f"the JPEG has {jpeg.precision}-bit samples (only 8-bit JPEG is decoded): re-encode it with "
+                         "8 bits a sample, or send a 16-bit PNG")
     if jpeg.segments > MAX_JPEG_SEGMENTS:
         raise ImageTooComplexError(f"the JPEG has more than {MAX_JPEG_SEGMENTS:,} marker segments (encoders write a "
                                    "few dozen): re-encode it")
@@ -187,12 +219,15 @@ def check_decodable(image: Image.Image, limits: DecodeLimits, jpeg: JpegStructur
             f"image is {width}×{height}: a side over {MAX_IMAGE_SIDE:,} pixels only costs memory (the model sees at "
             "most 4096): crop or downscale it")
     if data is not None and image.format == "TIFF":
-        check_tiff_jpeg(image, data)
+        check_tiff_jpeg(image, data, limits)
     progressive = jpeg.components if jpeg is not None and jpeg.progressive else 0
     if jpeg is None and image.format in ("JPEG", "MPO") and image.info.get("progressive"):
         progressive = len(image.getbands())
     transparency = image.info.get("transparency") is not None
-    cost = decode_bytes(image.mode, image.size, transparency=transparency, progressive_components=progressive)
+    # APNG's frame count is in its header (acTL); a GIF's is not, and counting walks every frame: assumed
+    animated = image.format == "GIF" or (image.format == "PNG" and int(getattr(image, "n_frames", 1)) > 1)
+    cost = decode_bytes(image.mode, image.size, transparency=transparency, progressive_components=progressive,
+                        image_format=image.format, animated=animated)
     if cost > limits.max_decode_bytes:
         fix = "send it with 8 bits a channel or downscale it" if image.mode in _HIGH_DEPTH else "downscale it"
         raise ImageDecodeTooLargeError(
@@ -201,24 +236,68 @@ def check_decodable(image: Image.Image, limits: DecodeLimits, jpeg: JpegStructur
     return cost
 
 
-def check_tiff_jpeg(image: Image.Image, data: bytes) -> None:
-    """Refuse a JPEG-compressed TIFF whose strips (or tiles) hold progressive JPEG: libtiff decodes
-    up to 100 scans a strip, each a pass over it, and no TIFF writer makes them (TIFF's JPEG
-    compression is baseline)."""
+def check_tiff_jpeg(image: Image.Image, data: bytes, limits: DecodeLimits | None = None) -> None:
+    """Refuse a TIFF whose first image has more strips (or tiles) than ``limits.max_tiff_strips``
+    (counted from the directory entry, not the array: 1.3 M strips in a 10 MB file), and a
+    JPEG-compressed one whose strips overlap (each may claim the whole file) or hold progressive JPEG:
+    libtiff decodes up to 100 scans a strip, each a pass over it, and no TIFF writer makes them (TIFF's
+    JPEG compression is baseline)."""
+    limits = limits or DecodeLimits()
     tags = getattr(image, "tag_v2", None)
     if tags is None:  # not a TIFF
         return
+    strips = tiff_strips(data)
+    if strips is not None and strips[0] > limits.max_tiff_strips:
+        raise ImageTooComplexError(
+            f"the TIFF has {strips[0]:,} strips or tiles, over the {limits.max_tiff_strips:,} allowed (a writer makes "
+            "one a row at most): re-save it with fewer, larger strips, or send a PNG", limit="max_tiff_strips")
     compression = tags.get(259)
     if compression not in (6, 7):  # old-style and new-style JPEG
         return
     offsets, counts = tags.get(273) or tags.get(324) or (), tags.get(279) or tags.get(325) or ()
     if compression == 6 and 513 in tags:  # old-style: one JPEG interchange stream
         offsets, counts = (tags[513],), (tags.get(514, len(data)),)
+    if sum(int(count) for count in counts) > len(data):
+        raise ImageTooComplexError(
+            f"the TIFF's {len(counts):,} JPEG strips claim more bytes than the file holds (they overlap, so each "
+            "would be decoded from the same data): re-save it", limit="max_tiff_strips")
     for offset, count in zip(offsets, counts):
         strip = inspect_jpeg(data[offset:offset + count], stop_after=4)  # sequential: a scan a component at most
         if strip.progressive or not strip.complete:
             raise ImageTooComplexError("the TIFF's JPEG-compressed strips are progressive (multi-scan), which no TIFF "
                                        "writer makes and each scan costs a pass over the strip: re-encode it")
+
+
+def tiff_strips(data: bytes) -> tuple[int, int] | None:
+    """(strip or tile offsets, byte counts) entries declared by the first directory of a TIFF or
+    BigTIFF, read from the directory entries alone (not the arrays they point to); None when the
+    bytes are not a TIFF or the directory is out of the file."""
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        big = False
+    elif data[:4] in (b"II+\x00", b"MM\x00+"):
+        big = True
+    else:
+        return None
+    order = "<" if data[:2] == b"II" else ">"
+    try:
+        if big:
+            ifd = struct.unpack_from(order + "Q", data, 8)[0]
+            entries = struct.unpack_from(order + "Q", data, ifd)[0]
+            first, size, layout = ifd + 8, 20, order + "HHQ"
+        else:
+            ifd = struct.unpack_from(order + "I", data, 4)[0]
+            entries = struct.unpack_from(order + "H", data, ifd)[0]
+            first, size, layout = ifd + 2, 12, order + "HHI"
+        offsets = counts = 0
+        for i in range(min(entries, 4096)):
+            tag, _, count = struct.unpack_from(layout, data, first + size * i)
+            if tag in (273, 324):
+                offsets = max(offsets, count)
+            elif tag in (279, 325):
+                counts = max(counts, count)
+    except struct.error:
+        return None
+    return offsets, counts
 
 
 class DeadlineReader(io.BytesIO):

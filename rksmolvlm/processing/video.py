@@ -75,6 +75,11 @@ _SWS_COEFFS = {1: (117489, 138438, 13975, 34925), 4: (104448, 132798, 24759, 531
                7: (117579, 136230, 16907, 35559), 9: (110013, 140363, 12277, 42626),
                10: (110013, 140363, 12277, 42626)}
 
+# Video tracks in one file: a video has one (a few with alternates); each costs the stream probe a decoder.
+MAX_VIDEO_STREAMS = 4
+# MP4 boxes walked looking for edit lists (moov → trak → edts → elst); real files have a few dozen.
+_MAX_MP4_BOXES = 4096
+
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_DURATION_SECONDS = 1800.0
 DEFAULT_MAX_STREAM_FRAMES = 108_000  # 30 minutes at 60 fps
@@ -82,6 +87,9 @@ DEFAULT_MAX_FRAME_PIXELS = 3840 * 2160
 DEFAULT_MAX_SIDE = 4096
 DEFAULT_MAX_DECODE_SECONDS = 60.0
 DEFAULT_MAX_OUTPUT_BYTES = 1024 * 1024 * 1024
+# Pixels one read_frames call may decode (frames from each wanted frame's keyframe, times the frame
+# size): ~3,900 4K frames, about max_decode_seconds of software decoding on the board's A76 cores.
+DEFAULT_MAX_DECODED_PIXELS = 32_000_000_000
 
 
 @dataclass(frozen=True)
@@ -93,7 +101,10 @@ class VideoLimits:
     decoder's pixel cap). ``max_duration_seconds``/``max_stream_frames``: the header's claims before
     the packet scan, then the scan itself (it stops at ``max_stream_frames`` packets). ``max_decode_seconds``:
     wall time of everything one ``VideoReader`` does (open, scan, decode), checked between packets.
-    ``max_output_bytes``: the RGB frames one ``read_frames`` call returns (read fewer frames per call)."""
+    ``max_output_bytes``: the RGB frames one ``read_frames`` call returns (read fewer frames per call).
+    ``max_decoded_pixels``: the frames one ``read_frames`` call must decode to reach the wanted ones
+    (from the keyframe index, before decoding: a 4K clip with one keyframe makes the last frame cost
+    every frame before it), times the frame size."""
 
     max_bytes: int = DEFAULT_MAX_BYTES
     max_duration_seconds: float = DEFAULT_MAX_DURATION_SECONDS
@@ -102,6 +113,7 @@ class VideoLimits:
     max_side: int = DEFAULT_MAX_SIDE
     max_decode_seconds: float = DEFAULT_MAX_DECODE_SECONDS
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+    max_decoded_pixels: int = DEFAULT_MAX_DECODED_PIXELS
 
 
 @dataclass(frozen=True)
@@ -170,6 +182,13 @@ class VideoReader:
                 f"{unique.size * frame_bytes / 2**20:.0f} MiB, over the {self._limits.max_output_bytes / 2**20:.0f} "
                 "MiB limit: read fewer frames per call or send a lower-resolution video",
                 limit="max_output_bytes")
+        decodes = self._planned_decodes(unique.tolist())
+        if decodes * self.info.width * self.info.height > self._limits.max_decoded_pixels:
+            raise VideoTooComplexError(
+                f"reaching {unique.size} frames of the {self.info.width}x{self.info.height} video means decoding "
+                f"{decodes} frames ({decodes * self.info.width * self.info.height / 1e9:.1f} Gpixels, keyframes are "
+                f"that far apart), over the {self._limits.max_decoded_pixels / 1e9:g} Gpixel limit: re-encode it "
+                "with a keyframe every few seconds (ffmpeg -g 60) or send a shorter clip", limit="max_decoded_pixels")
         out = np.empty((unique.size, self.info.height, self.info.width, 3), np.uint8)
         for slot, index in enumerate(unique.tolist()):
             self._decode_into(index, out[slot])
@@ -202,14 +221,25 @@ class VideoReader:
             # the stream probe decodes a frame: cap its size (coded sizes are padded, hence the slack)
             "max_pixels": str(2 * limits.max_frame_pixels + 65536),
         }
-        try:
-            self._container = av.open(self._file, mode="r", options=options, metadata_errors="ignore")
-        except av.error.FFmpegError as exc:
-            self._file.check()
-            raise VideoError(
-                f"the video could not be opened ({_reason(exc)}): send an MP4/MOV, MKV/WebM or AVI file "
-                f"with {', '.join(SUPPORTED_CODECS).upper()} video") from exc
-        self._file.check()
+        _check_edit_lists(self._file, limits)
+        # The stream probe (avformat_find_stream_info) decodes ~7 frames of every video track before
+        # anything is chosen (16 tiny 4K tracks: +3 GB). A first open decodes nothing (skip_frame) and
+        # only counts the video tracks; the second probes the one we read and skips the others.
+        self._container = self._open_container(dict(options, skip_frame="all"))
+        streams = list(self._container.streams)
+        videos = [s for s in streams if s.type == "video"]
+        if len(videos) > MAX_VIDEO_STREAMS:
+            raise VideoTooComplexError(
+                f"the file has {len(videos)} video streams, over the {MAX_VIDEO_STREAMS} allowed (a video has one): "
+                "send a file with one video stream")
+        best = self._container.streams.best("video")
+        stream_options = None
+        if best is not None and len(videos) > 1:
+            stream_options = [{} if s.index == best.index else {"skip_frame": "all"} for s in streams]
+        self._container.close()
+        self._container = None
+        self._file.seek(0)
+        self._container = self._open_container(options, stream_options)
         stream = self._container.streams.best("video")
         if stream is None or stream.disposition & av.stream.Disposition.attached_pic:
             kinds = sorted({s.type for s in self._container.streams}) or ["no streams"]
@@ -227,6 +257,9 @@ class VideoReader:
                     other.discard = av.stream.Discard.all  # the demuxer skips their packets (PyAV >= 17.1)
                 except (AttributeError, TypeError):
                     pass
+        # a frame that grows mid-stream is decoded before _check_frame sees it: cap what the decoder
+        # allocates (VP9 allows 65536² frames) while leaving room to name an 8192×4320 one
+        codec.options = {"max_pixels": str(8 * limits.max_frame_pixels + 65536)}
         codec.thread_type = "AUTO"
         codec.thread_count = threads
         total, duration, fps = self._scan()
@@ -241,6 +274,19 @@ class VideoReader:
                               color_range=_COLOR_RANGE_NAMES.get(first.color_range, str(first.color_range)),
                               color_space=_COLOR_SPACE_NAMES.get(first.colorspace, str(first.colorspace)),
                               rotation=rotation)
+
+    def _open_container(self, options: dict, stream_options: list | None = None):
+        av = self._av
+        try:
+            container = av.open(self._file, mode="r", options=options, stream_options=stream_options,
+                                 metadata_errors="ignore")
+        except av.error.FFmpegError as exc:
+            self._file.check()
+            raise VideoError(
+                f"the video could not be opened ({_reason(exc)}): send an MP4/MOV, MKV/WebM or AVI file "
+                f"with {', '.join(SUPPORTED_CODECS).upper()} video") from exc
+        self._file.check()
+        return container
 
     def _check_header(self, stream, codec) -> None:
         limits = self._limits
@@ -289,12 +335,18 @@ class VideoReader:
         pts: list[int] = []
         keys: list[int] = []
         first = last = None
+        read = 0
         packets = self._container.demux(stream)
         try:
             for packet in packets:
                 self._check_time("scanning the video's packets")
                 if packet.size == 0 and packet.pts is None and packet.dts is None:
                     continue  # PyAV's end-of-stream flush packet, not read from the file
+                read += 1  # discarded packets cost the read too: counted before they are skipped
+                if read > limits.max_stream_frames:
+                    raise VideoTooLongError(
+                        f"the video has more than {limits.max_stream_frames} packets: send a shorter clip",
+                        limit="max_stream_frames")
                 if packet.is_discard:
                     continue
                 t = packet.pts if packet.pts is not None else packet.dts
@@ -366,6 +418,19 @@ class VideoReader:
         self._last_index = index
         self._convert(frame, out)
 
+    def _planned_decodes(self, indices: list[int]) -> int:
+        """The frames ``_decode_into`` decodes for the sorted ``indices`` (its seek rule, from the
+        keyframe index): from the decoder's position, or from a keyframe when that skips frames."""
+        position, total = self._last_index, 0
+        for index in indices:
+            key = self._keyframe_position(int(self._pts[index]))
+            start = key if key is not None and (index <= position or key > position + _SEEK_MIN_GAIN) else position + 1
+            if index <= position and key is None:
+                start = 0
+            total += index - start + 1
+            position = index
+        return total
+
     def _keyframe_position(self, target: int) -> int | None:
         """Where, in presentation order, the last keyframe at or before ``target`` is."""
         at = int(np.searchsorted(self._key_pts, target, side="right")) - 1
@@ -435,6 +500,17 @@ class VideoReader:
         return self._queue.popleft()
 
     def _check_frame(self, frame) -> None:
+        """Every decoded frame, before it is kept or converted: a stream may change size mid-way."""
+        limits = self._limits
+        if max(frame.width, frame.height) > limits.max_side:
+            raise VideoTooLargeError(
+                f"the video's frames grow to {frame.width}x{frame.height} mid-stream, longer than {limits.max_side} "
+                "pixels on a side: send a smaller video", limit="max_side")
+        if frame.width * frame.height > limits.max_frame_pixels:
+            raise VideoTooLargeError(
+                f"the video's frames grow to {frame.width}x{frame.height} mid-stream ({frame.width * frame.height} "
+                f"pixels), over the {limits.max_frame_pixels}-pixel limit: send a smaller video",
+                limit="max_frame_pixels")
         _check_pix_fmt(frame.format.name)
         if (frame.width, frame.height) != self._size:
             raise UnsupportedVideoError(
@@ -635,6 +711,100 @@ class _BoundedFile(io.RawIOBase):
     def close(self) -> None:
         self._raw.close()
         super().close()
+
+
+def _check_edit_lists(file: _BoundedFile, limits: VideoLimits) -> None:
+    """Refuse an MP4/MOV whose edit lists would expand the sample index past ``max_stream_frames``:
+    FFmpeg's mov demuxer builds, at open, one index entry per sample per edit that plays it (100,000
+    edits of 10 frames: 10^6 entries before a packet is read). Only box headers and the elst/stsz
+    counts are read; an edit list of one playing entry (what encoders write) passes unread."""
+    file.seek(0)
+    head = file.read(8)
+    if len(head) < 8 or head[4:8] not in (b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot"):
+        file.seek(0)
+        return  # not an ISO BMFF / QuickTime file
+    budget = [_MAX_MP4_BOXES]
+    try:
+        for kind, start, end in _mp4_boxes(file, 0, None, budget):
+            if kind == b"moov":
+                for trak, t_start, t_end in _mp4_boxes(file, start, end, budget):
+                    if trak == b"trak":
+                        _check_trak(file, t_start, t_end, limits, budget)
+    finally:
+        file.seek(0)
+
+
+def _check_trak(file: _BoundedFile, start: int, end: int, limits: VideoLimits, budget: list[int]) -> None:
+    playing = samples = 0
+    for kind, k_start, k_end in _mp4_boxes(file, start, end, budget):
+        if kind == b"edts":
+            for elst, e_start, e_end in _mp4_boxes(file, k_start, k_end, budget):
+                if elst == b"elst":
+                    playing += _playing_edits(file, e_start, e_end)
+        elif kind == b"mdia":
+            samples = max(samples, _sample_count(file, k_start, k_end, budget))
+    if playing > 1 and playing * max(samples, 1) > limits.max_stream_frames:
+        raise VideoTooComplexError(
+            f"the video's edit list plays its {samples} samples {playing} times (FFmpeg expands every repeat "
+            f"before reading), over the {limits.max_stream_frames}-frame limit: remux it without the edit list "
+            "(ffmpeg -i in -c copy out.mp4)", limit="max_stream_frames")
+
+
+def _playing_edits(file: _BoundedFile, start: int, end: int) -> int:
+    """Entries of an elst box (at ``start``) that play media (media_time ≠ −1: empty edits add nothing)."""
+    file.seek(start + 8)
+    header = file.read(8)
+    if len(header) < 8:
+        return 0
+    version, count = header[0], int.from_bytes(header[4:8], "big")
+    size = 20 if version == 1 else 12
+    count = min(count, max(0, (end - start - 16) // size))
+    table = np.frombuffer(file.read(count * size), np.uint8)
+    count = table.size // size
+    if count == 0:
+        return 0
+    rows = table[:count * size].reshape(count, size)
+    times = rows[:, 8:16] if version == 1 else rows[:, 4:8]
+    empty = np.all(times == 0xFF, axis=1)  # media_time −1 in two's complement
+    return int(count - np.count_nonzero(empty))
+
+
+def _sample_count(file: _BoundedFile, start: int, end: int, budget: list[int]) -> int:
+    """The stsz (or stz2) sample count of an mdia box, 0 when absent."""
+    for kind, m_start, m_end in _mp4_boxes(file, start, end, budget):
+        if kind == b"minf":
+            for stbl, s_start, s_end in _mp4_boxes(file, m_start, m_end, budget):
+                if stbl == b"stbl":
+                    for box, b_start, _ in _mp4_boxes(file, s_start, s_end, budget):
+                        if box in (b"stsz", b"stz2"):
+                            file.seek(b_start + 16)
+                            return int.from_bytes(file.read(4).rjust(4, b"\0"), "big")
+    return 0
+
+
+def _mp4_boxes(file: _BoundedFile, start: int, end: int | None, budget: list[int]):
+    """(type, start, end) of the boxes in [start, end) of ``file`` (one level; a parent's header is
+    skipped when ``start`` is a box). Stops at a malformed size, or once ``budget`` boxes were read."""
+    pos = start
+    if end is not None:
+        pos += 8
+    while end is None or pos + 8 <= end:
+        file.seek(pos)
+        header = file.read(16)
+        if len(header) < 8 or budget[0] <= 0:
+            return
+        budget[0] -= 1
+        size, kind = int.from_bytes(header[:4], "big"), header[4:8]
+        if size == 1 and len(header) == 16:
+            size = int.from_bytes(header[8:16], "big")
+        elif size == 0:
+            if end is None:
+                return  # to the end of the file: the last box (mdat), never walked
+            size = end - pos
+        if size < 8:
+            return
+        yield kind, pos, pos + size
+        pos += size
 
 
 def _open_source(source: Source, limits: VideoLimits, deadline: float) -> _BoundedFile:
