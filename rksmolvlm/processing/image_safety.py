@@ -55,6 +55,9 @@ _RESIZE_BYTES_PER_SIDE_PIXEL = 48  # Pillow's Lanczos: 6 taps × 8-byte doubles 
 # Pillow's image (4 bytes a pixel, RGB or RGBA). Measured peak of Image.load: 16.0 bytes a pixel for
 # lossless, lossy, RGB, RGBA and animated files alike; 12 stay resident until the image is closed.
 _WEBP_BYTES_PER_PIXEL = 16
+# load_image composites a transparent image on white a band of 2^20 pixels at a time: the band's RGBA,
+# background and result copies (measured: a 3000² RGBA WebP peaks 20 MB above 16 bytes a pixel).
+_BAND_WORK_BYTES = 24 * 1024 * 1024
 # JPEG frame types libjpeg decodes that we take: baseline, extended and progressive Huffman (SOF0-2).
 # Arithmetic (SOF9-11), lossless (SOF3, 11) and hierarchical (SOF5-7, 13-15) frames are refused: no
 # camera or browser writes them and they are the decoder's least-used code.
@@ -160,14 +163,16 @@ def decode_bytes(mode: str, size: tuple[int, int], *, transparency: bool = False
 
     Per format (``image_format``, Pillow's name), measured: a WebP takes 16 bytes a pixel whatever its
     mode (libwebp's two canvases beside Pillow's image and a transient copy; the RGB conversion fits in
-    the transient's place); an animated PNG or GIF (``animated``) keeps one more copy of the canvas
-    (the previous frame, for disposal). The tiles and resized copies are not counted: their size follows
-    the processor's longest edge (at most 4096), not the input."""
+    the transient's place, plus the band work of compositing a transparent one); an animated PNG or GIF
+    (``animated``) keeps one more copy of the canvas (the previous frame, for disposal). The tiles and
+    resized copies are not counted: their size follows the processor's longest edge (at most 4096), not
+    the input."""
     width, height = size
     pixels = width * height
     resize = _RESIZE_BYTES_PER_SIDE_PIXEL * (width + height)
     if image_format == "WEBP":
-        return pixels * _WEBP_BYTES_PER_PIXEL + resize
+        bands = _BAND_WORK_BYTES if transparency or "A" in mode else 0
+        return pixels * _WEBP_BYTES_PER_PIXEL + bands + resize
     stored = pixels * (1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4)
     converted = 0 if mode == "RGB" and not transparency else pixels * 4
     coefficients = pixels * 2 * progressive_components
