@@ -187,10 +187,15 @@ def served(preview_bundles, tmp_path_factory, request):
         bounds = Bounds(idle.peak_tree_rss, idle.peak_server_rss)
         yield Served(server, sampler, bounds, client, rows)
     finally:
+        try:  # what the jail did over the run: children spawned and killed (by reason)
+            decode = client.get("/health").json().get("decode")
+        except (httpx.HTTPError, ValueError):
+            decode = None
         client.close()
         sampler.stop()
         status = server.stop()
         report = _table(rows, locals().get("bounds"), sampler.peak, status, sampler.all_health())
+        report.insert(1, f"jail at the end: {json.dumps(decode)}")
         reporter = request.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
             reporter.write_line("")
@@ -217,11 +222,12 @@ def test_hostile_image(served, case, api):
 
 
 def test_ollama_many_tiny_images(served):
-    """images: ["AA"] × 4.19 M: refused as too many images (or parts) from the raw count, before 4.19 M
-    Python strings (and image parts) are made of it."""
+    """images: ["AA"] × 4.19 M: refused from the raw count (413 too_many_json_values), or as too many
+    images or parts, before 4.19 M Python strings (and image parts) are made of it."""
     body = (b'{"model": "smolvlm2", "stream": false, "messages": [{"role": "user", "content": "hi", "images": ['
             + b'"AA",' * (OLLAMA_IMAGES - 1) + b'"AA"]}]}')
-    case = Case("ollama_AA_x4.19M", "image", lambda: body, "", ((400, "too_many_images"), (400, "too_many_parts")), 1.0,
+    refusals = ((413, "too_many_json_values"), (400, "too_many_images"), (400, "too_many_parts"))
+    case = Case("ollama_AA_x4.19M", "image", lambda: body, "", refusals, 1.0,
                 "21 MB of 'AA' strings expanded before the count (+2.27 GB)")
     _one_case(served, case, "ollama", body, good_image)
 
