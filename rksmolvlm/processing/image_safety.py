@@ -4,8 +4,11 @@ An image can be small on the wire and ruinous to decode: a progressive JPEG make
 every block of the image once per scan (134,000 scans: 11 minutes), a 97 KB 16-bit PNG decodes to
 gigabytes, a 1×50,000,000 PNG gives the resizer a 2.4 GB coefficient table. So before decoding:
 the JPEG's segment structure is walked and its scans counted (``inspect_jpeg``), and the memory the
-decode takes is computed from the mode and the size (``decode_bytes``); ``check_decodable`` refuses
-what is over the limits with an ImageError subclass whose ``code`` names the refusal. While
+decode takes is computed from the mode, the size and the format (``decode_bytes``: measured per
+format, e.g. 16 bytes a pixel for WebP); ``check_decodable`` refuses what is over the limits with an
+ImageError subclass whose ``code`` names the refusal. JPEG frame types other than 8-bit Huffman are
+refused by name, and a TIFF's strips are counted from its directory entry (``tiff_strips``) before
+the arrays are read. While
 decoding, ``DeadlineReader`` stops a decode that outlives its time budget (it is checked whenever
 the decoder asks for more input, every 64 KiB). Depends on Pillow only.
 """

@@ -15,12 +15,16 @@ transformers loads SmolVLM2 videos with torchcodec (``read_video_torchcodec``: e
   the decoded YUV planes are identical on every architecture for the codecs allowed here.
 
 Everything else is refused with a named ``VideoError`` before the costly step: the bytes before
-opening, the frame size and format from the stream header before decoding, the duration and
-frame count from the header before the packet scan and during it. Decoding jumps to the keyframe
-before a wanted frame when that skips frames, stops after the last wanted frame, keeps only the
-wanted frames, and checks the time budget between packets. Bytes never touch the disk. One
-``VideoReader`` serves one thread at a time. Depends on numpy and PyAV (imported when a video is
-opened).
+opening; an MP4 edit list that repeats the samples past the frame limit, from the box headers before
+FFmpeg expands it; more than ``MAX_VIDEO_STREAMS`` video tracks, from a first open that decodes
+nothing (the second probes only the chosen track, the others are skipped and discarded); the frame
+size and format from the stream header before decoding, and again on every decoded frame before it
+is kept or converted; the duration and frame count from the header before the packet scan, and
+every packet read during it; a read whose keyframe distance makes it decode too much, before
+decoding. Decoding jumps to the keyframe before a wanted frame when that skips frames, stops after
+the last wanted frame, keeps only the wanted frames, and checks the time budget between packets.
+Bytes never touch the disk. One ``VideoReader`` serves one thread at a time. Depends on numpy and
+PyAV (imported when a video is opened).
 """
 
 from __future__ import annotations
@@ -280,7 +284,7 @@ class VideoReader:
         try:
             container = av.open(self._file, mode="r", options=options, stream_options=stream_options,
                                  metadata_errors="ignore")
-        except av.error.FFmpegError as exc:
+        except (av.error.FFmpegError, ValueError) as exc:  # ValueError: streams unknown before the probe
             self._file.check()
             raise VideoError(
                 f"the video could not be opened ({_reason(exc)}): send an MP4/MOV, MKV/WebM or AVI file "

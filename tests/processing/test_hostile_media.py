@@ -148,6 +148,7 @@ def test_tiff_strips_reads_only_the_directory():
     buffer = io.BytesIO()
     Image.new("L", (32, 64)).save(buffer, "TIFF", compression="jpeg", strip_size=32 * 8)
     assert tiff_strips(buffer.getvalue()) == (8, 8)
+    assert load_image(buffer.getvalue()).size == (32, 64)  # a real multi-strip JPEG TIFF still loads
     assert tiff_strips(b"\x89PNG\r\n\x1a\n") is None
     assert tiff_strips(b"II*\x00\xff\xff\xff\x00") is None  # directory out of the file
 
