@@ -414,7 +414,7 @@ def json_values(body: bytes, limit: int) -> int:
     if upper <= limit:
         return upper
     # escaped backslashes, then escaped quotes, out: every '"' left opens or closes a string
-    plain = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    plain = body if b"\\" not in body else body.replace(b"\\\\", b"").replace(b'\\"', b"")
     strings = plain.count(b'"') // 2
     if strings > limit:
         return strings
