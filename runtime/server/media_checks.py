@@ -52,6 +52,10 @@ def check_image(data: bytes, param: str, config: ServerConfig, decoder: "JailedD
                        "invalid_image", param)
     if len(data) > IMAGE.limit(config):
         raise IMAGE.too_large(config, len(data), param)
+    if data[4:8] == b"ftyp" and data[8:12] in _IMAGE_BRANDS:  # typed by its bytes: Ollama's images carry no type
+        raise ApiError(400, f"{param} is an AVIF or HEIF image ({data[8:12].decode('latin-1')!r}), which this server "
+                       "does not decode: send a PNG, JPEG, WebP, GIF, BMP or TIFF image", "unsupported_image_type",
+                       param)
     decode = limits.decode_limits()
     try:
         jpeg = check_jpeg(data, decode)  # before Pillow walks the markers itself: milliseconds, in front of the jail
