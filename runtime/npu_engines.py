@@ -233,6 +233,14 @@ class _RknnCore:
         self.lib, self.ctx, self.mask = lib, ctx, mask
         self.mems: list = []
         self.lock = threading.Lock()
+        try:
+            self._set_up(zero_copy)
+        except BaseException:
+            self.close()  # the context and any memory made so far: the caller never sees this core
+            raise
+
+    def _set_up(self, zero_copy: bool) -> None:
+        lib, ctx, mask = self.lib, self.ctx, self.mask
         code = lib.rknn_set_core_mask(ctx, mask)
         if code != 0:
             raise EngineError(f"rknn_set_core_mask({mask}) returned {code} ({rknn_abi.error_name(code)}): the core "
