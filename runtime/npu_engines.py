@@ -167,7 +167,8 @@ class RknnRuntimeVisionEncoder:
             raise
         self.tile_shape = self._cores[0].tile_shape
         self.feature_shape = self._cores[0].feature_shape
-        self._pool = ThreadPoolExecutor(max_workers=len(self._cores), thread_name_prefix="rknn-core")
+        self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(max_workers=len(self._cores),
+                                                                   thread_name_prefix="rknn-core")
 
     def _init_context(self, rknn_path: Path, library: Path) -> ctypes.c_uint64:
         """rknn_init from the model mapped in memory (copy-on-write: no Python copy of a 200–900 MB file);
@@ -204,6 +205,8 @@ class RknnRuntimeVisionEncoder:
                               "convert the bundle again")
         out = np.empty((len(tiles), *self.feature_shape), dtype=np.float32)
         shares = [list(range(i, len(tiles), len(self._cores))) for i in range(len(self._cores))]
+        if self._pool is None:
+            raise EngineError("the vision encoder is closed")
         futures = [self._pool.submit(self._run_share, i, tiles, share, out) for i, share in enumerate(shares) if share]
         for future in futures:
             future.result()
@@ -346,7 +349,7 @@ def _mem_array(mem, size: int, dtype) -> np.ndarray:
     """A numpy view of runtime memory (rknn_tensor_mem.virt_addr + offset), valid until rknn_destroy_mem."""
     base = mem.contents.virt_addr + mem.contents.offset
     raw = (ctypes.c_uint8 * size).from_address(base)
-    return np.frombuffer(raw, dtype=np.uint8).view(dtype)
+    return np.ctypeslib.as_array(raw).view(dtype)
 
 
 def find_rknn_library(explicit: str | os.PathLike | None = None) -> Path:

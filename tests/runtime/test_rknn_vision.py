@@ -79,6 +79,8 @@ def test_frames_and_repeated_calls(double, library, tmp_path):
     encoder.close()
     encoder.close()  # idempotent
     assert double.live() == (0, 0)
+    with pytest.raises(EngineError, match="closed"):
+        encoder.encode(one)
 
 
 def test_the_encoder_is_a_vision_encoder():
