@@ -119,3 +119,39 @@ def test_the_same_answer_on_the_direct_tower_and_on_rknnlite(preview_bundles, li
     assert direct[0] == lite[0] == script and direct[1] == lite[1]
     assert np.array_equal(direct[2], lite[2])  # the decoder received the same embeddings
     assert double.live() == (0, 0)
+
+
+def test_make_npu_vision_opens_the_direct_tower_with_the_profiles_core_masks(preview_bundles, libraries, tmp_path,
+                                                                             monkeypatch):
+    """Without rknn-toolkit-lite2 the bundle's vision.rknn opens on librknnrt, on the rk3588 profile's
+    cores (all three, or the ones asked for); with it, RKSMOLVLM_VISION_BACKEND still forces the direct path."""
+    import importlib.util
+
+    from rksmolvlm.runtime.engines import EngineOptions
+    from rksmolvlm.runtime.npu_engines import make_npu_vision
+
+    rknn_library, _ = libraries
+    copy = tmp_path / "bundle"
+    shutil.copytree(preview_bundles["idefics3-256m"], copy)
+    bundle = RuntimeBundle.open(copy, verify=False)  # its vision.rknn becomes one the double loads
+    tower = OnnxTower(bundle.file("vision.onnx"))
+    bundle.file("vision.rknn").write_bytes(model_blob(tower.side, tower.side, tower.tokens, tower.hidden))
+    double = RknnDouble(rknn_library)
+    monkeypatch.setenv("RKNN_LIBRARY", str(rknn_library))
+    monkeypatch.delenv("RKSMOLVLM_VISION_BACKEND", raising=False)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "rknnlite" else real(name, *a))
+    for cores, masks in ((None, [1, 2, 4]), ((0, 2), [1, 4])):
+        double.lib.double_reset()
+        vision = make_npu_vision(bundle, EngineOptions(cores=cores))
+        try:
+            assert isinstance(vision, RknnRuntimeVisionEncoder) and list(vision.core_masks) == masks
+            assert [c["mask"] for c in double.calls("rknn_set_core_mask")] == masks
+        finally:
+            vision.close()
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    monkeypatch.setenv("RKSMOLVLM_VISION_BACKEND", "librknnrt")
+    vision = make_npu_vision(bundle, EngineOptions(cores=(1,)))
+    assert isinstance(vision, RknnRuntimeVisionEncoder) and vision.core_masks == (2,)
+    vision.close()
+    assert double.live() == (0, 0)
