@@ -309,7 +309,7 @@ class _RknnCore:
     def run(self, tile: np.ndarray, out: np.ndarray) -> None:
         """One tile → its features in ``out`` (float32, feature_shape)."""
         with self.lock:
-            if self.zero_copy:
+            if self.zero_copy:  # rknn_run syncs the cacheable memory both ways (no DISABLE_FLUSH flag at init)
                 np.copyto(self.in_view, tile)
                 self._check(self.lib.rknn_run(self.ctx, None), "rknn_run")
                 np.copyto(out, self.out_view)
