@@ -1,7 +1,8 @@
 """The one Runner factory: every caller (ask, chat, demo, bench, verify, and the server, which is given
 ``RUNNERS`` by the serve verb) opens its engines and its Runner here.
 
-Engines: ``npu`` (RKNNLite + librkllmrt, ``runtime/npu_engines.py``), ``host`` (onnxruntime + torch,
+Engines: ``npu`` (the tower on RKNNLite or on librknnrt directly, as ``make_npu_vision`` chooses, +
+librkllmrt, ``runtime/npu_engines.py``), ``host`` (onnxruntime + torch,
 ``rksmolvlm/preview``), ``sim`` (the tower in rknn-toolkit2's simulator, ``convert/simulator.py``, with
 the host decoder; x86 only, for verify), ``auto`` (npu on a Rockchip board, host elsewhere). Choosing
 engines is host knowledge: the board package never imports this module, it is handed a

@@ -1,11 +1,14 @@
-"""The board engines: the vision tower on RKNNLite (one instance and one worker per NPU core, so a
-split image's tiles run in parallel) and the decoder on librkllmrt through ctypes (embedding input,
-streamed through the result callback, abortable, KV cache kept across turns)."""
+"""The board engines: the vision tower on RKNNLite or on librknnrt directly through ctypes (one
+context and one worker per NPU core, so a split image's tiles run in parallel; ``make_npu_vision``
+chooses) and the decoder on librkllmrt through ctypes (embedding input, streamed through the result
+callback, abortable, KV cache kept across turns)."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.util
+import mmap
 import os
 import queue
 import threading
@@ -19,17 +22,23 @@ import numpy as np
 from rksmolvlm.boards import BoardProfile, load_profile
 from rksmolvlm.errors import BundleError, RkSmolVLMError, ToolkitMissingError
 from rksmolvlm.runtime import rkllm_abi as abi_mod
+from rksmolvlm.runtime import rknn_abi
 from rksmolvlm.runtime.engines import EngineOptions, GenerationConfig, PerfStats
 
 if TYPE_CHECKING:
     from rksmolvlm.runtime.loader import RuntimeBundle
 
-__all__ = ["RknnLiteVisionEncoder", "RkllmEngine", "find_rkllm_library", "make_npu_engines", "make_npu_vision",
-           "LIBRARY_DIRS",
+__all__ = ["RknnLiteVisionEncoder", "RknnRuntimeVisionEncoder", "RkllmEngine", "find_rkllm_library",
+           "find_rknn_library", "choose_vision_backend", "make_npu_engines", "make_npu_vision", "LIBRARY_DIRS",
+           "VISION_BACKENDS",
            "EngineError", "BatchedLogitsError", "KvCacheMismatchError"]
 
 LIBRARY_DIRS = ("/usr/lib", "/usr/local/lib", "/usr/lib/aarch64-linux-gnu")
 LIBRARY_ENV = "RKLLM_LIBRARY"
+RKNN_LIBRARY_ENV = "RKNN_LIBRARY"
+VISION_BACKEND_ENV = "RKSMOLVLM_VISION_BACKEND"
+VISION_BACKENDS = ("auto", "rknnlite", "librknnrt")
+_RKNNRT_SOURCE = "rknpu2/runtime/Linux/librknn_api/aarch64/librknnrt.so of github.com/airockchip/rknn-toolkit2"
 ABI_ENV = "RKSMOLVLM_RKLLM_ABI"
 
 
@@ -112,6 +121,265 @@ class RknnLiteVisionEncoder:
         for runtime in self.runtimes:
             runtime.release()
         self.runtimes = []
+
+
+class RknnRuntimeVisionEncoder:
+    """``vision.rknn`` on librknnrt through ctypes (rknn_api.h), for boards without rknn-toolkit-lite2
+    (Python 3.13): one context per NPU core (rknn_init once, rknn_dup_context for the others, core
+    masks from the board profile), one worker per context. Zero-copy by default: each context's input
+    and output live in runtime memory (rknn_create_mem + rknn_set_io_mem), a tile is written there
+    once and the float32 features are read back from there; ``zero_copy=False`` uses rknn_inputs_set
+    and rknn_outputs_get into the result array instead."""
+
+    def __init__(self, rknn_path: Path, core_masks: Sequence[int], library: Path | None = None,
+                 zero_copy: bool = True):
+        rknn_abi.check_layout()
+        if not rknn_path.is_file():
+            raise BundleError(f"{rknn_path} is missing: the bundle has no vision model")
+        if not core_masks:
+            raise BundleError("no NPU cores selected: pass at least one core")
+        library = library or find_rknn_library()
+        try:
+            self.lib = ctypes.CDLL(str(library))
+        except OSError as exc:
+            raise ToolkitMissingError(f"cannot load {library} ({exc}): it must be the aarch64 librknnrt.so from "
+                                      f"Rockchip's rknn-toolkit2 release ({_RKNNRT_SOURCE})") from exc
+        missing = rknn_abi.declare(self.lib)
+        if missing:
+            raise ToolkitMissingError(f"{library} lacks {', '.join(missing)}: it is not librknnrt.so ≥ 1.6.0; install "
+                                      f"the one from Rockchip's rknn-toolkit2 release ({_RKNNRT_SOURCE})")
+        self.core_masks = tuple(core_masks)
+        self.zero_copy = zero_copy
+        self._cores: list[_RknnCore] = []
+        try:
+            first = self._init_context(rknn_path, library)
+            self._cores.append(_RknnCore(self.lib, first, self.core_masks[0], zero_copy))
+            for mask in self.core_masks[1:]:
+                ctx = rknn_abi.rknn_context()
+                code = self.lib.rknn_dup_context(ctypes.byref(first), ctypes.byref(ctx))
+                if code != 0:
+                    raise EngineError(f"rknn_dup_context returned {code} ({rknn_abi.error_name(code)}): the runtime "
+                                      "could not add a context for another NPU core; choose fewer cores")
+                self._cores.append(_RknnCore(self.lib, ctx, mask, zero_copy))
+            self.sdk_version = self._cores[0].sdk_version()
+        except BaseException:
+            self.close()
+            raise
+        self.tile_shape = self._cores[0].tile_shape
+        self.feature_shape = self._cores[0].feature_shape
+        self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(max_workers=len(self._cores),
+                                                                   thread_name_prefix="rknn-core")
+
+    def _init_context(self, rknn_path: Path, library: Path) -> ctypes.c_uint64:
+        """rknn_init from the model mapped in memory (copy-on-write: no Python copy of a 200–900 MB file);
+        the runtime keeps its own copy, the mapping is closed after."""
+        ctx = rknn_abi.rknn_context()
+        if rknn_path.stat().st_size == 0:
+            raise BundleError(f"{rknn_path} is empty: copy the bundle again")
+        with open(rknn_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as blob:
+            size = len(blob)
+            buffer = (ctypes.c_uint8 * size).from_buffer(blob)
+            try:
+                code = self.lib.rknn_init(ctypes.byref(ctx), ctypes.addressof(buffer), size, 0, None)
+            finally:
+                del buffer  # the mapping cannot close while a ctypes view holds it
+        if code != 0:
+            raise EngineError(
+                f"rknn_init returned {code} ({rknn_abi.error_name(code)}) for {rknn_path}: check that {library} is the "
+                "librknnrt.so of the rknn-toolkit2 version that built the bundle (or newer), that the bundle's target "
+                "matches this SoC, and that you may open the NPU device (/dev/dri/renderD129 or /dev/rknpu)")
+        return ctx
+
+    def _run_share(self, index: int, tiles: np.ndarray, positions: list[int], out: np.ndarray) -> None:
+        core = self._cores[index]
+        for position in positions:
+            core.run(tiles[position], out[position])
+
+    def encode(self, tiles: np.ndarray) -> np.ndarray:
+        tiles = np.asarray(tiles)
+        if tiles.dtype != np.uint8 or tiles.ndim != 4 or tiles.shape[-1] != 3:
+            raise ValueError("tiles must be uint8 (N, T, T, 3)")
+        if tiles.shape[1:3] != self.tile_shape:
+            raise EngineError(f"vision.rknn takes {self.tile_shape[0]}×{self.tile_shape[1]} tiles, got "
+                              f"{tiles.shape[1]}×{tiles.shape[2]}: the bundle's settings and its tower disagree; "
+                              "convert the bundle again")
+        out = np.empty((len(tiles), *self.feature_shape), dtype=np.float32)
+        shares = [list(range(i, len(tiles), len(self._cores))) for i in range(len(self._cores))]
+        if self._pool is None:
+            raise EngineError("the vision encoder is closed")
+        futures = [self._pool.submit(self._run_share, i, tiles, share, out) for i, share in enumerate(shares) if share]
+        for future in futures:
+            future.result()
+        return out
+
+    def encode_frames(self, frames: np.ndarray) -> np.ndarray:
+        """Video frames are unsplit tiles to the RKNN model: it bakes (x − 127.5) / 127.5 in for both."""
+        return self.encode(frames)
+
+    def close(self) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=True)
+            self._pool = None
+        problems = []
+        for core in getattr(self, "_cores", []):
+            problems += core.close()
+        self._cores = []
+        if problems:
+            raise EngineError(f"librknnrt refused to release: {'; '.join(problems)}")
+
+
+class _RknnCore:
+    """One librknnrt context on one NPU core mask, with its input/output memory; one caller at a time."""
+
+    def __init__(self, lib, ctx: ctypes.c_uint64, mask: int, zero_copy: bool):
+        self.lib, self.ctx, self.mask = lib, ctx, mask
+        self.mems: list = []
+        self.lock = threading.Lock()
+        try:
+            self._set_up(zero_copy)
+        except BaseException:
+            self.close()  # the context and any memory made so far: the caller never sees this core
+            raise
+
+    def _set_up(self, zero_copy: bool) -> None:
+        lib, ctx, mask = self.lib, self.ctx, self.mask
+        code = lib.rknn_set_core_mask(ctx, mask)
+        if code != 0:
+            raise EngineError(f"rknn_set_core_mask({mask}) returned {code} ({rknn_abi.error_name(code)}): the core "
+                              "mask is not one of this SoC's; check the board profile and the cores option")
+        counts = rknn_abi.InputOutputNum()
+        self._query(rknn_abi.QUERY_IN_OUT_NUM, counts)
+        if (counts.n_input, counts.n_output) != (1, 1):
+            raise EngineError(f"vision.rknn has {counts.n_input} inputs and {counts.n_output} outputs, expected 1 and "
+                              "1: it is not a tower rksmolvlm converted")
+        self.input = rknn_abi.TensorAttr(index=0)
+        self._query(rknn_abi.QUERY_INPUT_ATTR, self.input)
+        self.output = rknn_abi.TensorAttr(index=0)
+        self._query(rknn_abi.QUERY_OUTPUT_ATTR, self.output)
+        dims = self.input.shape
+        if len(dims) != 4 or dims[0] != 1 or 3 not in (dims[1], dims[3]):
+            raise EngineError(f"vision.rknn's input is {dims}, expected one 3-channel image (1, H, W, 3)")
+        height, width = (dims[1], dims[2]) if self.input.fmt == rknn_abi.FORMAT_NHWC else (dims[2], dims[3])
+        self.tile_shape = (height, width)
+        self.feature_shape = self.output.shape[1:] if self.output.shape[:1] == (1,) else self.output.shape
+        self.n_out = int(self.output.n_elems)
+        self.zero_copy = zero_copy
+        if zero_copy:
+            self._bind_memory(height, width)
+
+    def _query(self, cmd: int, info) -> None:
+        code = self.lib.rknn_query(self.ctx, cmd, ctypes.byref(info), ctypes.sizeof(info))
+        if code != 0:
+            raise EngineError(f"rknn_query({cmd}) returned {code} ({rknn_abi.error_name(code)})")
+
+    def _bind_memory(self, height: int, width: int) -> None:
+        """Input as uint8 NHWC rows of the runtime's width stride, output as float32 (converted by the runtime)."""
+        attr = self.input
+        attr.type, attr.fmt, attr.pass_through = rknn_abi.TENSOR_UINT8, rknn_abi.FORMAT_NHWC, 0
+        stride = int(attr.w_stride) or width
+        in_mem = self._create(max(int(attr.size_with_stride), height * stride * 3))
+        self._bind(in_mem, attr, "input")
+        self.in_view = _mem_array(in_mem, height * stride * 3, np.uint8).reshape(height, stride, 3)[:, :width]
+        out_attr = self.output
+        out_attr.type = rknn_abi.TENSOR_FLOAT32
+        out_mem = self._create(self.n_out * 4)
+        self._bind(out_mem, out_attr, "output")
+        self.out_view = _mem_array(out_mem, self.n_out * 4, np.float32).reshape(self.feature_shape)
+
+    def _create(self, size: int):
+        mem = self.lib.rknn_create_mem(self.ctx, size)
+        if not mem:
+            raise EngineError(f"rknn_create_mem({size}) failed on NPU core mask {self.mask}: out of NPU memory?")
+        self.mems.append(mem)
+        return mem
+
+    def _bind(self, mem, attr, what: str) -> None:
+        code = self.lib.rknn_set_io_mem(self.ctx, mem, ctypes.byref(attr))
+        if code != 0:
+            raise EngineError(f"rknn_set_io_mem ({what}) returned {code} ({rknn_abi.error_name(code)}): this "
+                              f"librknnrt cannot bind the tower's {what} ({rknn_abi.type_name(attr.type)}); set "
+                              f"{VISION_BACKEND_ENV}=rknnlite or report the tower's tensor attributes")
+
+    def sdk_version(self) -> tuple[str, str]:
+        version = rknn_abi.SdkVersion()
+        self._query(rknn_abi.QUERY_SDK_VERSION, version)
+        return version.api_version.decode(errors="replace"), version.drv_version.decode(errors="replace")
+
+    def run(self, tile: np.ndarray, out: np.ndarray) -> None:
+        """One tile → its features in ``out`` (float32, feature_shape)."""
+        with self.lock:
+            if self.zero_copy:  # rknn_run syncs the cacheable memory both ways (no DISABLE_FLUSH flag at init)
+                np.copyto(self.in_view, tile)
+                self._check(self.lib.rknn_run(self.ctx, None), "rknn_run")
+                np.copyto(out, self.out_view)
+                return
+            tile = np.ascontiguousarray(tile)
+            inputs = rknn_abi.Input(index=0, buf=tile.ctypes.data, size=tile.nbytes, pass_through=0,
+                                    type=rknn_abi.TENSOR_UINT8, fmt=rknn_abi.FORMAT_NHWC)
+            self._check(self.lib.rknn_inputs_set(self.ctx, 1, ctypes.byref(inputs)), "rknn_inputs_set")
+            self._check(self.lib.rknn_run(self.ctx, None), "rknn_run")
+            # the runtime writes the float32 features into ``out`` itself (is_prealloc)
+            output = rknn_abi.Output(want_float=1, is_prealloc=1, index=0, buf=out.ctypes.data, size=out.nbytes)
+            self._check(self.lib.rknn_outputs_get(self.ctx, 1, ctypes.byref(output), None), "rknn_outputs_get")
+            self._check(self.lib.rknn_outputs_release(self.ctx, 1, ctypes.byref(output)), "rknn_outputs_release")
+
+    def _check(self, code: int, call: str) -> None:
+        if code != 0:
+            raise EngineError(f"{call} returned {code} ({rknn_abi.error_name(code)}) on NPU core mask {self.mask}")
+
+    def close(self) -> list[str]:
+        """Free the memory, then the context; the problems met (empty when all went well)."""
+        problems = []
+        with self.lock:
+            for mem in self.mems:
+                code = self.lib.rknn_destroy_mem(self.ctx, mem)
+                if code != 0:
+                    problems.append(f"rknn_destroy_mem returned {code}")
+            self.mems = []
+            if self.ctx.value:
+                code = self.lib.rknn_destroy(self.ctx)
+                if code != 0:
+                    problems.append(f"rknn_destroy returned {code}")
+                self.ctx = rknn_abi.rknn_context()
+        return problems
+
+
+def _mem_array(mem, size: int, dtype) -> np.ndarray:
+    """A numpy view of runtime memory (rknn_tensor_mem.virt_addr + offset), valid until rknn_destroy_mem."""
+    base = mem.contents.virt_addr + mem.contents.offset
+    raw = (ctypes.c_uint8 * size).from_address(base)
+    return np.ctypeslib.as_array(raw).view(dtype)
+
+
+def find_rknn_library(explicit: str | os.PathLike | None = None) -> Path:
+    """librknnrt.so: the explicit path, then $RKNN_LIBRARY, then /usr/lib, /usr/local/lib."""
+    candidates = [Path(explicit)] if explicit else []
+    if os.environ.get(RKNN_LIBRARY_ENV):
+        candidates.append(Path(os.environ[RKNN_LIBRARY_ENV]))
+    candidates += [Path(d) / "librknnrt.so" for d in LIBRARY_DIRS]
+    for path in candidates:
+        if path.is_file():
+            return path
+    found = ctypes.util.find_library("rknnrt")
+    if found and Path(found).is_file():
+        return Path(found)
+    looked = ", ".join(str(p) for p in candidates)
+    raise ToolkitMissingError(f"librknnrt.so not found (looked at {looked}): copy {_RKNNRT_SOURCE} to /usr/lib "
+                              f"(many board images ship it there), or set {RKNN_LIBRARY_ENV}")
+
+
+def choose_vision_backend(explicit: str | None = None) -> str:
+    """``rknnlite`` or ``librknnrt``: the one asked for (argument, then $RKSMOLVLM_VISION_BACKEND); ``auto`` is
+    RKNNLite where rknn-toolkit-lite2 is installed (the path proven on boards), librknnrt directly elsewhere
+    (Python 3.13, where rknn-toolkit-lite2 has no wheel)."""
+    choice = explicit or os.environ.get(VISION_BACKEND_ENV) or "auto"
+    if choice not in VISION_BACKENDS:
+        raise BundleError(f"unknown vision backend {choice!r} in {VISION_BACKEND_ENV}: choose one of "
+                          f"{', '.join(VISION_BACKENDS)}")
+    if choice != "auto":
+        return choice
+    return "rknnlite" if importlib.util.find_spec("rknnlite") is not None else "librknnrt"
 
 
 # -- decoder -----------------------------------------------------------------------------------
@@ -531,8 +799,9 @@ def _sampling(config: GenerationConfig) -> tuple:
     return (config.greedy, *shape, config.frequency_penalty, config.presence_penalty)
 
 
-def make_npu_engines(bundle: "RuntimeBundle", options: EngineOptions) -> tuple[RknnLiteVisionEncoder, RkllmEngine]:
-    """(RknnLiteVisionEncoder, RkllmEngine) for a bundle on its board."""
+def make_npu_engines(bundle: "RuntimeBundle", options: EngineOptions
+                     ) -> tuple[RknnLiteVisionEncoder | RknnRuntimeVisionEncoder, RkllmEngine]:
+    """(the vision encoder ``make_npu_vision`` chooses, RkllmEngine) for a bundle on its board."""
     manifest = bundle.manifest
     llm = manifest.require_llm()
     if not llm.file or manifest.require_vision().file is None:
@@ -556,14 +825,18 @@ def make_npu_engines(bundle: "RuntimeBundle", options: EngineOptions) -> tuple[R
     return vision, engine
 
 
-def make_npu_vision(bundle: "RuntimeBundle", options: EngineOptions) -> RknnLiteVisionEncoder:
-    """The bundle's tower on the NPU cores of ``options`` (all of the SoC's when it names none)."""
+def make_npu_vision(bundle: "RuntimeBundle", options: EngineOptions,
+                    backend: str | None = None) -> RknnLiteVisionEncoder | RknnRuntimeVisionEncoder:
+    """The bundle's tower on the NPU cores of ``options`` (all of the SoC's when it names none), on the
+    backend ``choose_vision_backend`` picks: the one place the vision backend is chosen."""
     tower = bundle.manifest.require_vision().file
     if tower is None:
         raise BundleError(f"{bundle.path} has no vision.rknn: convert the vision part for the board")
     profile: BoardProfile = load_profile(bundle.manifest.target.platform)
     masks = _core_masks(options.cores, profile.core_masks)
-    return RknnLiteVisionEncoder(bundle.file(tower), masks)
+    if choose_vision_backend(backend) == "rknnlite":
+        return RknnLiteVisionEncoder(bundle.file(tower), masks)
+    return RknnRuntimeVisionEncoder(bundle.file(tower), masks)
 
 
 def _core_masks(cores: Sequence[int] | None, masks: Sequence[int]) -> list[int]:
