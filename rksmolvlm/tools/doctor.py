@@ -186,9 +186,14 @@ def run_doctor(manifest: "Manifest | None" = None, root: str | os.PathLike = "/"
                                f"install librkllmrt {need_llm}, or convert again with toolkit {version}"))
         else:
             out.append(Finding("ok", "librkllmrt", f"{rkllmrt} (version {version})"))
-    if importlib.util.find_spec("rknnlite") is None:
-        out.append(Finding("fail", "rknn-toolkit-lite2", "the rknnlite Python package is not importable",
-                           "pip install rknn-toolkit-lite2 (or 'rksmolvlm[board]')"))
+    if importlib.util.find_spec("rknnlite") is None and rknnrt is not None:  # the tower runs on librknnrt directly
+        out.append(Finding("ok", "rknn-toolkit-lite2", "rknnlite is not installed (no wheel for this Python, e.g. "
+                           "3.13): the vision tower runs on librknnrt.so directly"))
+    elif importlib.util.find_spec("rknnlite") is None:
+        out.append(Finding("fail", "rknn-toolkit-lite2", "neither the rknnlite Python package nor librknnrt.so is "
+                           "there: the vision tower cannot run",
+                           "install librknnrt.so (see librknnrt above), or pip install rknn-toolkit-lite2 on Python "
+                           "3.10–3.12"))
     else:
         out.append(Finding("ok", "rknn-toolkit-lite2", "rknnlite importable"))
     if manifest is not None and manifest.video is not None:  # a SmolVLM2 bundle: videos need PyAV

@@ -11,9 +11,10 @@ from support.fakes import FakeLlm, FakeVision, LlmWrapper, RecordingLlm, VisionW
 from rksmolvlm.convert.simulator import SimulatedVisionEncoder
 from rksmolvlm.preview.host_engines import OnnxVisionEncoder, TorchLlmEngine
 from rksmolvlm.runtime.engines import LlmEngine, VisionEncoder
-from rksmolvlm.runtime.npu_engines import RkllmEngine, RknnLiteVisionEncoder
+from rksmolvlm.runtime.npu_engines import RkllmEngine, RknnLiteVisionEncoder, RknnRuntimeVisionEncoder
 
-VISION = [RknnLiteVisionEncoder, OnnxVisionEncoder, SimulatedVisionEncoder, FakeVision, VisionWrapper]
+VISION = [RknnLiteVisionEncoder, RknnRuntimeVisionEncoder, OnnxVisionEncoder, SimulatedVisionEncoder, FakeVision,
+          VisionWrapper]
 LLM = [RkllmEngine, TorchLlmEngine, FakeLlm, LlmWrapper, RecordingLlm]
 
 
