@@ -34,6 +34,7 @@ __all__ = ["ServeProcess", "Sampler", "Window", "process_tree", "tree_rss", "rss
 MIB = 1024 * 1024
 HEALTH_INTERVAL_S = 0.02
 MEMORY_INTERVAL_S = 0.05
+MIN_WINDOW_S = 0.15  # at least ~5 /health probes in every window
 
 
 class ServeProcess:
@@ -191,6 +192,8 @@ class Sampler:
         try:
             yield result
         finally:
+            # a window spans a few /health probes even when its case is answered at once (0 probes proves nothing)
+            time.sleep(max(0.0, start + MIN_WINDOW_S - time.monotonic()))
             end = time.monotonic()
             time.sleep(MEMORY_INTERVAL_S * 2)  # one more memory sample that covers the end
             self._fill(result, start, end)
