@@ -58,6 +58,9 @@ _RESIZE_BYTES_PER_SIDE_PIXEL = 48  # Pillow's Lanczos: 6 taps × 8-byte doubles 
 # Pillow's image (4 bytes a pixel, RGB or RGBA). Measured peak of Image.load: 16.0 bytes a pixel for
 # lossless, lossy, RGB, RGBA and animated files alike; 12 stay resident until the image is closed.
 _WEBP_BYTES_PER_PIXEL = 16
+# libwebp's own decoder state and Python's copy bookkeeping beside the canvases: a 3000² RGB WebP peaked
+# 138 MB against 16 bytes a pixel's 137.3 MiB (an estimate must bound the real peak, not meet it).
+_WEBP_FIXED_BYTES = 8 * 1024 * 1024
 # load_image composites a transparent image on white a band of 2^20 pixels at a time: the band's RGBA,
 # background and result copies (measured: a 3000² RGBA WebP peaks 20 MB above 16 bytes a pixel).
 _BAND_WORK_BYTES = 24 * 1024 * 1024
@@ -175,7 +178,7 @@ def decode_bytes(mode: str, size: tuple[int, int], *, transparency: bool = False
     resize = _RESIZE_BYTES_PER_SIDE_PIXEL * (width + height)
     if image_format == "WEBP":
         bands = _BAND_WORK_BYTES if transparency or "A" in mode else 0
-        return pixels * _WEBP_BYTES_PER_PIXEL + bands + resize
+        return pixels * _WEBP_BYTES_PER_PIXEL + _WEBP_FIXED_BYTES + bands + resize
     stored = pixels * (1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4)
     converted = 0 if mode == "RGB" and not transparency else pixels * 4
     coefficients = pixels * 2 * progressive_components
