@@ -5,11 +5,16 @@ Also in this folder (not Python): ``systemd/`` unit, ``install.sh`` and the conf
 
 from __future__ import annotations
 
-import tomllib
+import sys
 from dataclasses import dataclass, field
 from importlib import resources
 
 from rksmolvlm.errors import TargetError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (Ubuntu 22.04 boards): tomllib's origin, the tomli package
+    import tomli as tomllib
 
 __all__ = ["BoardProfile", "load_profile", "profile_names"]
 

@@ -15,7 +15,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from rksmolvlm.errors import BundleError
 from rksmolvlm.processing.image import ImageSettings
@@ -40,20 +40,23 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"
 VIDEO_CHAT_TEMPLATE_FILE = "video_chat_template.jinja"
 
 
+_PartT = TypeVar("_PartT", bound="_Part")  # typing.Self needs Python 3.11; boards run 3.10 (Ubuntu 22.04)
+
+
 class _Part:
     """A manifest part that reads itself from its place in the manifest (``_KEY``, for messages)."""
 
     _KEY: ClassVar[str]
 
     @classmethod
-    def from_dict(cls, data: Any, root: str | os.PathLike = ".",
-                  files: Mapping[str, "FileRecord"] | None = None) -> Self:
+    def from_dict(cls: type[_PartT], data: Any, root: str | os.PathLike = ".",
+                  files: Mapping[str, "FileRecord"] | None = None) -> _PartT:
         """Read and check this part; file names are confined to ``root`` and, when ``files`` (the
         bundle's file table) is given, must be among them."""
         return cls._read(_Section(data, cls._KEY, _Bundle(Path(root), files)))
 
     @classmethod
-    def _read(cls, s: "_Section") -> Self:
+    def _read(cls: type[_PartT], s: "_Section") -> _PartT:
         raise NotImplementedError
 
 

@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, BinaryIO, Self
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -186,7 +186,7 @@ class VideoReader:
             self._container = None
         self._file.close()  # idempotent; closing frees the bytes of an in-memory video
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> "VideoReader":
         return self
 
     def __exit__(self, *exc) -> None:

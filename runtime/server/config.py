@@ -15,7 +15,7 @@ import math
 import os
 import re
 import stat
-import tomllib
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +24,11 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from rksmolvlm.errors import RkSmolVLMError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (Ubuntu 22.04 boards): tomllib's origin, the tomli package
+    import tomli as tomllib
 
 if TYPE_CHECKING:  # the config is read for `serve --help`: PyAV and numpy load on use
     from rksmolvlm.processing.video import VideoLimits
