@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from support import DOUBLES, TINY_NAMES, purge_modules
+from support import DOUBLES, TINY_NAMES, built, purge_modules
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -19,12 +19,10 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
-    from rksmolvlm.convert.tiny_checkpoint import build_tiny_checkpoint
-
-    root = tmp_path_factory.mktemp("checkpoints")
-    return {name: build_tiny_checkpoint(name, root / name) for name in TINY_NAMES}
-
-
+    given = built.handed_in(built.CHECKPOINTS)
+    if given is not None:
+        return {name: given / name for name in TINY_NAMES}
+    return built.build_tiny_checkpoints(tmp_path_factory.mktemp("checkpoints"))
 
 
 @pytest.fixture(scope="session")
@@ -65,16 +63,10 @@ def rkllm_double(monkeypatch):
 @pytest.fixture(scope="session")
 def preview_bundles(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
     """Host-preview bundles (vision.onnx + decoder/) of the three tiny checkpoints, built once."""
-    from rksmolvlm.convert.pipeline import ConvertOptions, convert
-    from rksmolvlm.convert.progress import Progress
-
-    root = tmp_path_factory.mktemp("preview-bundles")
-    out = {}
-    for name, path in tiny_checkpoints.items():
-        out[name] = root / name
-        convert(ConvertOptions(model=str(path), output=out[name], host_preview=True, llm_host_only=True,
-                               llm_dataset_format="text"), Progress(0, quiet=True))
-    return out
+    given = built.handed_in(built.PREVIEW_BUNDLES)
+    if given is not None:
+        return {name: given / name for name in tiny_checkpoints}
+    return built.build_preview_bundles(tiny_checkpoints, tmp_path_factory.mktemp("preview-bundles"))
 
 
 @pytest.fixture(scope="session")
@@ -93,15 +85,10 @@ def demo_preview_bundle(tmp_path_factory) -> Path:
     does (host preview, decoder for the host only), built once on first use (~20 s). Asked "What is on
     the table?" it answers "A coffee cup." about the shipped coffee photo and "There is no table." about
     the cat."""
-    from rksmolvlm.convert.demo_model import build_demo_checkpoint
-    from rksmolvlm.convert.pipeline import ConvertOptions, convert
-    from rksmolvlm.convert.progress import Progress
-
-    root = tmp_path_factory.mktemp("demo-preview")
-    checkpoint = build_demo_checkpoint(root / "demo-idefics3", "idefics3")
-    convert(ConvertOptions(model=str(checkpoint), output=root / "bundle", host_preview=True, llm_host_only=True,
-                           llm_dataset_format="text"), Progress(0, quiet=True))
-    return root / "bundle"
+    given = built.handed_in(built.DEMO_PREVIEW)
+    if given is not None:
+        return given / "bundle"
+    return built.build_demo_preview_bundle(tmp_path_factory.mktemp("demo-preview"))
 
 
 @pytest.fixture
