@@ -5,13 +5,14 @@ set of calibration images, and the vendor contract doubles. Helpers that are not
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from support import DOUBLES, TINY_NAMES, built, purge_modules
+from support import DOUBLES, ROOT, TINY_NAMES, built, purge_modules
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -111,6 +112,39 @@ BUNDLE_FIXTURES = {"tiny_checkpoints", "tiny_checkpoint", "preview_bundles", "ru
 
 
 def pytest_collection_modifyitems(config, items):
+    host_only = _board_host_only()
     for item in items:
         if BUNDLE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+        reason = host_only.get(item.nodeid.split("[", 1)[0])
+        if reason is not None:
+            item.add_marker(pytest.mark.skip(reason=f"host only (board slice): {reason}"))
+
+
+# The board slice (RKSMOLVLM_BOARD_SLICE=1, set by scripts/board_check/ in the arm64 rootfs): the suite minus
+# what needs the x86 host's torch, transformers or rknn-toolkit2, listed with the reason in tests/board_slice.txt.
+# A listed file is not collected (its imports need the host); a listed test is skipped with its reason.
+BOARD_SLICE_LIST = Path(__file__).parent / "board_slice.txt"
+
+
+def pytest_ignore_collect(collection_path, config):
+    files = {node for node in _board_host_only() if "::" not in node}
+    if files and collection_path.is_file():
+        relative = collection_path.relative_to(ROOT).as_posix()
+        return True if any(relative == f or relative.startswith(f.rstrip("/") + "/") for f in files) else None
+    return None
+
+
+@functools.cache
+def _board_host_only() -> dict[str, str]:
+    """Node id (or file/folder) → reason, from tests/board_slice.txt; empty outside the board slice."""
+    if os.environ.get("RKSMOLVLM_BOARD_SLICE") != "1":
+        return {}
+    out, reason = {}, ""
+    for line in BOARD_SLICE_LIST.read_text().splitlines():
+        line = line.strip()
+        if line.startswith("## "):
+            reason = line[3:]
+        elif line and not line.startswith("#"):
+            out[line] = reason
+    return out

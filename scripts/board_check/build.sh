@@ -11,15 +11,17 @@ suite="$1" source="$2" tarball="$3"
 # python3-venv/pip: the board user's venv; gcc + libc6-dev: the librkllmrt double is compiled inside;
 # systemd: systemd-analyze verify of the unit; ca-certificates for pip over https
 packages=python3,python3-venv,python3-pip,ca-certificates,gcc,libc6-dev,systemd
-# the dev extra's test tools without the browser driver and the lint tools (those stay on the host);
-# onnxruntime is the backend of the rknn-toolkit-lite2 contract double (tests/doubles/rknnlite), not a
-# board dependency; setuptools lets run.sh reinstall the checkout without build isolation (offline)
+# the dev extra's test tools without the browser driver and the lint tools (those stay on the host); not
+# board dependencies: num2words (the video prompt's number words are checked against it), onnxruntime (the
+# backend of the rknn-toolkit-lite2 contract double), setuptools (run.sh reinstalls the checkout offline)
 test_tools=("pytest>=8" "pytest-timeout>=2.3" "openai>=1.30" "ollama>=0.4" "httpx>=0.27" "jsonschema>=4.20"
-            "onnxruntime>=1.17" "setuptools>=77.0.3,<81")
+            "num2words>=0.5" "onnxruntime>=1.17" "setuptools>=77.0.3,<81")
 
 work="$(dirname "$tarball")/build-$suite.$$"
 rootfs="$work/rootfs"
-trap 'rm -rf --one-file-system "$work"' EXIT
+trap 'rm -rf --one-file-system "$work"' EXIT  # enter.sh's mounts die with its mount namespace first
+trap 'exit 130' INT
+trap 'exit 143' TERM
 mkdir -p "$rootfs"
 echo "board-check: debootstrap $suite (arm64, minbase) into $rootfs"
 debootstrap --arch=arm64 --variant=minbase --include="$packages" "$suite" "$rootfs" ${RKSMOLVLM_BOARD_MIRROR:-} \

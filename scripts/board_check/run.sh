@@ -104,10 +104,8 @@ for suite in "${suites[@]}"; do
   tarball="$cache/$suite-arm64-$key.tar.zst"
   if [[ ! -f "$tarball" ]]; then
     started=$SECONDS
-    staging="$(mktemp -d "$cache/source.XXXXXX")"
-    copy_source "$staging"
-    "$here/build.sh" "$suite" "$staging" "$tarball" || { rm -rf "$staging"; say "$suite: building the rootfs failed"; status=1; continue; }
-    rm -rf "$staging"
+    copy_source "$work/source-$suite"
+    "$here/build.sh" "$suite" "$work/source-$suite" "$tarball" || { say "$suite: building the rootfs failed"; status=1; continue; }
     builds+=("$suite: cold build $((SECONDS - started)) s, $(du -h "$tarball" | cut -f1) packed")
     rm -f $(ls "$cache/$suite-arm64-"*.tar.zst | grep -v -- "-$key.tar.zst") 2>/dev/null || true
   else
