@@ -1,6 +1,7 @@
 """The real rknn-toolkit-lite2 (its aarch64 wheel: on a board, or in the board check's emulated rootfs,
-scripts/board_check/) loads a vision.rknn that rknn-toolkit2 built on the x86 host, and without an NPU
-(no librknnrt.so, no device) fails cleanly: a return code, then our EngineError naming the fix."""
+scripts/board_check/) loads the vision.rknn that rknn-toolkit2 built on the x86 host into a tiny bundle,
+and without an NPU (no librknnrt.so, no device) fails cleanly: a return code, then our EngineError
+naming the fix."""
 
 from __future__ import annotations
 
@@ -23,11 +24,12 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def vision_rknn() -> Path:
-    folder = built.handed_in("rknn")
+    """The tiny Idefics3 bundle's vision.rknn (rknn-toolkit2, rk3588, fp16), built on the host."""
+    folder = built.handed_in(built.PREVIEW_BUNDLES)
     if folder is None:
-        pytest.skip("needs a vision.rknn built by rknn-toolkit2 on the host: RKSMOLVLM_TEST_FIXTURES "
-                    "(scripts/board_check/fixtures.py builds it)")
-    return folder / "vision.rknn"
+        pytest.skip("needs the bundles built by rknn-toolkit2 on the host: RKSMOLVLM_TEST_FIXTURES "
+                    "(scripts/board_check/fixtures.py builds them)")
+    return folder / "idefics3-256m" / "vision.rknn"
 
 
 @pytest.fixture(scope="module")
