@@ -227,8 +227,16 @@ run systemctl enable rksmolvlm.service
 # -- check and start -----------------------------------------------------------------------------
 configured_bundle="$bundle"
 if [[ -z "$configured_bundle" && -f "$config" ]]; then
-  read_bundle='import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb")).get("bundle", ""))'
-  configured_bundle="$("$python" -c "$read_bundle" "$config" 2>/dev/null || true)"
+  # tomllib is 3.11+; on 3.10 the venv has tomli (a dependency of rksmolvlm there)
+  read_bundle='import sys
+try:
+    import tomllib
+except ImportError:
+    import tomli as tomllib
+print(tomllib.load(open(sys.argv[1], "rb")).get("bundle", ""))'
+  reader="$python"
+  if [[ -x "$venv/bin/python" ]]; then reader="$venv/bin/python"; fi
+  configured_bundle="$("$reader" -c "$read_bundle" "$config" 2>/dev/null || true)"
 fi
 configured_bundle="${configured_bundle:-$state_dir/bundle}"
 if [[ ! -f "$configured_bundle/manifest.json" ]]; then

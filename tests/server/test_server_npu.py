@@ -23,10 +23,12 @@ from rksmolvlm.runtime.npu_engines import RkllmEngine, RknnLiteVisionEncoder
 from rksmolvlm.runtime.runner import Runner
 from rksmolvlm.runtime.server import BackgroundServer, build_app
 from rksmolvlm.runtime.server.config import ServerConfig, with_overrides
+from rksmolvlm.runtime.server.web import WebPage
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler (the librkllmrt double)")
 
 MODEL = "idefics3-256m"
+BROWSER = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
 ANSWER = "A small picture."
 
 
@@ -102,3 +104,17 @@ def test_ollama_chat_streams_the_answer_on_the_npu_engines(served):
     assert lines[-1]["done"] is True and lines[-1]["done_reason"] == "stop"
     assert all(not line["done"] for line in lines[:-1]) and len(lines) > 2  # streamed, not one block
     assert json.loads(lib.double_last_run_json())["input_type"] == 2
+
+
+def test_the_web_page_and_its_headers_from_the_npu_server(served):
+    url = served[0]
+    page = httpx.get(url + "/", headers={"Accept": BROWSER}, timeout=60)
+    assert page.status_code == 200 and page.content == WebPage.load().body
+    assert page.headers["content-type"] == "text/html; charset=utf-8"
+    assert page.headers["x-content-type-options"] == "nosniff"
+    csp = dict(d.strip().split(" ", 1) for d in page.headers["content-security-policy"].split(";"))
+    assert csp["default-src"] == "'none'" and csp["connect-src"] == "'self'" and csp["frame-ancestors"] == "'none'"
+    index = httpx.get(url + "/", headers={"Accept": "application/json"}, timeout=60)
+    assert index.status_code == 200 and index.headers["content-type"].startswith("application/json")
+    health = httpx.get(url + "/health", timeout=60).json()
+    assert health["status"] == "ok", health
