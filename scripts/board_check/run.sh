@@ -73,14 +73,22 @@ run_slice() {  # run_slice SUITE TARBALL: unpack, install the checkout as it is 
   zstd -dc -q "$tarball" | tar -C "$rootfs" --numeric-owner -xf -
   local unpacked=$((SECONDS - started))
   copy_source "$rootfs/src"
+  # a copy, not a bind: tests hard-link bundle files into their tmp folders, which needs one filesystem
+  cp -a "$work/fixtures" "$rootfs/fixtures"
   started=$SECONDS
-  # the rootfs keeps the dependencies; the project itself is reinstalled from this checkout (non-editable)
+  # The rootfs keeps the dependencies; the project itself is reinstalled from this checkout (non-editable).
+  # /proc/cpuinfo is RK3588's: qemu-user shows the host's x86 one, on which onnxruntime's CPU probe crashes.
+  # PYTHONSAFEPATH: `python -m rksmolvlm` run from /src must import the installed package, not the checkout's.
   # shellcheck disable=SC2016
-  unshare -m --propagation private "$here/enter.sh" "$rootfs" --bind "$work/fixtures:/fixtures" -- \
-    /usr/bin/env RKSMOLVLM_TEST_FIXTURES=/fixtures RKSMOLVLM_BOARD_SLICE=1 /bin/sh -c '
+  unshare -m --propagation private "$here/enter.sh" "$rootfs" --bind "$here/rk3588-cpuinfo:/proc/cpuinfo" -- \
+    /usr/bin/env RKSMOLVLM_TEST_FIXTURES=/fixtures RKSMOLVLM_BOARD_SLICE=1 PYTHONSAFEPATH=1 /bin/sh -c '
       cd /src && pip install -q --no-deps --no-build-isolation --force-reinstall . > /tmp/reinstall.log 2>&1 ||
         { cat /tmp/reinstall.log; exit 3; }
       echo "board-check: $(python3 --version) $(uname -m), QEMU_CPU=$QEMU_CPU"
+      echo "board-check: doctor on an RK3588 device tree with nothing from Rockchip installed (--root):"
+      board=/tmp/rk3588 && mkdir -p $board/proc/device-tree && cp /proc/meminfo /proc/cpuinfo $board/proc/
+      printf "radxa,rock-5b\0rockchip,rk3588\0" > $board/proc/device-tree/compatible
+      (cd / && rksmolvlm doctor --root $board /fixtures/preview-bundles/idefics3-256m) | sed "s/^/  doctor: /"
       exec pytest -q -p no:cacheprovider -rfE --junitxml=/tmp/board-slice.xml tests
     ' && code=0 || code=$?
   local took=$((SECONDS - started))
