@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -158,7 +159,13 @@ def run_doctor(manifest: "Manifest | None" = None, root: str | os.PathLike = "/"
                                f"install librkllmrt {need_llm}, or convert again with toolkit {version}"))
         else:
             out.append(Finding("ok", "librkllmrt", f"{rkllmrt} (version {version})"))
-    if importlib.util.find_spec("rknnlite") is None:
+    if importlib.util.find_spec("rknnlite") is None and sys.version_info >= (3, 13):
+        out.append(Finding("fail", "rknn-toolkit-lite2", f"rknn-toolkit-lite2 has no wheel for Python "
+                           f"{sys.version_info[0]}.{sys.version_info[1]} (2.5.0: cp310-cp312), so the vision "
+                           "tower cannot run in this venv",
+                           "make the venv with Python 3.10-3.12 (e.g. uv venv --python 3.12), then pip install "
+                           "'rksmolvlm[board]'"))
+    elif importlib.util.find_spec("rknnlite") is None:
         out.append(Finding("fail", "rknn-toolkit-lite2", "the rknnlite Python package is not importable",
                            "pip install rknn-toolkit-lite2 (or 'rksmolvlm[board]')"))
     else:
