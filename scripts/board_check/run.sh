@@ -81,7 +81,8 @@ run_slice() {  # run_slice SUITE TARBALL: unpack, install the checkout as it is 
   # PYTHONSAFEPATH: `python -m rksmolvlm` run from /src must import the installed package, not the checkout's.
   # shellcheck disable=SC2016
   unshare -m --propagation private "$here/enter.sh" "$rootfs" --bind "$here/rk3588-cpuinfo:/proc/cpuinfo" -- \
-    /usr/bin/env RKSMOLVLM_TEST_FIXTURES=/fixtures RKSMOLVLM_BOARD_SLICE=1 PYTHONSAFEPATH=1 /bin/sh -c '
+    /usr/bin/env RKSMOLVLM_TEST_FIXTURES=/fixtures RKSMOLVLM_BOARD_SLICE=1 RKSMOLVLM_BOARD_EMULATED=1 PYTHONSAFEPATH=1 \
+    /bin/sh -c '
       cd /src && pip install -q --no-deps --no-build-isolation --force-reinstall . > /tmp/reinstall.log 2>&1 ||
         { cat /tmp/reinstall.log; exit 3; }
       echo "board-check: $(python3 --version) $(uname -m), QEMU_CPU=$QEMU_CPU"
