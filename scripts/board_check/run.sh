@@ -96,16 +96,18 @@ run_slice() {  # run_slice SUITE TARBALL: unpack, install the checkout as it is 
   local counts
   counts="$(python3 "$here/counts.py" "$rootfs/tmp/board-slice.xml" 2>/dev/null || echo "no results")"
   cp "$rootfs/tmp/board-slice.xml" "$cache/last-$suite.xml" 2>/dev/null || true  # kept for a look afterwards
-  summary+=("$suite: $counts; unpack ${unpacked} s, slice ${took} s (exit $code)")
-  [[ $code -eq 0 ]] || status=1
+  echo "$suite: $counts; unpack ${unpacked} s, slice ${took} s (exit $code)" > "$work/$suite.summary"
+  return "$code"
 }
 
 check_machine
 mkdir -p "$cache"
 work="$(mktemp -d "${TMPDIR:-/tmp}/rksmolvlm-board.XXXXXX")"
 trap remove_work EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+# the slices running side by side stop too, with everything they started (their mounts die with their namespaces)
+kill_tree() { local pid; for pid in "$@"; do kill_tree $(ps -o pid= --ppid "$pid" 2>/dev/null); kill "$pid" 2>/dev/null; done; }
+trap 'kill_tree $(jobs -p); wait; exit 130' INT
+trap 'kill_tree $(jobs -p); wait; exit 143' TERM
 key="$(cat "$root/pyproject.toml" "$here/build.sh" | sha256sum | cut -c1-16)"
 status=0
 built=() builds=() summary=()
@@ -130,9 +132,31 @@ python="${RKSMOLVLM_VENV:-$root/.venv}/bin/python"
 "$python" "$root/scripts/board_check/fixtures.py" "$work/fixtures" || { say "building the fixtures failed"; exit 1; }
 say "fixtures built on the host in $((SECONDS - started)) s"
 
-for entry in ${built[@]+"${built[@]}"}; do
-  run_slice "${entry%%:*}" "${entry#*:}"
+# Each slice runs one pytest under qemu (one core): with two or more cores the suites run side by side,
+# their output kept and printed one suite after the other.
+started=$SECONDS
+if [[ ${#built[@]} -gt 1 && $(nproc) -gt 1 ]]; then
+  pids=()
+  for entry in "${built[@]}"; do
+    run_slice "${entry%%:*}" "${entry#*:}" > "$work/${entry%%:*}.out" 2>&1 &
+    pids+=($!)
+  done
+  say "running the ${#built[@]} slices side by side: ${built[*]%%:*}"
+  for i in "${!pids[@]}"; do
+    wait "${pids[i]}" || status=1
+    entry="${built[i]}"
+    echo "===== ${entry%%:*} ====="
+    cat "$work/${entry%%:*}.out"
+  done
+else
+  for entry in ${built[@]+"${built[@]}"}; do
+    run_slice "${entry%%:*}" "${entry#*:}" || status=1
+  done
+fi
+for suite in ${built[@]+"${built[@]%%:*}"}; do
+  [[ -f "$work/$suite.summary" ]] && summary+=("$(cat "$work/$suite.summary")")
 done
+summary+=("slices took $((SECONDS - started)) s in all")
 for line in "${builds[@]}" "${summary[@]}"; do say "$line"; done
 [[ $status -eq 0 ]] || say "FAILED: see the failures above"
 exit $status
