@@ -20,7 +20,8 @@ Options:
   --unit-dir DIR    where rksmolvlm.service goes (default /etc/systemd/system)
   --source SPEC     what pip installs (default: the checkout this script is in, else 'rksmolvlm'
                     from the package index); the extras [board,serve] are added
-  --python PY       Python 3.11 or newer for the venv (default: python3.11, else python3)
+  --python PY       Python 3.10 or newer for the venv (default: python3); rknn-toolkit-lite2 has
+                    wheels for 3.10-3.12 only, so on Debian 13 (3.13) pass a 3.12 interpreter
   --user NAME       service user and group (default rksmolvlm; never root or another uid 0 user)
   --api-key         require an API key: create DIR/api_key (if absent) and point the config at it
   --no-start        install and enable, but do not (re)start the service
@@ -125,11 +126,14 @@ if [[ $dry_run -eq 0 && $(id -u) -ne 0 ]]; then
   die "run as root (sudo $0 $*), or add --dry-run to see what it would do"
 fi
 if [[ -z "$python" ]]; then
-  python="$(command -v python3.11 || command -v python3 || true)"
+  python="$(command -v python3 || true)"
 fi
-if [[ -z "$python" ]] || ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
-  msg="Python 3.11 or newer is needed for the venv: install python3.11 and python3.11-venv, or pass --python"
-  if [[ $dry_run -eq 1 ]]; then note "warning: $msg"; python="${python:-python3.11}"; else die "$msg"; fi
+if [[ -z "$python" ]] || ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+  msg="Python 3.10 or newer is needed for the venv: install python3 and python3-venv, or pass --python"
+  if [[ $dry_run -eq 1 ]]; then note "warning: $msg"; python="${python:-python3}"; else die "$msg"; fi
+elif "$python" -c 'import sys; sys.exit(sys.version_info < (3, 13))' 2>/dev/null; then
+  note "warning: $python is 3.13 or newer: rknn-toolkit-lite2 has no wheel for it, so the vision tower cannot run;"
+  note "         pass --python with a 3.10-3.12 interpreter (e.g. python3.12) for a venv that has it"
 fi
 if ! command -v systemctl >/dev/null; then
   if [[ $dry_run -eq 1 ]]; then note "warning: systemctl not found: this system does not run systemd"
@@ -223,8 +227,16 @@ run systemctl enable rksmolvlm.service
 # -- check and start -----------------------------------------------------------------------------
 configured_bundle="$bundle"
 if [[ -z "$configured_bundle" && -f "$config" ]]; then
-  read_bundle='import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb")).get("bundle", ""))'
-  configured_bundle="$("$python" -c "$read_bundle" "$config" 2>/dev/null || true)"
+  # tomllib is 3.11+; on 3.10 the venv has tomli (a dependency of rksmolvlm there)
+  read_bundle='import sys
+try:
+    import tomllib
+except ImportError:
+    import tomli as tomllib
+print(tomllib.load(open(sys.argv[1], "rb")).get("bundle", ""))'
+  reader="$python"
+  if [[ -x "$venv/bin/python" ]]; then reader="$venv/bin/python"; fi
+  configured_bundle="$("$reader" -c "$read_bundle" "$config" 2>/dev/null || true)"
 fi
 configured_bundle="${configured_bundle:-$state_dir/bundle}"
 if [[ ! -f "$configured_bundle/manifest.json" ]]; then

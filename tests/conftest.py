@@ -5,13 +5,14 @@ set of calibration images, and the vendor contract doubles. Helpers that are not
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from support import DOUBLES, TINY_NAMES, purge_modules
+from support import DOUBLES, ROOT, TINY_NAMES, built, purge_modules
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -19,12 +20,10 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
-    from rksmolvlm.convert.tiny_checkpoint import build_tiny_checkpoint
-
-    root = tmp_path_factory.mktemp("checkpoints")
-    return {name: build_tiny_checkpoint(name, root / name) for name in TINY_NAMES}
-
-
+    given = built.handed_in(built.CHECKPOINTS)
+    if given is not None:
+        return {name: given / name for name in TINY_NAMES}
+    return built.build_tiny_checkpoints(tmp_path_factory.mktemp("checkpoints"))
 
 
 @pytest.fixture(scope="session")
@@ -65,16 +64,10 @@ def rkllm_double(monkeypatch):
 @pytest.fixture(scope="session")
 def preview_bundles(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
     """Host-preview bundles (vision.onnx + decoder/) of the three tiny checkpoints, built once."""
-    from rksmolvlm.convert.pipeline import ConvertOptions, convert
-    from rksmolvlm.convert.progress import Progress
-
-    root = tmp_path_factory.mktemp("preview-bundles")
-    out = {}
-    for name, path in tiny_checkpoints.items():
-        out[name] = root / name
-        convert(ConvertOptions(model=str(path), output=out[name], host_preview=True, llm_host_only=True,
-                               llm_dataset_format="text"), Progress(0, quiet=True))
-    return out
+    given = built.handed_in(built.PREVIEW_BUNDLES)
+    if given is not None:
+        return {name: given / name for name in tiny_checkpoints}
+    return built.build_preview_bundles(tiny_checkpoints, tmp_path_factory.mktemp("preview-bundles"))
 
 
 @pytest.fixture(scope="session")
@@ -93,15 +86,10 @@ def demo_preview_bundle(tmp_path_factory) -> Path:
     does (host preview, decoder for the host only), built once on first use (~20 s). Asked "What is on
     the table?" it answers "A coffee cup." about the shipped coffee photo and "There is no table." about
     the cat."""
-    from rksmolvlm.convert.demo_model import build_demo_checkpoint
-    from rksmolvlm.convert.pipeline import ConvertOptions, convert
-    from rksmolvlm.convert.progress import Progress
-
-    root = tmp_path_factory.mktemp("demo-preview")
-    checkpoint = build_demo_checkpoint(root / "demo-idefics3", "idefics3")
-    convert(ConvertOptions(model=str(checkpoint), output=root / "bundle", host_preview=True, llm_host_only=True,
-                           llm_dataset_format="text"), Progress(0, quiet=True))
-    return root / "bundle"
+    given = built.handed_in(built.DEMO_PREVIEW)
+    if given is not None:
+        return given / "bundle"
+    return built.build_demo_preview_bundle(tmp_path_factory.mktemp("demo-preview"))
 
 
 @pytest.fixture
@@ -124,6 +112,40 @@ BUNDLE_FIXTURES = {"tiny_checkpoints", "tiny_checkpoint", "preview_bundles", "ru
 
 
 def pytest_collection_modifyitems(config, items):
+    host_only = _board_host_only()
     for item in items:
         if BUNDLE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+        reason = host_only.get(item.nodeid.split("[", 1)[0])
+        if reason is not None:
+            item.add_marker(pytest.mark.skip(reason=f"host only (board slice): {reason}"))
+
+
+# The board slice (RKSMOLVLM_BOARD_SLICE=1, set by scripts/board_check/ in the arm64 rootfs): the suite minus
+# what needs the x86 host's torch, transformers or rknn-toolkit2, listed with the reason in tests/board_slice.txt.
+# A listed file is not collected (its imports need the host); a listed test is skipped with its reason.
+BOARD_SLICE_LIST = Path(__file__).parent / "board_slice.txt"
+
+
+def pytest_ignore_collect(collection_path, config):
+    files = {node for node in _board_host_only() if "::" not in node}
+    if files and collection_path.is_file():
+        relative = collection_path.relative_to(ROOT).as_posix()
+        return True if any(relative == f or relative.startswith(f.rstrip("/") + "/") for f in files) else None
+    return None
+
+
+@functools.cache
+def _board_host_only() -> dict[str, str]:
+    """Node id (or file/folder) → reason, from tests/board_slice.txt; empty outside the board slice."""
+    if os.environ.get("RKSMOLVLM_BOARD_SLICE") != "1":
+        return {}
+    emulated = os.environ.get("RKSMOLVLM_BOARD_EMULATED") == "1"  # run.sh: qemu-user, not a board
+    out, reason = {}, ""
+    for line in BOARD_SLICE_LIST.read_text().splitlines():
+        line = line.strip()
+        if line.startswith("## "):
+            reason = line[3:]
+        elif line and not line.startswith("#") and (emulated or not reason.startswith("qemu-user")):
+            out[line] = reason
+    return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -189,11 +190,15 @@ def run_doctor(manifest: "Manifest | None" = None, root: str | os.PathLike = "/"
     if importlib.util.find_spec("rknnlite") is None and rknnrt is not None:  # the tower runs on librknnrt directly
         out.append(Finding("ok", "rknn-toolkit-lite2", "rknnlite is not installed (no wheel for this Python, e.g. "
                            "3.13): the vision tower runs on librknnrt.so directly"))
+    elif importlib.util.find_spec("rknnlite") is None and sys.version_info >= (3, 13):
+        out.append(Finding("fail", "rknn-toolkit-lite2", f"neither rknnlite (no wheel for Python "
+                           f"{sys.version_info[0]}.{sys.version_info[1]}: 2.5.0 has cp310–cp312) nor librknnrt.so is "
+                           "there: the vision tower cannot run",
+                           "install librknnrt.so (see librknnrt above): the tower runs on it directly"))
     elif importlib.util.find_spec("rknnlite") is None:
         out.append(Finding("fail", "rknn-toolkit-lite2", "neither the rknnlite Python package nor librknnrt.so is "
                            "there: the vision tower cannot run",
-                           "install librknnrt.so (see librknnrt above), or pip install rknn-toolkit-lite2 on Python "
-                           "3.10–3.12"))
+                           "install librknnrt.so (see librknnrt above), or pip install rknn-toolkit-lite2"))
     else:
         out.append(Finding("ok", "rknn-toolkit-lite2", "rknnlite importable"))
     if manifest is not None and manifest.video is not None:  # a SmolVLM2 bundle: videos need PyAV

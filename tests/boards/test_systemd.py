@@ -7,9 +7,13 @@ import shutil
 import stat
 import subprocess
 import sys
-import tomllib
 
 import pytest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the board slice on Python 3.10 (Ubuntu 22.04)
+    import tomli as tomllib
 
 from support import ROOT
 from rksmolvlm.runtime.server.config import load_config, read_api_key

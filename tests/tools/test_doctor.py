@@ -92,6 +92,21 @@ def test_missing_rknnlite(tmp_path, monkeypatch):
     assert missing.status == "fail" and "pip install rknn-toolkit-lite2" in missing.fix
 
 
+@pytest.mark.parametrize("version, says", [((3, 12, 3, "final", 0), "pip install rknn-toolkit-lite2"),
+                                           ((3, 13, 5, "final", 0), "the tower runs on it directly")])
+def test_missing_rknnlite_on_python_3_13_names_the_python_not_pip(tmp_path, monkeypatch, version, says):
+    import importlib.util
+    import sys
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "rknnlite" else real(n, *a))
+    monkeypatch.setattr(sys, "version_info", version)  # rknn-toolkit-lite2 2.5.0 has no cp313 wheel
+    finding = _by_check(run_doctor(MANIFEST, _board(tmp_path, rknnrt=None)))["rknn-toolkit-lite2"]
+    monkeypatch.undo()
+    assert finding.status == "fail" and says in finding.fix
+    assert ("3.13" in finding.message) == (version[1] == 13) and ("pip" in finding.fix) == (version[1] < 13)
+
+
 def test_off_a_board_says_so(tmp_path):
     findings = run_doctor(MANIFEST, tmp_path)
     assert findings[0].status == "info" and "not a Rockchip board" in findings[0].message
