@@ -354,19 +354,11 @@ def _mem_array(mem, size: int, dtype) -> np.ndarray:
 
 def find_rknn_library(explicit: str | os.PathLike | None = None) -> Path:
     """librknnrt.so: the explicit path, then $RKNN_LIBRARY, then /usr/lib, /usr/local/lib."""
-    candidates = [Path(explicit)] if explicit else []
-    if os.environ.get(RKNN_LIBRARY_ENV):
-        candidates.append(Path(os.environ[RKNN_LIBRARY_ENV]))
-    candidates += [Path(d) / "librknnrt.so" for d in LIBRARY_DIRS]
-    for path in candidates:
-        if path.is_file():
-            return path
-    found = ctypes.util.find_library("rknnrt")
-    if found and Path(found).is_file():
-        return Path(found)
-    looked = ", ".join(str(p) for p in candidates)
-    raise ToolkitMissingError(f"librknnrt.so not found (looked at {looked}): copy {_RKNNRT_SOURCE} to /usr/lib "
-                              f"(many board images ship it there), or set {RKNN_LIBRARY_ENV}")
+    found, looked = _find_library("librknnrt.so", "rknnrt", RKNN_LIBRARY_ENV, explicit)
+    if found is None:
+        raise ToolkitMissingError(f"librknnrt.so not found (looked at {looked}): copy {_RKNNRT_SOURCE} to /usr/lib "
+                                  f"(many board images ship it there), or set {RKNN_LIBRARY_ENV}")
+    return found
 
 
 def choose_vision_backend(explicit: str | None = None) -> str:
@@ -385,20 +377,28 @@ def choose_vision_backend(explicit: str | None = None) -> str:
 # -- decoder -----------------------------------------------------------------------------------
 def find_rkllm_library(explicit: str | os.PathLike | None = None) -> Path:
     """librkllmrt.so: the explicit path, then $RKLLM_LIBRARY, then /usr/lib, /usr/local/lib."""
-    candidates = [Path(explicit)] if explicit else []
-    if os.environ.get(LIBRARY_ENV):
-        candidates.append(Path(os.environ[LIBRARY_ENV]))
-    candidates += [Path(d) / "librkllmrt.so" for d in LIBRARY_DIRS]
-    for path in candidates:
-        if path.is_file():
-            return path
-    found = ctypes.util.find_library("rkllmrt")
-    if found and Path(found).is_file():
-        return Path(found)
-    looked = ", ".join(str(p) for p in candidates)
+    found, looked = _find_library("librkllmrt.so", "rkllmrt", LIBRARY_ENV, explicit)
+    if found is not None:
+        return found
     raise ToolkitMissingError(
         f"librkllmrt.so not found (looked at {looked}): copy rkllm-runtime/Linux/librkllm_api/aarch64/librkllmrt.so "
         f"from Rockchip's rknn-llm release (the version the bundle was built for) to /usr/lib, or set {LIBRARY_ENV}")
+
+
+def _find_library(filename: str, short: str, env: str, explicit: str | os.PathLike | None) -> tuple[Path | None, str]:
+    """A vendor library: the explicit path, then ``$env``, then LIBRARY_DIRS, then the linker's search; the
+    path found (None) and the places looked at, for the error."""
+    candidates = [Path(explicit)] if explicit else []
+    if os.environ.get(env):
+        candidates.append(Path(os.environ[env]))
+    candidates += [Path(d) / filename for d in LIBRARY_DIRS]
+    for path in candidates:
+        if path.is_file():
+            return path, ""
+    found = ctypes.util.find_library(short)
+    if found and Path(found).is_file():
+        return Path(found), ""
+    return None, ", ".join(str(p) for p in candidates)
 
 
 class RkllmEngine:

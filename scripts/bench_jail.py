@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import statistics
 import time
 
 import numpy as np
 from PIL import Image
 
+from bench_preprocess import _median_ms  # scripts/ is on sys.path when a script runs
 from rksmolvlm.processing.content import ImagePart
 from rksmolvlm.processing.image import ImageSettings
 from rksmolvlm.processing.image_safety import DecodeLimits
@@ -40,16 +40,6 @@ def _encoded(kind: str, width: int, height: int) -> bytes:
     out = io.BytesIO()
     image.save(out, "JPEG" if kind == "jpeg" else "PNG", **({"quality": 90} if kind == "jpeg" else {}))
     return out.getvalue()
-
-
-def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
 
 
 def main() -> int:

@@ -33,19 +33,9 @@ def multi_track_mkv(tracks: int = 16, width: int = 3840, height: int = 2160, fra
     that buffers the other tracks' packets. 16 tracks: 409 KB, 0.7 s to make. Before (probe_video, child
     process): 16 tracks 6.1 s / 1.94 GB peak, 48 tracks 21.9 s / 5.7 GB, 4 tracks 528 MB; after: 16 and
     48 refused (video_too_complex, > MAX_VIDEO_STREAMS) in 0.3 s / < 100 MB, 4 tracks probed at 177 MB."""
-    import av
 
     packets, template = _h264_packets(width, height, frames, x264="ref=16:keyint=1000:bframes=0")
-    out_buf = io.BytesIO()
-    with av.open(out_buf, "w", format="matroska") as out:
-        streams = [out.add_stream_from_template(template) for _ in range(tracks)]
-        for pts, dts, data, key in packets:
-            for stream in streams:
-                packet = av.Packet(data)
-                packet.pts, packet.dts, packet.time_base, packet.stream = pts, dts, template.time_base, stream
-                packet.is_keyframe = key
-                out.mux(packet)
-    return out_buf.getvalue()
+    return _muxed("matroska", packets, template, tracks)
 
 
 def edit_list_mp4(repeats: int = 100_000, frames: int = 10, width: int = 64, height: int = 64,
@@ -56,19 +46,9 @@ def edit_list_mp4(repeats: int = 100_000, frames: int = 10, width: int = 64, hei
     track. 1.2 MB, 0.01 s to make. Before: 100,000 repeats of 10 frames 1.1 s / 87 MB, of 300 frames
     1.4 s / 751 MB before the scan's frame limit (issue 21: 60 s, +3.1 GB with longer media); after:
     refused from the box headers (video_too_complex, max_stream_frames) in 0.2 s / 56 MB."""
-    import av
 
     packets, template = _h264_packets(width, height, frames, x264="keyint=1000:bframes=0")
-    out_buf = io.BytesIO()
-    with av.open(out_buf, "w", format="mp4") as out:
-        streams = [out.add_stream_from_template(template) for _ in range(tracks)]
-        for pts, dts, data, key in packets:
-            for stream in streams:
-                packet = av.Packet(data)
-                packet.pts, packet.dts, packet.time_base, packet.stream = pts, dts, template.time_base, stream
-                packet.is_keyframe = key
-                out.mux(packet)
-    return _with_edit_list(out_buf.getvalue(), repeats)
+    return _with_edit_list(_muxed("mp4", packets, template, tracks), repeats)
 
 
 def long_gop_webm(width: int = 3840, height: int = 2160, frames: int = 600, codec: str = "libvpx",
@@ -405,3 +385,19 @@ def _rewrite_sof(data: bytes, *, code: int, precision: int) -> bytes:
     out[at + 1] = code
     out[at + 4] = precision
     return bytes(out)
+
+
+def _muxed(container: str, packets, template, tracks: int) -> bytes:
+    """``packets`` written into ``tracks`` copies of the ``template`` stream of a ``container`` file."""
+    import av
+
+    out_buf = io.BytesIO()
+    with av.open(out_buf, "w", format=container) as out:
+        streams = [out.add_stream_from_template(template) for _ in range(tracks)]
+        for pts, dts, data, key in packets:
+            for stream in streams:
+                packet = av.Packet(data)
+                packet.pts, packet.dts, packet.time_base, packet.stream = pts, dts, template.time_base, stream
+                packet.is_keyframe = key
+                out.mux(packet)
+    return out_buf.getvalue()
